@@ -1,0 +1,132 @@
+"""The Python API the CLI is a thin layer over: load → calibrate → compress → save → evaluate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calibrant import __version__
+from calibrant.calibration import CalibrationSet, heldout_token_ids, make_calibration
+from calibrant.engine import CompressionReport, compress
+from calibrant.evaluate.perplexity import PerplexityResult, perplexity
+from calibrant.export.hf import check_output, save_model
+from calibrant.methods import Method, make_method
+from calibrant.models.adapter import Adapter
+from calibrant.models.loader import LoadedModel, load_model
+
+DEFAULT_CALIBRATION = "wiki:128x512"
+
+
+@dataclass
+class CompressResult:
+    loaded: LoadedModel
+    report: CompressionReport
+    calibration: CalibrationSet | None
+    out: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def as_loaded(model: str | Path | LoadedModel, device: str | torch.device = "cpu", quiet: bool = False) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model, device=device, quiet=quiet)
+
+
+def resolve_calibration(
+    calibration: str | Path | CalibrationSet | torch.Tensor | None, tokenizer: Any, seed: int, max_length: int | None
+) -> CalibrationSet | None:
+    """A spec string, a saved calibration file, a CalibrationSet or a token-id tensor → CalibrationSet."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, torch.Tensor):
+        calib = CalibrationSet.from_tensor(calibration)
+    elif isinstance(calibration, CalibrationSet):
+        calib = calibration
+    elif Path(str(calibration)).suffix == ".safetensors" and Path(str(calibration)).is_file():
+        calib = CalibrationSet.load(calibration)
+    else:
+        return make_calibration(str(calibration), tokenizer, seed=seed, max_length=max_length)
+    calib.check_tokenizer(tokenizer)
+    return calib
+
+
+def compress_model(
+    model: str | Path | LoadedModel,
+    method: str | Method | list[Method],
+    *,
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    calibration: str | Path | CalibrationSet | torch.Tensor | None = DEFAULT_CALIBRATION,
+    seed: int = 0,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    propagate: str = "compressed",
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **method_params: Any,
+) -> CompressResult:
+    """Compress a model end to end; with ``out`` the result is saved as a Hugging Face directory.
+
+    Everything that can be refused (output exists, unknown method, bad sparsity or pattern) is checked
+    before the model is loaded, so bad input costs nothing and writes nothing.
+    """
+    if out is not None:
+        check_output(out, overwrite)
+    if isinstance(method, str):
+        methods = [make_method(method, sparsity=sparsity, pattern=pattern, **method_params)]
+    else:
+        methods = [method] if isinstance(method, Method) else list(method)
+    if all(m.needs == "none" for m in methods) and isinstance(calibration, str) and calibration == DEFAULT_CALIBRATION:
+        calibration = None  # data-free methods need no calibration unless one is asked for
+    loaded = as_loaded(model, quiet=not progress)
+    calib = resolve_calibration(calibration, loaded.tokenizer, seed, Adapter(loaded.model).context_length())
+    report = compress(
+        loaded.model, calib, methods, batch_size=batch_size, device=device, propagate=propagate,
+        include=include, exclude=exclude, progress=progress,
+    )
+    metadata = {
+        "calibrant_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "base_model": {"spec": loaded.spec, "hash": loaded.model_hash},
+        "recipe": report.recipe,
+        "calibration": report.calibration,
+        "propagate": report.propagate,
+        "overall_sparsity": report.sparsity,
+        "layers": [
+            {"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity, "rel_error": r.rel_error, **r.info}
+            for r in report.layers
+        ],
+        "timings": report.timings,
+    }
+    result = CompressResult(loaded, report, calib, metadata=metadata)
+    if out is not None:
+        result.out = save_model(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite)
+    return result
+
+
+def evaluate_perplexity(
+    model: str | Path | LoadedModel,
+    corpora: list[str] | str = "wiki",
+    *,
+    seq_len: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, PerplexityResult]:
+    """Perplexity on the held-out split of each corpus (documents never used for calibration)."""
+    names = [c.strip() for c in (corpora.split(",") if isinstance(corpora, str) else corpora) if c.strip()]
+    loaded = as_loaded(model, quiet=not progress)
+    results = {}
+    for name in names:
+        ids, meta = heldout_token_ids(name, loaded.tokenizer)
+        results[name] = perplexity(
+            loaded.model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size, max_tokens=max_tokens,
+            progress=progress, meta=meta,
+        )
+    return results

@@ -1,0 +1,346 @@
+"""Layer-sequential compression (as in SparseGPT / Wanda / GPTQ).
+
+Capture the inputs of block 0 for the whole calibration set, then for each block in turn: hook its
+linear layers and stream their input statistics, let each method rewrite each linear, re-run the
+block to produce the next block's inputs. Only one block's inputs and outputs are held in memory
+(two ``[n, L, hidden]`` buffers that swap roles), whatever the depth of the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibrant.errors import CalibrationError, NumericalError, RecipeError
+from calibrant.methods.base import LayerContext, LayerStats, Method, max_need
+from calibrant.models.adapter import Adapter, set_weight, weight_of
+
+PROPAGATE = ("compressed", "dense")
+
+
+class _Capture(nn.Module):
+    """Stands in for a block during capture: records its inputs and passes hidden states through."""
+
+    def __init__(self, index: int, block: nn.Module, sink: Callable[..., None]):
+        super().__init__()
+        self.index = index
+        self.block = block
+        self._sink = sink
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._sink(self.index, hidden_states, args, kwargs)
+        return hidden_states
+
+    def __getattr__(self, name: str) -> Any:  # loops may read block attributes (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+class BlockwiseRunner:
+    """Runs a model one decoder block at a time over a fixed batch of token ids."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None, batch_size: int = 8):
+        self.model = model
+        self.adapter = Adapter(model)
+        self.model_device = next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else self.model_device
+        self.batch_size = max(1, int(batch_size))
+        self.block_kwargs: list[dict[int, tuple[tuple, dict]]] = []
+
+    def batches(self, n: int) -> list[tuple[int, int]]:
+        return [(b, min(b + self.batch_size, n)) for b in range(0, n, self.batch_size)]
+
+    @torch.no_grad()
+    def capture(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Inputs of block 0 as one ``[n, L, hidden]`` tensor; remembers every block's other arguments."""
+        blocks = self.adapter.blocks
+        self.block_kwargs = [{} for _ in blocks]
+        first: list[torch.Tensor] = []
+
+        def sink(index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> None:
+            size = hidden.shape[0]
+            if size not in self.block_kwargs[index]:
+                self.block_kwargs[index][size] = _to_device((args, kwargs), self.device)
+            if index == 0:
+                first.append(hidden.to(self.device))
+
+        originals = list(blocks)
+        for i, block in enumerate(originals):
+            blocks[i] = _Capture(i, block, sink)
+        try:
+            for b0, b1 in self.batches(input_ids.shape[0]):
+                ids = input_ids[b0:b1].to(self.model_device)
+                self.adapter.base(input_ids=ids, use_cache=False)
+        finally:
+            for i, block in enumerate(originals):
+                blocks[i] = block
+        return torch.cat(first, 0)
+
+    @torch.no_grad()
+    def run_block(self, index: int, inputs: torch.Tensor, outputs: torch.Tensor | None) -> None:
+        """Run block ``index`` over ``inputs`` batch by batch, writing into ``outputs`` (if given)."""
+        block = self.adapter.blocks[index]
+        for b0, b1 in self.batches(inputs.shape[0]):
+            args, kwargs = self.block_kwargs[index][b1 - b0]
+            out = block(inputs[b0:b1], *args, **kwargs)
+            if isinstance(out, tuple | list):
+                out = out[0]
+            if outputs is not None:
+                outputs[b0:b1] = out
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    seconds: float
+    rel_error: float | None = None  # ‖(W−Ŵ)X‖² / ‖WX‖² over the calibration inputs, when XᵀX is known
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompressionReport:
+    recipe: list[dict[str, Any]]
+    calibration: dict[str, Any] | None
+    propagate: str
+    layers: list[LayerRecord] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all compressed layers' weights."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["overall_sparsity"] = self.sparsity
+        return d
+
+
+def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    def hit(patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) if any(c in p for c in "*?[") else p in name for p in patterns)
+
+    return (not include or hit(include)) and not (exclude and hit(exclude))
+
+
+def _as_ids(calibration: Any) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    if calibration is None:
+        return None, None
+    if isinstance(calibration, torch.Tensor):
+        ids = calibration
+        meta: dict[str, Any] | None = {"source": "user-tensor", "n": ids.shape[0], "L": ids.shape[-1]}
+    else:  # a CalibrationSet
+        ids = calibration.input_ids
+        meta = {**calibration.provenance, "hash": calibration.hash}
+    if ids.dim() != 2 or ids.numel() == 0 or ids.dtype not in (torch.int32, torch.int64):
+        raise CalibrationError(
+            f"calibration token ids must be a non-empty 2-D integer tensor [n, L], got shape "
+            f"{tuple(ids.shape)} of {ids.dtype}"
+        )
+    return ids.long(), meta
+
+
+def _rel_error(original: torch.Tensor, new: torch.Tensor, stats: LayerStats | None) -> float | None:
+    if stats is None or stats.hessian is None:
+        return None
+    H = stats.hessian
+    delta = original - new
+    num = torch.sum((delta @ H) * delta)
+    den = torch.sum((original @ H) * original)
+    return float(num / den) if den > 0 else None
+
+
+def compress(
+    model: nn.Module,
+    calibration: Any,
+    recipe: Method | Sequence[Method],
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    propagate: str = "compressed",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    progress: bool = True,
+) -> CompressionReport:
+    """Compress ``model`` in place, block by block, and return what was done.
+
+    ``calibration`` is a CalibrationSet, a ``[n, L]`` token-id tensor, or None for data-free
+    methods. ``recipe`` is one method or several applied in order to each linear (a pruning mask set
+    by an earlier method is kept by later ones). ``propagate="compressed"`` feeds each block the
+    outputs of the already-compressed previous blocks (the SparseGPT/GPTQ default);
+    ``"dense"`` feeds the dense model's activations and saves one block forward per block.
+    """
+    methods = [recipe] if isinstance(recipe, Method) else list(recipe)
+    if propagate not in PROPAGATE:
+        raise RecipeError(f"propagate must be one of {PROPAGATE}, got '{propagate}'")
+    need = max_need([m.needs for m in methods])
+    ids, calib_meta = _as_ids(calibration)
+    if ids is None and need != "none":
+        names = ", ".join(m.name for m in methods if m.needs != "none")
+        raise CalibrationError(f"{names} needs calibration data; pass --calibration (e.g. wiki:128x512)")
+
+    runner = BlockwiseRunner(model, device=device, batch_size=batch_size)
+    adapter = runner.adapter
+    context = adapter.context_length()
+    if ids is not None and context is not None and ids.shape[1] > context:
+        raise CalibrationError(
+            f"calibration length {ids.shape[1]} exceeds the model's context of {context} tokens; use L ≤ {context}"
+        )
+    targets = [
+        {n: m for n, m in adapter.block_linears(i).items() if _selected(n, include, exclude)}
+        for i in range(len(adapter.blocks))
+    ]
+    if not any(targets):
+        raise RecipeError("the include/exclude patterns select no linear layer; check them against `calibrant info`")
+    for layer_map in targets:  # refuse before touching anything
+        for name, module in layer_map.items():
+            for m in methods:
+                m.validate(name, tuple(weight_of(module).shape))
+
+    report = CompressionReport([{"method": m.name, **m.params()} for m in methods], calib_meta, propagate)
+    timings = dict.fromkeys(("capture_s", "forward_s", "stats_s", "compress_s"), 0.0)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        if ids is None:  # data-free: no activations needed at all
+            for layer_map in tqdm(targets, desc=f"compress {methods[0].name}", disable=not progress):
+                t0 = time.perf_counter()
+                report.layers += _compress_block(layer_map, methods, {}, runner.device)
+                timings["compress_s"] += time.perf_counter() - t0
+            return report
+        t0 = time.perf_counter()
+        inps = runner.capture(ids)
+        outs = torch.empty_like(inps)
+        timings["capture_s"] = time.perf_counter() - t0
+        bar = tqdm(range(len(adapter.blocks)), desc=f"compress {'+'.join(m.name for m in methods)}",
+                   disable=not progress, unit="block")
+        for i in bar:
+            block = adapter.blocks[i]
+            moved = runner.device != runner.model_device
+            if moved:
+                block.to(runner.device)
+            stats: dict[str, LayerStats] = {}
+            if need != "none" and targets[i]:
+                t0 = time.perf_counter()
+                stats_time = _observe(runner, i, targets[i], need, inps, outs if propagate == "dense" else None, stats)
+                timings["stats_s"] += stats_time
+                timings["forward_s"] += time.perf_counter() - t0 - stats_time
+            t0 = time.perf_counter()
+            report.layers += _compress_block(targets[i], methods, stats, runner.device)
+            timings["compress_s"] += time.perf_counter() - t0
+            del stats
+            if propagate == "compressed" or need == "none" or not targets[i]:
+                t0 = time.perf_counter()
+                runner.run_block(i, inps, outs)
+                timings["forward_s"] += time.perf_counter() - t0
+            if moved:
+                block.to(runner.model_device)
+            inps, outs = outs, inps
+        return report
+    finally:
+        timings["total_s"] = time.perf_counter() - start
+        report.timings = timings
+        model.config.use_cache = use_cache
+        model.train(was_training)
+
+
+def _observe(
+    runner: BlockwiseRunner,
+    index: int,
+    layers: dict[str, nn.Module],
+    need: str,
+    inps: torch.Tensor,
+    outs: torch.Tensor | None,
+    stats: dict[str, LayerStats],
+) -> float:
+    """One pass of block ``index`` streaming each linear's input statistics; returns the time in hooks.
+
+    Linears that receive the very same input tensor (q/k/v, gate/up) share one LayerStats, so XᵀX is
+    accumulated once for them.
+    """
+    leaders: set[str] = set()
+    seen: list[tuple[torch.Tensor, LayerStats]] = []
+    first_batch = [True]
+    spent = [0.0]
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            t = time.perf_counter()
+            x = args[0]
+            if first_batch[0]:
+                shared = next((s for tensor, s in seen if tensor is x), None)
+                if shared is None:
+                    shared = LayerStats(x.shape[-1], need, device=x.device)  # type: ignore[arg-type]
+                    seen.append((x, shared))
+                    leaders.add(name)
+                stats[name] = shared
+            if name in leaders:
+                stats[name].add(x)
+            spent[0] += time.perf_counter() - t
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        for b0, b1 in runner.batches(inps.shape[0]):
+            runner.run_block(index, inps[b0:b1], None if outs is None else outs[b0:b1])
+            if first_batch[0]:
+                first_batch[0] = False
+                seen.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return spent[0]
+
+
+@torch.no_grad()
+def _compress_block(
+    layers: dict[str, nn.Module], methods: list[Method], stats: dict[str, LayerStats], device: torch.device
+) -> list[LayerRecord]:
+    records = []
+    for name, module in layers.items():
+        t0 = time.perf_counter()
+        original = weight_of(module).to(device=device, dtype=torch.float32, copy=True)
+        weight = original
+        ctx = LayerContext(name)
+        st = stats.get(name)
+        for method in methods:
+            weight = method.compress(weight, st, ctx)
+            if not torch.isfinite(weight).all():
+                raise NumericalError(
+                    f"{method.name} produced NaN/Inf weights in {name}; nothing was saved — check the model "
+                    "loads in float32 and raise --damp"
+                )
+        set_weight(module, weight)
+        zeros = float((weight == 0).float().mean())
+        records.append(
+            LayerRecord(name, tuple(weight.shape), zeros, time.perf_counter() - t0, _rel_error(original, weight, st),
+                        ctx.info)
+        )
+    return records

@@ -1,0 +1,124 @@
+"""Perplexity with its protocol recorded.
+
+Protocol (the field's standard, made explicit): the evaluation documents are joined into one token
+stream (the joiner is recorded by whoever made the stream); windows of ``seq_len`` tokens start
+every ``stride`` tokens (``stride = seq_len``: non-overlapping); in each window only the tokens not
+scored by an earlier window are scored, each with all the window's earlier tokens as context; the
+last, shorter window is kept (tail included). The result is the token-weighted mean NLL, exp'd.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibrant.errors import CalibrantError, NumericalError
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # scored tokens
+    protocol: dict[str, Any]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def windows(total: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, first_target)``: window tokens ``[begin, end)``, scored targets ``[first_target, end)``."""
+    out = []
+    scored_until = 1  # token 0 has no context and is never scored
+    begin = 0
+    while scored_until < total:
+        end = min(begin + seq_len, total)
+        out.append((begin, end, max(scored_until, begin + 1)))
+        scored_until = end
+        begin += stride
+        if end == total:
+            break
+    return out
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    *,
+    seq_len: int = 512,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on a 1-D stream of token ids (see the module docstring for the protocol)."""
+    stride = stride or seq_len
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if seq_len < 2 or (context and seq_len > context):
+        raise CalibrantError(
+            f"evaluation length {seq_len} is outside [2, {context}] (the model's context); pass a smaller --seq-len"
+        )
+    if not 0 < stride <= seq_len:
+        raise CalibrantError(f"stride {stride} must be in [1, seq_len={seq_len}]")
+    ids = token_ids.reshape(-1).long()
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise CalibrantError("the evaluation text has fewer than 2 tokens; use a longer corpus")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    spans = windows(ids.numel(), seq_len, stride)
+    # batch windows of equal length together (all but possibly the last)
+    groups: list[list[tuple[int, int, int]]] = []
+    for span in spans:
+        if groups and len(groups[-1]) < batch_size and groups[-1][0][1] - groups[-1][0][0] == span[1] - span[0]:
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    was_training = model.training
+    model.eval()
+    total_nll = torch.zeros((), dtype=torch.float64)
+    scored = 0
+    start = time.perf_counter()
+    try:
+        bar = tqdm(groups, desc="perplexity", unit="batch", disable=not progress)
+        for group in bar:
+            batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+            logits = model(input_ids=batch).logits
+            for row, (b, _e, first) in enumerate(group):
+                # logits[j] predicts token j+1; score targets [first, e) of this window
+                lo = first - b - 1
+                part = F.cross_entropy(logits[row, lo:-1].float(), batch[row, lo + 1 :], reduction="none")
+                total_nll += part.double().sum().cpu()
+                scored += part.numel()
+            del logits
+            if progress:
+                bar.set_postfix(ppl=f"{math.exp(total_nll.item() / scored):.2f}", tok_s=f"{scored / (time.perf_counter() - start):.0f}")
+    finally:
+        model.config.use_cache = use_cache
+        model.train(was_training)
+    mean = total_nll.item() / scored
+    if not math.isfinite(mean):
+        raise NumericalError("perplexity is NaN/Inf: the model produces non-finite logits on this text")
+    protocol = {
+        "seq_len": seq_len,
+        "stride": stride,
+        "windows": len(spans),
+        "tail": "included",
+        "bos": "none added",
+        "stream_tokens": ids.numel(),
+        **(meta or {}),
+    }
+    return PerplexityResult(math.exp(mean), mean, scored, protocol, time.perf_counter() - start)

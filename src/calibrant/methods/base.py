@@ -1,0 +1,93 @@
+"""The method interface: what statistics a method needs, and how it rewrites one linear layer.
+
+A method never loads data or models. The engine streams each linear layer's calibration inputs into
+a :class:`LayerStats` (shared by linears that read the same tensor, e.g. q/k/v), then calls
+``method.compress(weight, stats, ctx)`` with the layer's weight as a float32 ``[out, in]`` matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from calibrant.errors import NumericalError
+
+Need = Literal["none", "norms", "hessian"]
+_ORDER = {"none": 0, "norms": 1, "hessian": 2}
+
+
+def max_need(needs: list[Need]) -> Need:
+    return max(needs, key=_ORDER.__getitem__, default="none")
+
+
+class LayerStats:
+    """Streaming statistics of a linear layer's input ``x`` over all calibration tokens.
+
+    ``sq_norms[j] = Σ_t x_tj²`` (Wanda's ‖X_j‖₂²) and, when asked for, ``hessian = Σ_t x_t x_tᵀ``
+    (XᵀX), both accumulated in float32 without storing any activation. ``cache`` lets methods keep
+    derived quantities (a damped Cholesky inverse) shared by every linear reading this input.
+    """
+
+    def __init__(self, dim: int, need: Need, device: torch.device | str = "cpu"):
+        self.dim = dim
+        self.need = need
+        self.tokens = 0
+        self._sq = torch.zeros(dim, dtype=torch.float32, device=device) if need == "norms" else None
+        self.hessian = torch.zeros(dim, dim, dtype=torch.float32, device=device) if need == "hessian" else None
+        self.cache: dict[str, Any] = {}
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.dim).to(torch.float32)
+        self.tokens += x.shape[0]
+        if self.hessian is not None:
+            self.hessian.addmm_(x.t(), x)
+        elif self._sq is not None:
+            self._sq.add_(x.square().sum(0))
+
+    @property
+    def sq_norms(self) -> torch.Tensor:
+        if self.hessian is not None:
+            return torch.diagonal(self.hessian).clone()
+        if self._sq is None:
+            raise RuntimeError("these statistics were collected without activation norms")
+        return self._sq
+
+    def check_finite(self, where: str) -> None:
+        t = self.hessian if self.hessian is not None else self._sq
+        if t is not None and not torch.isfinite(t).all():
+            raise NumericalError(
+                f"calibration activations entering {where} contain NaN/Inf; the model overflows on this "
+                "calibration data — load it in float32 or use other calibration text"
+            )
+
+
+@dataclass
+class LayerContext:
+    """Per-layer state handed from one method of a recipe to the next, plus what goes in the report."""
+
+    name: str
+    mask: torch.Tensor | None = None  # True where a weight was pruned; later methods keep those zero
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and ``needs`` and implement :meth:`compress`."""
+
+    name: ClassVar[str]
+    needs: ClassVar[Need] = "none"
+
+    def params(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def validate(self, name: str, shape: tuple[int, int]) -> None:
+        """Raise RecipeError before any layer is touched if this layer cannot be served."""
+
+    def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        inner = ", ".join(f"{k}={v}" for k, v in self.params().items() if v is not None)
+        return f"{self.name}({inner})"

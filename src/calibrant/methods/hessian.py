@@ -1,0 +1,48 @@
+"""Shared second-order maths: damping a Hessian and the upper Cholesky factor of its inverse."""
+
+from __future__ import annotations
+
+import torch
+
+from calibrant.errors import NumericalError
+from calibrant.methods.base import LayerStats
+
+DAMP_RETRIES = 3  # each retry multiplies the damping by 10
+
+
+def damped_inverse_cholesky(stats: LayerStats, damp: float, where: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Return ``(U, dead, damp_used)`` with ``Uᵀ U = (H + λI)⁻¹`` for ``H = XᵀX / tokens``.
+
+    ``λ = damp · mean(diag H)``. Columns whose input is always zero ("dead") get ``H_jj = 1`` so the
+    matrix stays invertible; their weights carry no signal and the caller zeroes them. If the
+    Cholesky factorisation fails, the damping is raised tenfold up to ``DAMP_RETRIES`` times; if it
+    still fails a NumericalError names the layer and the fix. Cached per input group in
+    ``stats.cache`` so q/k/v (and gate/up) share one factorisation.
+    """
+    key = f"inv_chol:{damp}"
+    if key in stats.cache:
+        return stats.cache[key]
+    if stats.hessian is None or stats.tokens == 0:
+        raise NumericalError(f"no calibration statistics reached {where}; check the calibration set is not empty")
+    stats.check_finite(where)
+    H = stats.hessian.to(torch.float64) / stats.tokens
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    H[dead, dead] = 1.0
+    mean_diag = float(torch.mean(torch.diagonal(H)))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    lam = damp
+    for _ in range(DAMP_RETRIES + 1 if damp > 0 else 1):  # damp=0 is an explicit request for none
+        L, info = torch.linalg.cholesky_ex(H + lam * mean_diag * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info2 == 0 and torch.isfinite(U).all():
+                result = (U.to(torch.float32), dead, lam)
+                stats.cache[key] = result
+                return result
+        lam *= 10
+    raise NumericalError(
+        f"the Hessian of {where} stays singular after damping up to {max(lam / 10, damp):g}·mean(diag); use more "
+        "or more varied calibration data (larger n×L), or a larger --damp"
+    )

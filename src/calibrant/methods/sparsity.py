@@ -1,0 +1,75 @@
+"""Shared pruning maths: validated sparsity targets, per-row / per-layer top-k masks, N:M masks."""
+
+from __future__ import annotations
+
+import torch
+
+from calibrant.errors import RecipeError
+from calibrant.methods.base import Method
+
+
+def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"2:4"`` → ``(2, 4)``: at most N non-zeros in every M consecutive input weights."""
+    if pattern is None or pattern == "":
+        return None
+    if isinstance(pattern, str):
+        try:
+            n_str, m_str = pattern.split(":")
+            n, m = int(n_str), int(m_str)
+        except ValueError:
+            raise RecipeError(f"pattern '{pattern}' is not N:M; write it like 2:4 or 4:8") from None
+    else:
+        n, m = pattern
+    if not 0 < n < m:
+        raise RecipeError(f"N:M pattern {n}:{m} needs 0 < N < M (keep N of every M weights), e.g. 2:4")
+    return n, m
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not isinstance(sparsity, int | float) or not 0.0 <= float(sparsity) < 1.0:
+        raise RecipeError(f"sparsity {sparsity!r} is outside [0, 1); use e.g. --sparsity 0.5 for 50 %")
+    return float(sparsity)
+
+
+def check_nm_shape(name: str, shape: tuple[int, int], nm: tuple[int, int] | None) -> None:
+    if nm is not None and shape[1] % nm[1]:
+        raise RecipeError(
+            f"layer {name} has {shape[1]} input features, not divisible by M={nm[1]} of the {nm[0]}:{nm[1]} "
+            f"pattern; choose an M that divides {shape[1]} or exclude the layer (--exclude)"
+        )
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (True = prune) of exactly the ``k`` lowest entries of each row of ``scores``."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        idx = torch.topk(scores, k, dim=-1, largest=False).indices
+        mask.scatter_(-1, idx, True)
+    return mask
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+    """Prune ``floor(sparsity · count)`` lowest scores per output row, or across the whole layer."""
+    if per_row:
+        return lowest_k_mask(scores, int(scores.shape[1] * sparsity))
+    flat = scores.reshape(1, -1)
+    return lowest_k_mask(flat, int(flat.shape[1] * sparsity)).reshape(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune the ``m - n`` lowest scores in every group of ``m`` consecutive input columns."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    return lowest_k_mask(groups, m - n).reshape(rows, cols)
+
+
+class PruningMethod(Method):
+    """Shared target handling: an unstructured ``sparsity`` or an N:M ``pattern`` (which then sets it)."""
+
+    def __init__(self, sparsity: float = 0.5, pattern: str | None = None):
+        self._nm = parse_pattern(pattern)
+        self.sparsity = 1 - self._nm[0] / self._nm[1] if self._nm else check_sparsity(sparsity)
+        self.pattern = f"{self._nm[0]}:{self._nm[1]}" if self._nm else None
+
+    def validate(self, name: str, shape: tuple[int, int]) -> None:
+        check_nm_shape(name, shape, self._nm)

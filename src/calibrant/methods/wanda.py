@@ -1,0 +1,33 @@
+"""Wanda (Sun et al., 2023): prune by |W_ij| · ‖X_j‖₂, comparing weights within each output row."""
+
+from __future__ import annotations
+
+import torch
+
+from calibrant.methods.base import LayerContext, LayerStats
+from calibrant.methods.sparsity import PruningMethod, nm_mask, unstructured_mask
+
+
+def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """|W| scaled by the L2 norm of each input feature over all calibration tokens."""
+    return weight.abs() * sq_norms.sqrt().to(weight.dtype).unsqueeze(0)
+
+
+class Wanda(PruningMethod):
+    name = "wanda"
+    needs = "norms"
+
+    def __init__(self, sparsity: float = 0.5, pattern: str | None = None, per_layer: bool = False):
+        super().__init__(sparsity, pattern)
+        self.per_layer = per_layer
+
+    def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
+        assert stats is not None
+        stats.check_finite(ctx.name)
+        scores = wanda_scores(weight, stats.sq_norms)
+        if self._nm:
+            mask = nm_mask(scores, *self._nm)
+        else:
+            mask = unstructured_mask(scores, self.sparsity, per_row=not self.per_layer)
+        ctx.mask = mask
+        return weight.masked_fill(mask, 0.0)

@@ -1,0 +1,70 @@
+"""Perplexity protocol: exact values on a uniform model, stride bookkeeping, independent reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from calibrant.errors import CalibrantError
+from calibrant.evaluate import perplexity, windows
+from tests.conftest import VOCAB, tiny_model
+
+
+def test_uniform_model_has_perplexity_equal_to_vocab_size():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # untied tiny llama: all logits 0 → uniform prediction
+    ids = torch.randint(0, VOCAB, (1000,), generator=torch.Generator().manual_seed(0))
+    res = perplexity(model, ids, seq_len=64, progress=False)
+    assert res.ppl == pytest.approx(VOCAB, rel=1e-5)
+
+
+def _naive_nonoverlapping(model, ids, seq_len):
+    total, count = 0.0, 0
+    for b in range(0, ids.numel(), seq_len):
+        chunk = ids[b : b + seq_len]
+        if chunk.numel() < 2:
+            continue
+        with torch.no_grad():
+            logp = torch.log_softmax(model(chunk[None]).logits[0].double(), -1)
+        total -= float(logp[torch.arange(chunk.numel() - 1), chunk[1:]].sum())
+        count += chunk.numel() - 1
+    return math.exp(total / count), count
+
+
+def test_stride_equal_to_window_matches_independent_nonoverlapping_evaluation():
+    model = tiny_model("gpt2")
+    ids = torch.randint(0, VOCAB, (300,), generator=torch.Generator().manual_seed(1))
+    ref, count = _naive_nonoverlapping(model, ids, 64)
+    res = perplexity(model, ids, seq_len=64, stride=64, batch_size=3, progress=False)
+    assert res.tokens == count
+    assert res.ppl == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("total, seq_len, stride", [(300, 64, 16), (257, 64, 64), (64, 64, 8), (1000, 128, 100)])
+def test_each_token_is_scored_at_most_once_with_context(total, seq_len, stride):
+    scored = []
+    for begin, end, first in windows(total, seq_len, stride):
+        assert begin < first <= end and end - begin <= seq_len
+        scored += list(range(first, end))
+    if stride < seq_len:  # overlapping windows: every token after the first is scored exactly once
+        assert scored == list(range(1, total))
+    else:  # the standard non-overlapping protocol: a window's first token has no context and is not scored
+        assert scored == [t for t in range(1, total) if t % seq_len]
+
+
+def test_scored_token_counts_follow_the_protocol():
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (600,), generator=torch.Generator().manual_seed(2))
+    a = perplexity(model, ids, seq_len=32, stride=32, progress=False)
+    b = perplexity(model, ids, seq_len=32, stride=8, progress=False)
+    assert a.tokens == 600 - a.protocol["windows"] and a.protocol["windows"] == 19
+    assert b.tokens == 599 and b.protocol["stride"] == 8
+    assert a.ppl != b.ppl  # more context per scored token changes the number
+
+
+def test_sequence_longer_than_context_is_refused():
+    with pytest.raises(CalibrantError, match="context"):
+        perplexity(tiny_model("llama"), torch.arange(500) % VOCAB, seq_len=256, progress=False)

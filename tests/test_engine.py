@@ -1,0 +1,114 @@
+"""Layer-sequential engine on tiny random models of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calibrant.engine import BlockwiseRunner, compress
+from calibrant.errors import CalibrationError, ModelError, RecipeError
+from calibrant.methods import make_method
+from calibrant.models.adapter import Adapter, weight_of
+from tests.conftest import FAMILIES, tiny_model, token_batch
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uncompressed_block_inputs_equal_dense_hidden_states(family):
+    model = tiny_model(family)
+    ids = token_batch(n=5, length=24)  # 5 rows with batch size 2: a ragged last batch too
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    runner = BlockwiseRunner(model, batch_size=2)
+    x = runner.capture(ids)
+    for i in range(len(runner.adapter.blocks)):
+        torch.testing.assert_close(x, hidden[i], rtol=0, atol=1e-5)
+        y = torch.empty_like(x)
+        runner.run_block(i, x, y)
+        x = y
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_exact_sparsity_every_layer(family, method):
+    model = tiny_model(family)
+    report = compress(model, token_batch(), make_method(method, sparsity=0.5), batch_size=4, progress=False)
+    adapter = Adapter(model)
+    names = [n for i in range(len(adapter.blocks)) for n in adapter.block_linears(i)]
+    assert [r.name for r in report.layers] == names
+    for i in range(len(adapter.blocks)):
+        for name, module in adapter.block_linears(i).items():
+            W = weight_of(module)
+            zeros = int((W == 0).sum())
+            expected = W.shape[0] * int(W.shape[1] * 0.5) if method == "wanda" else int(W.numel() * 0.5)
+            assert zeros == expected, name
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_nm_pattern_holds_in_model_and_head_stays_dense(family):
+    model = tiny_model(family)
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    compress(model, token_batch(), make_method("sparsegpt", pattern="2:4"), progress=False)
+    adapter = Adapter(model)
+    for i in range(len(adapter.blocks)):
+        for module in adapter.block_linears(i).values():
+            W = weight_of(module)
+            assert int((W.reshape(W.shape[0], -1, 4) != 0).sum(-1).max()) <= 2
+    assert torch.equal(model.get_output_embeddings().weight, head_before)
+
+
+def test_include_exclude_patterns():
+    model = tiny_model("llama")
+    report = compress(model, token_batch(), make_method("wanda"), include=["mlp"], exclude=["down_proj"], progress=False)
+    assert report.layers and all("mlp" in r.name and "down_proj" not in r.name for r in report.layers)
+    assert float((weight_of(model.model.layers[0].self_attn.q_proj) == 0).float().mean()) == 0.0
+    with pytest.raises(RecipeError, match="select no linear"):
+        compress(tiny_model("llama"), token_batch(), make_method("wanda"), include=["nothing_like_this"], progress=False)
+
+
+def test_sparsegpt_beats_magnitude_on_block_outputs():
+    ids = token_batch(n=8, length=32)
+    dense = tiny_model("llama")
+    with torch.no_grad():
+        ref = dense(ids, output_hidden_states=True).hidden_states[-1]
+    errs = {}
+    for name in ("magnitude", "sparsegpt"):
+        model = tiny_model("llama")
+        compress(model, ids, make_method(name, sparsity=0.5), progress=False)
+        with torch.no_grad():
+            errs[name] = float((model(ids, output_hidden_states=True).hidden_states[-1] - ref).square().mean())
+    assert errs["sparsegpt"] < errs["magnitude"]
+
+
+def test_dense_propagation_and_shared_hessians():
+    model = tiny_model("llama")
+    report = compress(model, token_batch(), make_method("sparsegpt"), propagate="dense", progress=False)
+    assert report.propagate == "dense" and report.timings["forward_s"] > 0
+    assert all(r.rel_error is not None and 0 < r.rel_error < 1 for r in report.layers)
+
+
+def test_data_free_method_needs_no_calibration_but_others_do():
+    report = compress(tiny_model("llama"), None, make_method("magnitude"), progress=False)
+    assert abs(report.sparsity - 0.5) < 1e-9
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        compress(tiny_model("llama"), None, make_method("wanda"), progress=False)
+
+
+def test_calibration_longer_than_context_is_refused():
+    with pytest.raises(CalibrationError, match="exceeds the model's context of 128"):
+        compress(tiny_model("llama"), token_batch(n=2, length=200), make_method("wanda"), progress=False)
+
+
+def test_nm_indivisible_layer_refused_before_anything_changes():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeError, match="not divisible by M=48"):
+        compress(model, token_batch(), make_method("wanda", pattern="2:48"), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unsupported_architecture_lists_supported():
+    import transformers as T
+
+    cfg = T.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    with pytest.raises(ModelError, match="supports .*llama.*opt"):
+        Adapter(T.BertForMaskedLM(cfg))
