@@ -1,0 +1,437 @@
+"""CalibrationSet: ``[n, L]`` token ids plus the provenance that makes them reproducible.
+
+``make_calibration("wiki:128x512", tokenizer, seed=0)`` tokenizes the corpus's ``calib`` documents
+(without special tokens), joins them with the tokenizer's EOS id between documents, and draws ``n``
+windows of ``L`` tokens at start offsets uniform over the concatenation ("random-windows", with
+replacement) from ``torch.Generator().manual_seed(seed)``. Tokenized corpora are cached under
+``$CALIBRANT_CACHE/tokens`` keyed by (corpus checksum, tokenizer hash), so only the first call pays
+for tokenization.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibrant.cache import atomic_path, cache_dir, sha256_file, stable_hash
+from calibrant.calibration.corpora import HUB_CORPORA, OFFLINE_CORPORA, get_corpus
+from calibrant.calibration.spec import SPEC_FORM, CalibSpec, parse_spec
+from calibrant.errors import CalibrationError, suggest
+
+SAVE_FORMAT = "calibrant.calibset/1"
+TOKEN_CACHE_FORMAT = 1
+SOURCES: tuple[str, ...] = (*OFFLINE_CORPORA, "file", "random-vocab", *HUB_CORPORA)
+# Provenance keys that describe but do not determine the ids: left out of the content hash so that the
+# same ids from the same data keep their hash across calibrant versions, tokenizer paths and file paths
+# ("spec" and "options" only repeat source, field, n and L, plus the file's path).
+COSMETIC_KEYS = frozenset({"calibrant_version", "tokenizer_name", "path", "spec", "options"})
+_TEXT_FILE_OPTIONS = ("paragraphs",)
+
+
+def calibrant_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("calibrant")
+    except Exception:  # not installed (source checkout)
+        return "0+unknown"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer fingerprints
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, Any]:
+    out = {}
+    for role in ("bos", "eos", "unk", "pad", "sep", "cls", "mask"):
+        tok = getattr(tokenizer, f"{role}_token", None)
+        if tok is not None:
+            out[role] = [str(tok), getattr(tokenizer, f"{role}_token_id", None)]
+    return out
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """Stable 16-hex fingerprint of a tokenizer: its vocabulary (with added tokens) and special tokens.
+
+    The Python class is deliberately left out: the same tokenizer files load as different classes under
+    different transformers versions, and that must not make calibration sets look incompatible.
+    """
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception as e:
+        raise CalibrationError(f"cannot fingerprint tokenizer {type(tokenizer).__name__}: it has no get_vocab() "
+                               f"({e}); pass a Hugging Face tokenizer (AutoTokenizer.from_pretrained)") from e
+    h = hashlib.sha256()
+    for token, idx in sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])):
+        h.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
+    return stable_hash({"vocab": h.hexdigest(), "size": len(vocab), "special": _special_tokens(tokenizer)})
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def _vocab_size(tokenizer: Any) -> int:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return int(tokenizer.vocab_size)
+
+
+def _joiner(tokenizer: Any) -> tuple[str, list[int]]:
+    """What goes between documents: the EOS id (else SEP), else the tokenization of a blank line."""
+    for role in ("eos", "sep"):
+        idx = getattr(tokenizer, f"{role}_token_id", None)
+        if isinstance(idx, int):
+            return role, [idx]
+    ids = list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise CalibrationError(f"tokenizer {_tokenizer_name(tokenizer)} has no EOS token and encodes a blank line "
+                               "as nothing, so documents cannot be separated; set tokenizer.eos_token first")
+    return "blank-line", ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenization with a content-keyed cache
+
+
+@contextlib.contextmanager
+def _quiet_length_warnings() -> Iterator[None]:
+    """Silence transformers' 'sequence longer than model_max_length' warning: documents are not model inputs."""
+    loggers = [logging.getLogger(n) for n in ("transformers.tokenization_utils_base", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+def _tokenize(docs: Sequence[str], tokenizer: Any, label: str, progress: bool | None,
+              batch_size: int = 64) -> list[list[int]]:
+    from tqdm.auto import tqdm
+
+    out: list[list[int]] = []
+    bar = tqdm(total=len(docs), desc=f"tokenizing {label}", unit="doc",
+               disable=(None if progress is None else not progress), leave=False)
+    with _quiet_length_warnings(), bar:
+        for i in range(0, len(docs), batch_size):
+            batch = list(docs[i:i + batch_size])
+            enc = tokenizer(batch, add_special_tokens=False, truncation=False)["input_ids"]
+            out.extend(list(e) for e in enc)
+            bar.update(len(batch))
+    return out
+
+
+def joined_token_ids(docs: Sequence[str], tokenizer: Any, content_key: dict[str, Any], label: str,
+                     progress: bool | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Token ids (int32, 1-D) of ``docs`` joined with the joiner between documents, cached on disk.
+
+    ``content_key`` must identify the documents' text (e.g. corpus checksum and split); it is combined with
+    the tokenizer hash and the joiner to form the cache key. Returns (ids, {"joiner", "joiner_ids",
+    "tokenizer_hash", "documents", "tokens"}).
+    """
+    tok_hash = tokenizer_hash(tokenizer)
+    joiner, joiner_ids = _joiner(tokenizer)
+    key = stable_hash({"content": content_key, "tokenizer": tok_hash, "joiner": joiner_ids,
+                       "format": TOKEN_CACHE_FORMAT}, length=24)
+    path = cache_dir("tokens") / f"{key}.npy"
+    meta = {"joiner": joiner, "joiner_ids": joiner_ids, "tokenizer_hash": tok_hash, "documents": len(docs)}
+    if path.is_file():
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.ndim == 1 and arr.dtype == np.int32:
+                return arr, {**meta, "tokens": int(arr.size)}
+        except (OSError, ValueError, EOFError):
+            pass  # corrupt cache entry: recompute and overwrite it
+    vocab = _vocab_size(tokenizer)
+    if vocab >= 2**31:
+        raise CalibrationError(f"tokenizer vocabulary of {vocab} ids does not fit int32; use a smaller tokenizer")
+    pieces: list[np.ndarray] = []
+    sep = np.asarray(joiner_ids, dtype=np.int32)
+    for i, ids in enumerate(_tokenize(docs, tokenizer, label, progress)):
+        if i:
+            pieces.append(sep)
+        pieces.append(np.asarray(ids, dtype=np.int32))
+    arr = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+    return arr, {**meta, "tokens": int(arr.size)}
+
+
+# --------------------------------------------------------------------------------------------------
+# CalibrationSet
+
+
+def _ids_digest(ids: torch.Tensor) -> str:
+    arr = ids.detach().cpu().contiguous().to(torch.int64).numpy().astype("<i8", copy=False)
+    h = hashlib.sha256(f"{list(arr.shape)}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _validate_ids(input_ids: Any) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        try:
+            input_ids = torch.as_tensor(np.asarray(input_ids))
+        except Exception as e:
+            raise CalibrationError(f"calibration ids of type {type(input_ids).__name__} are not a tensor; "
+                                   "pass a 2-D integer torch.Tensor [n, L]") from e
+    if input_ids.dtype in (torch.bool,) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
+        raise CalibrationError(f"calibration ids have dtype {input_ids.dtype}; pass integer token ids "
+                               "(torch.long), e.g. tokenizer(...)['input_ids']")
+    if input_ids.dim() != 2:
+        raise CalibrationError(f"calibration ids have shape {list(input_ids.shape)}; pass a 2-D tensor [n, L] "
+                               "(use ids.unsqueeze(0) for a single sequence)")
+    n, seq_len = input_ids.shape
+    if n <= 0 or seq_len <= 0:
+        raise CalibrationError(f"calibration ids have shape [{n}, {seq_len}]; need n > 0 sequences of L > 0 tokens")
+    if int(input_ids.min()) < 0:
+        raise CalibrationError(f"calibration ids contain a negative id ({int(input_ids.min())}); "
+                               "token ids must be >= 0 (remove padding markers such as -100)")
+    return input_ids.detach().cpu().to(torch.long).contiguous()
+
+
+@dataclass
+class CalibrationSet:
+    """``input_ids`` (LongTensor [n, L]) and the provenance that says exactly how they were made."""
+
+    input_ids: torch.Tensor
+    provenance: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        self.input_ids = _validate_ids(self.input_ids)
+        self.provenance = dict(self.provenance)
+        self.provenance.setdefault("n", int(self.input_ids.shape[0]))
+        self.provenance.setdefault("seq_len", int(self.input_ids.shape[1]))
+
+    @property
+    def n(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def hash(self) -> str:
+        """16-hex content hash of the ids and the provenance (minus purely descriptive keys)."""
+        prov = {k: v for k, v in self.provenance.items() if k not in COSMETIC_KEYS}
+        return stable_hash({"ids": _ids_digest(self.input_ids), "provenance": prov})
+
+    def __repr__(self) -> str:
+        return (f"CalibrationSet(n={self.n}, seq_len={self.seq_len}, source={self.provenance.get('source')!r}, "
+                f"hash={self.hash})")
+
+    @classmethod
+    def from_tensor(cls, input_ids: Any, source: str = "user-tensor", **provenance: Any) -> CalibrationSet:
+        """Wrap user-made ids (2-D, integer, n and L > 0) with whatever provenance the user can give."""
+        ids = _validate_ids(input_ids)
+        prov = {"source": source, **provenance, "n": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
+        prov.setdefault("calibrant_version", calibrant_version())
+        return cls(ids, prov)
+
+    def save(self, path: str | Path) -> None:
+        """Write a .safetensors file with the ids and the provenance (JSON) in its metadata, atomically."""
+        from safetensors.torch import save_file
+
+        metadata = {"format": SAVE_FORMAT, "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
+                    "hash": self.hash}
+        with atomic_path(path) as tmp:
+            save_file({"input_ids": self.input_ids}, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationSet:
+        """Read a file written by :meth:`save`; a missing, corrupt or foreign file raises CalibrationError."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(f"calibration set file '{path}' does not exist; check the path or create it "
+                                   "with make_calibration(...).save(path)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                ids = f.get_tensor("input_ids")
+            if metadata.get("format") != SAVE_FORMAT:
+                raise ValueError(f"format {metadata.get('format')!r}")
+            provenance = json.loads(metadata["provenance"])
+        except Exception as e:
+            raise CalibrationError(f"calibration set file '{path}' is corrupt or not a calibrant calibration set "
+                                   f"({type(e).__name__}: {str(e)[:80]}); recreate it with "
+                                   "make_calibration(...).save(path)") from e
+        try:
+            cs = cls(ids, provenance)
+        except CalibrationError as e:
+            raise CalibrationError(f"calibration set file '{path}' is corrupt: {e}") from e
+        if metadata.get("hash") and metadata["hash"] != cs.hash:
+            raise CalibrationError(f"calibration set file '{path}' is corrupt: its content hash {cs.hash} differs "
+                                   f"from the recorded {metadata['hash']}; recreate it with make_calibration")
+        return cs
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse a tokenizer other than the one the ids were made with (or one whose vocab is too small)."""
+        want = self.provenance.get("tokenizer_hash")
+        if want:
+            have = tokenizer_hash(tokenizer)
+            if have != want:
+                made = self.provenance.get("tokenizer_name", "?")
+                raise CalibrationError(
+                    f"calibration set {self.hash} was tokenized with '{made}' (tokenizer hash {want}) but the model's "
+                    f"tokenizer is '{_tokenizer_name(tokenizer)}' (hash {have}); remake the calibration set with "
+                    "the model's tokenizer"
+                )
+        vocab = _vocab_size(tokenizer)
+        top = int(self.input_ids.max())
+        if top >= vocab:
+            raise CalibrationError(f"calibration set {self.hash} holds token id {top} but tokenizer "
+                                   f"'{_tokenizer_name(tokenizer)}' has only {vocab} ids; remake it with this tokenizer")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _file_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
+    raw_path, *opts = spec.options
+    path = Path(raw_path).expanduser()
+    if not path.is_file():
+        raise CalibrationError(f"calibration file '{raw_path}' does not exist; give an existing .txt or .jsonl "
+                               f"path as file:PATH:NxL")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        field = opts[0] if opts else "text"
+        docs: list[str] = []
+        keys: list[str] = []
+        with open(path, encoding="utf-8", errors="strict") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise CalibrationError(f"calibration file '{raw_path}' line {lineno} is not JSON ({e}); "
+                                           "give one JSON object per line") from e
+                if not isinstance(obj, dict) or field not in obj:
+                    keys = sorted(obj) if isinstance(obj, dict) else []
+                    raise CalibrationError(
+                        f"calibration file '{raw_path}' line {lineno} has no field '{field}'"
+                        f"{suggest(field, keys)} (fields: {', '.join(keys) or 'none'}); "
+                        f"name the text field as file:{raw_path}:FIELD:{spec.n}x{spec.seq_len}")
+                value = obj[field]
+                if not isinstance(value, str):
+                    raise CalibrationError(f"calibration file '{raw_path}' line {lineno} field '{field}' is "
+                                           f"{type(value).__name__}, not text; name a text field")
+                if value.strip():
+                    docs.append(value)
+        options: dict[str, Any] = {"field": field}
+    else:
+        if len(opts) > 1 or (opts and opts[0] not in _TEXT_FILE_OPTIONS):
+            raise CalibrationError(f"text file source takes at most the option 'paragraphs', got "
+                                   f"{':'.join(opts)}; use file:PATH:NxL or file:PATH:paragraphs:NxL")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise CalibrationError(f"calibration file '{raw_path}' is not UTF-8 text ({e.reason}); convert it to "
+                                   "UTF-8 or use a .jsonl file") from e
+        if opts:  # one document per blank-line separated paragraph
+            docs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+        else:  # the whole file is one document
+            docs = [text] if text.strip() else []
+        options = {"paragraphs": bool(opts)}
+    if not docs:
+        raise CalibrationError(f"calibration file '{raw_path}' contains no text; give a file with documents in it")
+    info = {"source": "file", "path": str(raw_path), "file_sha256": sha256_file(path), **options}
+    return docs, info
+
+
+def _source_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
+    """Documents to calibrate on and what identifies them (for provenance and the token cache key)."""
+    if spec.source == "file":
+        return _file_documents(spec)
+    if spec.source in OFFLINE_CORPORA or spec.source in HUB_CORPORA:
+        if spec.options:
+            raise CalibrationError(f"corpus '{spec.source}' takes no options, got ':{':'.join(spec.options)}'; "
+                                   f"write {spec.source}:{spec.n}x{spec.seq_len}")
+        corpus = get_corpus(spec.source)
+        return corpus.split("calib"), {"source": corpus.name, "split": "calib", "corpus_checksum": corpus.checksum}
+    raise CalibrationError(
+        f"unknown calibration source '{spec.source}';{suggest(spec.source, SOURCES)} use one of: "
+        f"{', '.join(OFFLINE_CORPORA)}, file:PATH, random-vocab (offline) or {', '.join(HUB_CORPORA)} (hub, online), "
+        f"as {SPEC_FORM}"
+    )
+
+
+def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int | None = None,
+                     progress: bool | None = None) -> CalibrationSet:
+    """Build the calibration set a spec string describes (``wiki:128x512``, ``file:a.txt:64x512``, ...).
+
+    ``max_length`` is the model's context length; a longer L is refused. ``progress`` shows a
+    tokenization bar (None: only on a terminal).
+    """
+    cs = parse_spec(spec)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CalibrationError(f"seed {seed!r} is not an integer; pass e.g. seed=0")
+    if max_length is not None and cs.seq_len > max_length:
+        raise CalibrationError(f"calibration sequence length L={cs.seq_len} (from '{spec}') exceeds the model's "
+                               f"context length max_length={max_length}; use L <= {max_length}")
+    common = {"spec": str(cs), "options": list(cs.options), "n": cs.n, "seq_len": cs.seq_len, "seed": seed,
+              "tokenizer_hash": tokenizer_hash(tokenizer), "tokenizer_name": _tokenizer_name(tokenizer),
+              "bos": False, "calibrant_version": calibrant_version()}
+
+    if cs.source == "random-vocab":
+        if cs.options:
+            raise CalibrationError(f"random-vocab takes no options, got ':{':'.join(cs.options)}'; "
+                                   f"write random-vocab:{cs.n}x{cs.seq_len}")
+        vocab = _vocab_size(tokenizer)
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (cs.n, cs.seq_len), generator=gen, dtype=torch.long)
+        prov = {"source": "random-vocab", "sampling": "uniform-vocab", "vocab_size": vocab, **common}
+        return CalibrationSet(ids, prov)
+
+    docs, info = _source_documents(cs)
+    content_key = {k: v for k, v in info.items() if k not in COSMETIC_KEYS}
+    flat, meta = joined_token_ids(docs, tokenizer, content_key, label=str(info["source"]), progress=progress)
+    total = int(flat.size)
+    what = f"'{info['source']}'" + (" (calib split)" if info.get("split") == "calib" else "")
+    if total < cs.seq_len:
+        raise CalibrationError(f"source {what} has only {total} tokens, fewer than one window of L={cs.seq_len}; "
+                               "use a smaller L or a bigger source")
+    if cs.n * cs.seq_len > total:
+        raise CalibrationError(f"source {what} has {total} tokens, fewer than the n×L = {cs.n}×{cs.seq_len} = "
+                               f"{cs.n * cs.seq_len} requested; use a smaller n or L, or a bigger source")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, total - cs.seq_len + 1, (cs.n,), generator=gen, dtype=torch.long)
+    flat_t = torch.from_numpy(flat.astype(np.int64))
+    ids = flat_t[starts.unsqueeze(1) + torch.arange(cs.seq_len).unsqueeze(0)]
+    prov = {**info, "sampling": "random-windows", **common, "documents": meta["documents"], "source_tokens": total,
+            "joiner": meta["joiner"], "joiner_ids": meta["joiner_ids"]}
+    return CalibrationSet(ids, prov)
+
+
+def heldout_token_ids(name: str, tokenizer: Any, progress: bool | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """1-D LongTensor of the corpus's held-out documents joined like calibration (joiner between documents),
+    and a description of it for the perplexity protocol."""
+    corpus = get_corpus(name)
+    docs = corpus.split("heldout")
+    if not docs:
+        raise CalibrationError(f"corpus '{corpus.name}' has no held-out documents (it has {len(corpus.documents)}); "
+                               "evaluate on a corpus with at least two documents")
+    key = {"source": corpus.name, "split": "heldout", "corpus_checksum": corpus.checksum}
+    flat, meta = joined_token_ids(docs, tokenizer, key, label=f"{corpus.name} heldout", progress=progress)
+    info = {"corpus": corpus.name, "split": "heldout", "checksum": corpus.checksum, "documents": meta["documents"],
+            "tokens": meta["tokens"], "joiner": meta["joiner"], "joiner_ids": meta["joiner_ids"],
+            "tokenizer_hash": meta["tokenizer_hash"], "bos": False}
+    return torch.from_numpy(flat.astype(np.int64)), info
