@@ -112,3 +112,42 @@ def test_unsupported_architecture_lists_supported():
     cfg = T.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     with pytest.raises(ModelError, match="supports .*llama.*opt"):
         Adapter(T.BertForMaskedLM(cfg))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gptq_in_engine_puts_every_weight_on_its_grid(family):
+    from calibrant.methods.quant import expand_groups, parse_scheme
+
+    model = tiny_model(family)
+    report = compress(model, token_batch(), make_method("gptq", scheme="w4g16"), progress=False)
+    adapter = Adapter(model)
+    for i in range(len(adapter.blocks)):
+        for module in adapter.block_linears(i).values():
+            W = weight_of(module).float()
+            q = module.calibrant_quant
+            assert q["scale"].shape == (W.shape[0], -(-W.shape[1] // 16))
+            scale = expand_groups(q["scale"], W.shape[1], parse_scheme("w4g16"))
+            ints = W / scale  # symmetric: zero point 0
+            assert torch.allclose(ints, ints.round(), atol=1e-3) and ints.abs().max() <= 8
+    assert report.effective_bits == pytest.approx(4 + 16 / 16)
+
+
+def test_w8a8_simulates_activation_quantization_and_survives_save(tmp_path):
+    import transformers as T
+
+    from calibrant.export import read_metadata, restore_activation_quant, save_model
+
+    ids = token_batch(n=2, length=16, seed=9)
+    w8 = tiny_model("llama")
+    compress(w8, None, make_method("rtn", scheme="w8-channel"), progress=False)
+    w8a8 = tiny_model("llama")
+    report = compress(w8a8, None, make_method("rtn", scheme="w8a8"), progress=False)
+    with torch.no_grad():
+        a, b = w8(ids).logits, w8a8(ids).logits
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.05)  # activations are rounded too, slightly
+    meta = {"layers": [{"name": r.name, **r.info} for r in report.layers]}
+    save_model(w8a8, None, tmp_path / "m", meta)
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    assert restore_activation_quant(reloaded, read_metadata(tmp_path / "m")) == len(report.layers)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, b)

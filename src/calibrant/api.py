@@ -13,8 +13,8 @@ from calibrant import __version__
 from calibrant.calibration import CalibrationSet, heldout_token_ids, make_calibration
 from calibrant.engine import CompressionReport, compress
 from calibrant.evaluate.perplexity import PerplexityResult, perplexity
-from calibrant.export.hf import check_output, save_model
-from calibrant.methods import Method, make_method
+from calibrant.export.hf import check_output, read_metadata, restore_activation_quant, save_model
+from calibrant.methods import Method, make_recipe
 from calibrant.models.adapter import Adapter
 from calibrant.models.loader import LoadedModel, load_model
 
@@ -31,7 +31,13 @@ class CompressResult:
 
 
 def as_loaded(model: str | Path | LoadedModel, device: str | torch.device = "cpu", quiet: bool = False) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model, device=device, quiet=quiet)
+    """A loaded model; a calibrant output directory gets its simulated activation quantization back."""
+    if isinstance(model, LoadedModel):
+        return model
+    loaded = load_model(model, device=device, quiet=quiet)
+    if loaded.path is not None:
+        restore_activation_quant(loaded.model, read_metadata(loaded.path))
+    return loaded
 
 
 def resolve_calibration(
@@ -78,7 +84,7 @@ def compress_model(
     if out is not None:
         check_output(out, overwrite)
     if isinstance(method, str):
-        methods = [make_method(method, sparsity=sparsity, pattern=pattern, **method_params)]
+        methods = make_recipe(method, sparsity=sparsity, pattern=pattern, **method_params)
     else:
         methods = [method] if isinstance(method, Method) else list(method)
     if all(m.needs == "none" for m in methods) and isinstance(calibration, str) and calibration == DEFAULT_CALIBRATION:
@@ -101,6 +107,7 @@ def compress_model(
             {"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity, "rel_error": r.rel_error, **r.info}
             for r in report.layers
         ],
+        "effective_bits": report.effective_bits,
         "timings": report.timings,
     }
     result = CompressResult(loaded, report, calib, metadata=metadata)

@@ -33,6 +33,12 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
         params["damp"] = args.damp
     if args.per_layer:
         params["per_layer"] = True
+    if args.scheme is not None:
+        params["scheme"] = args.scheme
+    if args.act_order:
+        params["act_order"] = True
+    if args.static_groups:
+        params["static_groups"] = True
     return params
 
 
@@ -47,8 +53,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     )
     rep = result.report
     t = rep.timings
+    bits = f", {rep.effective_bits:.3f} effective bits/weight" if rep.effective_bits is not None else ""
     print(f"{'+'.join(r['method'] for r in rep.recipe)}: {len(rep.layers)} linear layers, "
-          f"overall sparsity {rep.sparsity:.4f}")
+          f"overall sparsity {rep.sparsity:.4f}{bits}")
     print(f"time: total {t.get('total_s', 0):.1f}s = capture {t.get('capture_s', 0):.1f}s + block forwards "
           f"{t.get('forward_s', 0):.1f}s + statistics {t.get('stats_s', 0):.1f}s + method {t.get('compress_s', 0):.1f}s")
     if result.calibration is not None:
@@ -91,9 +98,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     layers = w["layers"]
     if not args.all:
         layers = [lay for lay in layers if lay["sparsity"] > 0] or layers
-    rows = [[lay["name"], "x".join(map(str, lay["shape"])), f"{lay['sparsity']:.4f}", lay["pattern"] or "-", lay["dtype"]]
+    quant = {f"{lay['name']}.weight": lay for lay in meta.get("layers", []) if lay.get("scheme")}
+    if quant and not args.all:
+        layers = [lay for lay in w["layers"] if lay["sparsity"] > 0 or lay["name"] in quant]
+    rows = [[lay["name"], "x".join(map(str, lay["shape"])), f"{lay['sparsity']:.4f}", lay["pattern"] or "-",
+             quant.get(lay["name"], {}).get("scheme", lay["dtype"]),
+             f"{quant[lay['name']]['effective_bits']:.3f}" if lay["name"] in quant else "32" if lay["dtype"] == "float32" else "16"]
             for lay in layers]
-    print(_table(rows, ["tensor", "shape", "sparsity", "N:M", "dtype"]))
+    print(_table(rows, ["tensor", "shape", "sparsity", "N:M", "format", "bits/weight"]))
     sparse = [lay for lay in w["layers"] if lay["sparsity"] > 0]
     print(f"\n{path}: {w['parameters']:,} parameters, {w['nonzero_parameters']:,} non-zero "
           f"({1 - w['nonzero_parameters'] / w['parameters']:.2%} zeros overall), {w['bytes_on_disk'] / 1e6:.1f} MB on disk")
@@ -103,6 +115,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         calib = meta.get("calibration") or {}
         print(f"recipe: {recipe}; calibration: {calib.get('source', 'none')} hash={calib.get('hash', '-')}; "
               f"base: {meta.get('base_model', {}).get('spec')}")
+        if meta.get("effective_bits"):
+            print(f"quantized layers: {meta['effective_bits']:.3f} effective bits per weight (scales, zero points and "
+                  "LoRC factors included); stored here as dequantized floats — use a packed export for the real size")
     if sparse:
         patterns = {lay["pattern"] for lay in sparse}
         if patterns == {None}:
@@ -144,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a model (pruning) with calibration data")
     c.add_argument("--model", default="smollm2-135m", help="alias, HF directory, .gguf file or hub id")
-    c.add_argument("--method", required=True, help="magnitude | wanda | sparsegpt")
-    c.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights to prune, in [0, 1)")
+    c.add_argument("--method", required=True,
+                   help="magnitude | wanda | sparsegpt | rtn | gptq, or a chain such as sparsegpt+gptq")
+    c.add_argument("--sparsity", type=float, default=None, help="fraction of weights to prune, in [0, 1) (0.5)")
     c.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (at most N non-zeros per M)")
     c.add_argument("--calibration", default="wiki:128x512", help="SOURCE[:options]:NxL or a saved calibration file")
     c.add_argument("--seed", type=int, default=0)
@@ -157,8 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--include", default=None, help="comma-separated name patterns of linears to compress")
     c.add_argument("--exclude", default=None, help="comma-separated name patterns of linears to leave dense")
     c.add_argument("--blocksize", type=int, default=None, help="SparseGPT lazy-update block size (128)")
-    c.add_argument("--damp", type=float, default=None, help="SparseGPT Hessian damping, fraction of mean diag (0.01)")
+    c.add_argument("--damp", type=float, default=None, help="SparseGPT/GPTQ Hessian damping, fraction of mean diag (0.01)")
     c.add_argument("--per-layer", action="store_true", help="Wanda: compare weights across the whole layer")
+    c.add_argument("--scheme", default=None,
+                   help="quantization scheme: w4g128, w4g64-asym, w8-channel, w8a8, w3g64+lorc8, … (rtn/gptq)")
+    c.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
+    c.add_argument("--static-groups", action="store_true", help="GPTQ: fix group scales before any update")
     c.add_argument("--device", default=None, help="where blocks run (cpu, cuda, cuda:1); default: the model's")
     c.add_argument("--eval", default=None, help="after compressing, perplexity on these corpora (e.g. wiki,news)")
     c.add_argument("--max-eval-tokens", type=int, default=None)
@@ -194,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     try:
         return args.func(args)
     except CalibrantError as exc:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from calibrant.errors import CalibrationError, NumericalError, RecipeError
 from calibrant.methods.base import LayerContext, LayerStats, Method, max_need
+from calibrant.methods.quant import fake_quant_activations
 from calibrant.models.adapter import Adapter, set_weight, weight_of
 
 PROPAGATE = ("compressed", "dense")
@@ -133,9 +134,19 @@ class CompressionReport:
         zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
         return zeros / total if total else 0.0
 
+    @property
+    def effective_bits(self) -> float | None:
+        """Parameter-weighted bits per weight of the quantized layers (None if nothing was quantized)."""
+        quantized = [r for r in self.layers if "effective_bits" in r.info]
+        if not quantized:
+            return None
+        total = sum(r.shape[0] * r.shape[1] for r in quantized)
+        return sum(r.info["effective_bits"] * r.shape[0] * r.shape[1] for r in quantized) / total
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["overall_sparsity"] = self.sparsity
+        d["effective_bits"] = self.effective_bits
         return d
 
 
@@ -323,24 +334,53 @@ def _observe(
 def _compress_block(
     layers: dict[str, nn.Module], methods: list[Method], stats: dict[str, LayerStats], device: torch.device
 ) -> list[LayerRecord]:
-    records = []
-    for name, module in layers.items():
-        t0 = time.perf_counter()
-        original = weight_of(module).to(device=device, dtype=torch.float32, copy=True)
-        weight = original
-        ctx = LayerContext(name)
+    """Apply the recipe to every linear of one block; linears sharing an input are handed over together."""
+    groups: dict[int, list[str]] = {}
+    for name in layers:
         st = stats.get(name)
+        groups.setdefault(id(st) if st is not None else id(name), []).append(name)
+    records = []
+    for names in groups.values():
+        t0 = time.perf_counter()
+        st = stats.get(names[0])
+        originals = [weight_of(layers[n]).to(device=device, dtype=torch.float32, copy=True) for n in names]
+        weights = [w.clone() for w in originals]
+        ctxs = [LayerContext(n) for n in names]
         for method in methods:
-            weight = method.compress(weight, st, ctx)
-            if not torch.isfinite(weight).all():
-                raise NumericalError(
-                    f"{method.name} produced NaN/Inf weights in {name}; nothing was saved — check the model "
-                    "loads in float32 and raise --damp"
-                )
-        set_weight(module, weight)
-        zeros = float((weight == 0).float().mean())
-        records.append(
-            LayerRecord(name, tuple(weight.shape), zeros, time.perf_counter() - t0, _rel_error(original, weight, st),
-                        ctx.info)
-        )
+            weights = method.compress_group(weights, st, ctxs)
+            for n, w in zip(names, weights, strict=True):
+                if not torch.isfinite(w).all():
+                    raise NumericalError(
+                        f"{method.name} produced NaN/Inf weights in {n}; nothing was saved — check the model "
+                        "loads in float32 and raise --damp"
+                    )
+        seconds = (time.perf_counter() - t0) / len(names)
+        for n, original, weight, ctx in zip(names, originals, weights, ctxs, strict=True):
+            module = layers[n]
+            set_weight(module, weight)
+            if ctx.quant is not None:
+                attach_quant_state(module, ctx.quant)
+                ctx.info["scheme"] = ctx.quant["scheme"].name
+                ctx.info["effective_bits"] = ctx.quant["scheme"].effective_bits(tuple(weight.shape))
+            zeros = float((weight == 0).float().mean())
+            records.append(
+                LayerRecord(n, tuple(weight.shape), zeros, seconds, _rel_error(original, weight, st), ctx.info)
+            )
     return records
+
+
+def attach_quant_state(module: nn.Module, quant: dict[str, Any]) -> None:
+    """Remember a quantized linear's grid (for packed export) and simulate its activation quantization."""
+    module.calibrant_quant = quant
+    scheme = quant["scheme"]
+    old = getattr(module, "_calibrant_act_hook", None)
+    if old is not None:
+        old.remove()
+        module._calibrant_act_hook = None
+    if scheme.act_bits:
+        bits, granularity = scheme.act_bits, scheme.act_granularity
+
+        def fake_quant_input(mod: nn.Module, args: tuple) -> tuple:
+            return (fake_quant_activations(args[0], bits, granularity), *args[1:])
+
+        module._calibrant_act_hook = module.register_forward_pre_hook(fake_quant_input)

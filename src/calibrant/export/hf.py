@@ -51,6 +51,21 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any] | None:
         raise CalibrantError(f"{path} is not valid JSON ({exc}); the output was damaged — recreate it") from None
 
 
+def restore_activation_quant(model: torch.nn.Module, metadata: dict[str, Any] | None) -> int:
+    """Re-attach the simulated activation quantization recorded in ``calibrant.json``; returns how many."""
+    from calibrant.engine import attach_quant_state
+    from calibrant.methods.quant import parse_scheme
+
+    count = 0
+    modules = dict(model.named_modules())
+    for layer in (metadata or {}).get("layers", []):
+        scheme = layer.get("scheme")
+        if scheme and parse_scheme(scheme).act_bits and layer["name"] in modules:
+            attach_quant_state(modules[layer["name"]], {"scheme": parse_scheme(scheme)})
+            count += 1
+    return count
+
+
 def nm_pattern_of(weight: torch.Tensor, candidates: tuple[tuple[int, int], ...] = ((2, 4), (4, 8), (1, 4))) -> str | None:
     """The tightest listed N:M pattern this ``[out, in]`` weight satisfies, if any."""
     best = None

@@ -70,6 +70,7 @@ class LayerContext:
 
     name: str
     mask: torch.Tensor | None = None  # True where a weight was pruned; later methods keep those zero
+    quant: dict[str, Any] | None = None  # scheme, scales, zero points, g_idx of a quantized weight (for export)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -87,6 +88,13 @@ class Method:
 
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def compress_group(
+        self, weights: list[torch.Tensor], stats: LayerStats | None, ctxs: list[LayerContext]
+    ) -> list[torch.Tensor]:
+        """Compress linears that read the same input (q/k/v, gate/up). Methods whose maths is row-wise
+        independent override this to solve them as one stacked matrix."""
+        return [self.compress(w, stats, c) for w, c in zip(weights, ctxs, strict=True)]
 
     def describe(self) -> str:
         inner = ", ".join(f"{k}={v}" for k, v in self.params().items() if v is not None)

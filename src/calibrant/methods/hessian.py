@@ -10,16 +10,20 @@ from calibrant.methods.base import LayerStats
 DAMP_RETRIES = 3  # each retry multiplies the damping by 10
 
 
-def damped_inverse_cholesky(stats: LayerStats, damp: float, where: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+def damped_inverse_cholesky(
+    stats: LayerStats, damp: float, where: str, perm: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Return ``(U, dead, damp_used)`` with ``Uᵀ U = (H + λI)⁻¹`` for ``H = XᵀX / tokens``.
 
+    With ``perm`` the inverse is of the permuted Hessian ``H[perm][:, perm]`` (GPTQ's act-order);
+    ``dead`` is always in the original column order.
     ``λ = damp · mean(diag H)``. Columns whose input is always zero ("dead") get ``H_jj = 1`` so the
     matrix stays invertible; their weights carry no signal and the caller zeroes them. If the
     Cholesky factorisation fails, the damping is raised tenfold up to ``DAMP_RETRIES`` times; if it
     still fails a NumericalError names the layer and the fix. Cached per input group in
     ``stats.cache`` so q/k/v (and gate/up) share one factorisation.
     """
-    key = f"inv_chol:{damp}"
+    key = f"inv_chol:{damp}:{'perm' if perm is not None else ''}"
     if key in stats.cache:
         return stats.cache[key]
     if stats.hessian is None or stats.tokens == 0:
@@ -29,6 +33,8 @@ def damped_inverse_cholesky(stats: LayerStats, damp: float, where: str) -> tuple
     diag = torch.diagonal(H)
     dead = diag == 0
     H[dead, dead] = 1.0
+    if perm is not None:
+        H = H[perm][:, perm]
     mean_diag = float(torch.mean(torch.diagonal(H)))
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     lam = damp

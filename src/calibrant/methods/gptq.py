@@ -1,0 +1,154 @@
+"""GPTQ (Frantar et al., 2023): quantize columns left to right, spreading each column's rounding error
+over the columns not yet quantized through the Cholesky factor of the damped inverse Hessian.
+
+Options: lazy block updates (``blocksize``), act-order (columns by descending Hessian diagonal),
+static groups (group parameters fixed from the original weight before any update, so that act-order
+keeps contiguous groups), and a pruning mask from an earlier method that stays exactly zero.
+Linears that read the same input (q/k/v, gate/up) are solved as one stacked matrix: GPTQ is row-wise
+independent given the shared Hessian, so this is exact and saves a loop per extra linear.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from calibrant.errors import RecipeError
+from calibrant.methods.base import LayerContext, LayerStats, Method
+from calibrant.methods.hessian import damped_inverse_cholesky
+from calibrant.methods.quant import (
+    QuantScheme,
+    fake_quant,
+    lorc,
+    parse_scheme,
+    qparams,
+    qrange,
+    weight_qparams,
+)
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    blocksize: int = 128,
+    perm: torch.Tensor | None = None,
+    static_groups: bool = False,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``W`` [out, in] given ``U`` (``UᵀU = H⁻¹``, already permuted if ``perm``).
+
+    Returns ``(Ŵ, scales [out, G], zeros [out, G], g_idx [in])`` in the original column order;
+    ``g_idx[c]`` is the group whose parameters column ``c`` uses.
+    """
+    rows, cols = W.shape
+    lo, hi = qrange(scheme.bits, scheme.symmetric)
+    grouped = scheme.granularity == "group"
+    g = scheme.group_size or cols
+    order = perm if perm is not None else torch.arange(cols, device=W.device)
+    if grouped and (static_groups or perm is None):
+        g_idx = torch.arange(cols, device=W.device) // g  # contiguous groups in the original order
+    elif grouped:
+        g_idx = torch.empty(cols, dtype=torch.long, device=W.device)
+        g_idx[order] = torch.arange(cols, device=W.device) // g  # groups of consecutive *processed* columns
+    else:
+        g_idx = torch.zeros(cols, dtype=torch.long, device=W.device)
+    n_groups = int(g_idx.max()) + 1
+    if not grouped or static_groups:  # parameters fixed from the original weight
+        scale, zero = weight_qparams(W, scheme)
+        on_the_fly = False
+    else:
+        scale = torch.ones(rows, n_groups, dtype=W.dtype, device=W.device)
+        zero = torch.zeros_like(scale)
+        on_the_fly = True
+        blocksize = max(g, blocksize // g * g) if g <= blocksize else g  # a group never straddles two blocks
+    Wp = W[:, order].clone()
+    maskp = mask[:, order] if mask is not None else None
+    gp = g_idx[order]
+    Q = torch.empty_like(Wp)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = Wp[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            grp = int(gp[j])
+            if on_the_fly and j % g == 0:  # group's parameters from its current (error-updated) weights
+                s, z = qparams(W1[:, i : i + g], scheme.bits, scheme.symmetric, scheme.clip)
+                scale[:, grp], zero[:, grp] = s, z
+            w = W1[:, i]
+            q = fake_quant(w, scale[:, grp], zero[:, grp], lo, hi)
+            if maskp is not None:
+                q = q.masked_fill(maskp[:, j], 0.0)
+            err = (w - q) / U1[i, i]
+            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
+            Q[:, j] = q
+            Err1[:, i] = err
+        if i2 < cols:
+            Wp[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+    out = torch.empty_like(Q)
+    out[:, order] = Q
+    return out, scale, zero, g_idx
+
+
+class GPTQ(Method):
+    name = "gptq"
+    needs = "hessian"
+
+    def __init__(
+        self,
+        scheme: str = "w4g128",
+        blocksize: int = 128,
+        damp: float = 0.01,
+        act_order: bool = False,
+        static_groups: bool = False,
+    ):
+        parsed = parse_scheme(scheme)
+        if blocksize < 1 or not 0 <= damp < 1:
+            raise RecipeError(f"GPTQ needs blocksize ≥ 1 and damp in [0, 1), got {blocksize} and {damp}")
+        if static_groups and parsed.granularity != "group":
+            raise RecipeError(f"static groups need a group-wise scheme such as w4g128, not '{parsed.name}'")
+        self.scheme = parsed.name
+        self.blocksize = int(blocksize)
+        self.damp = float(damp)
+        self.act_order = bool(act_order)
+        self.static_groups = bool(static_groups)
+        self._scheme = parsed
+
+    def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
+        return self.compress_group([weight], stats, [ctx])[0]
+
+    def compress_group(
+        self, weights: list[torch.Tensor], stats: LayerStats | None, ctxs: list[LayerContext]
+    ) -> list[torch.Tensor]:
+        assert stats is not None
+        scheme = self._scheme
+        if scheme.lorc_rank and any(c.mask is not None for c in ctxs):
+            raise RecipeError("LoRC cannot follow pruning: the rank-r correction would fill the pruned weights")
+        if scheme.granularity == "tensor" and len(weights) > 1:  # one scale per layer: solve them one by one
+            return [self.compress_group([w], stats, [c])[0] for w, c in zip(weights, ctxs, strict=True)]
+        perm = torch.argsort(torch.diagonal(stats.hessian), descending=True) if self.act_order else None
+        U, dead, damp_used = damped_inverse_cholesky(stats, self.damp, ctxs[0].name, perm)
+        W = torch.cat(weights, 0)
+        W[:, dead] = 0.0
+        masks = [c.mask if c.mask is not None else torch.zeros_like(w, dtype=torch.bool) for w, c in zip(weights, ctxs, strict=True)]
+        mask = torch.cat(masks, 0) if any(c.mask is not None for c in ctxs) else None
+        Q, scale, zero, g_idx = gptq_quantize(
+            W, U.to(W.device), scheme, blocksize=self.blocksize, perm=None if perm is None else perm.to(W.device),
+            static_groups=self.static_groups, mask=mask,
+        )
+        outs, r0 = [], 0
+        for w, ctx in zip(weights, ctxs, strict=True):
+            r1 = r0 + w.shape[0]
+            q = Q[r0:r1]
+            if scheme.lorc_rank:
+                q = q + lorc(w - q, scheme.lorc_rank)
+            ctx.quant = {"scheme": scheme, "scale": scale[r0:r1], "zero": zero[r0:r1], "g_idx": g_idx,
+                         "act_order": self.act_order and not self.static_groups and scheme.granularity == "group",
+                         "lorc": bool(scheme.lorc_rank)}
+            if damp_used != self.damp:
+                ctx.info["damp_used"] = damp_used
+            outs.append(q)
+            r0 = r1
+        return outs
