@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from calibrant.errors import RecipeError
-from calibrant.methods.base import LayerContext, LayerStats, Method
+from calibrant.methods.base import LayerContext, LayerStats, Method, single_threaded
 from calibrant.methods.hessian import damped_inverse_cholesky
 from calibrant.methods.quant import (
     QuantScheme,
@@ -66,6 +66,16 @@ def gptq_quantize(
     maskp = mask[:, order] if mask is not None else None
     gp = g_idx[order]
     Q = torch.empty_like(Wp)
+    groups_p = gp.tolist()
+    with single_threaded():
+        _gptq_loop(Wp, U, Q, scale, zero, groups_p, maskp, scheme, lo, hi, g, blocksize, on_the_fly)
+    out = torch.empty_like(Q)
+    out[:, order] = Q
+    return out, scale, zero, g_idx
+
+
+def _gptq_loop(Wp, U, Q, scale, zero, groups_p, maskp, scheme, lo, hi, g, blocksize, on_the_fly) -> None:  # noqa: ANN001
+    cols = Wp.shape[1]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = Wp[:, i1:i2].clone()
@@ -73,7 +83,7 @@ def gptq_quantize(
         Err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             j = i1 + i
-            grp = int(gp[j])
+            grp = groups_p[j]
             if on_the_fly and j % g == 0:  # group's parameters from its current (error-updated) weights
                 s, z = qparams(W1[:, i : i + g], scheme.bits, scheme.symmetric, scheme.clip)
                 scale[:, grp], zero[:, grp] = s, z
@@ -82,14 +92,11 @@ def gptq_quantize(
             if maskp is not None:
                 q = q.masked_fill(maskp[:, j], 0.0)
             err = (w - q) / U1[i, i]
-            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             Q[:, j] = q
             Err1[:, i] = err
         if i2 < cols:
-            Wp[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
-    out = torch.empty_like(Q)
-    out[:, order] = Q
-    return out, scale, zero, g_idx
+            Wp[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
 
 
 class GPTQ(Method):

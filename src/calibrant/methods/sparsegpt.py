@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from calibrant.errors import RecipeError
-from calibrant.methods.base import LayerContext, LayerStats
+from calibrant.methods.base import LayerContext, LayerStats, single_threaded
 from calibrant.methods.hessian import damped_inverse_cholesky
 from calibrant.methods.sparsity import PruningMethod, lowest_k_mask
 
@@ -51,13 +51,13 @@ def sparsegpt_prune(
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0.0)
             err = (w - q) / d[i]
-            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             W1[:, i] = q
             Err1[:, i] = err
         W[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
         if i2 < cols:
-            W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
     return W.masked_fill(mask, 0.0), mask
 
 
@@ -80,7 +80,8 @@ class SparseGPT(PruningMethod):
         U, dead, damp_used = damped_inverse_cholesky(stats, self.damp, ctx.name)
         W = weight.clone()
         W[:, dead] = 0.0
-        W, mask = sparsegpt_prune(W, U.to(W.device), self.sparsity, self._nm, self.blocksize)
+        with single_threaded():
+            W, mask = sparsegpt_prune(W, U.to(W.device), self.sparsity, self._nm, self.blocksize)
         ctx.mask = mask
         if damp_used != self.damp:
             ctx.info["damp_used"] = damp_used

@@ -1,0 +1,285 @@
+"""GPTQ side by side: llm-compressor's ``oneshot`` against calibrant, on the same model, scheme and
+calibration token ids, in one run.
+
+    .venv/bin/python bench/gptq_vs_llmcompressor.py                                 # the issue's 32x512 run
+    .venv/bin/python bench/gptq_vs_llmcompressor.py --calibration wiki:4x128 --max-eval-tokens 2048  # smoke test
+
+Both sides quantize SmolLM2-135M (fp32) to W4, symmetric, group size 64, every decoder linear (lm_head
+left dense), from the *same* ``[n, L]`` token ids: calibrant draws them once
+(``make_calibration(spec, tokenizer, seed)``) and saves them to a file that both children read.
+Each side runs in its own process, so its wall time and peak RSS (``ru_maxrss`` of that child, read
+right after quantization, model load included) are its own. A third child measures one plain dense
+forward pass (fp32, LM head included, batch 8) over the same tokens, and each wall time is also
+reported as a multiple of it. Perplexity: held-out wiki through ``calibrant.api.evaluate_perplexity``
+with one protocol for everyone — on calibrant's in-memory model, and on the directory llm-compressor
+saves (its own compressed-tensors format, read back by calibrant's loader).
+
+llm-compressor is a benchmark-only dependency. It pins transformers (0.14.x: ≤ 5.17) and
+compressed-tensors (0.19) below calibrant's, so it lives in its own virtual environment,
+``.venv-llmc`` beside ``.venv`` (git-ignored). This script creates it when missing with the same
+torch build as calibrant's venv (never a CUDA download) plus ``bench/requirements-llmcompressor.txt``;
+``--llmc-venv`` points elsewhere. If it cannot be installed the llm-compressor side is skipped with
+the reason, and calibrant's side still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS = ROOT / "bench" / "requirements-llmcompressor.txt"
+GROUP_SIZE = 64
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def _emit(result: dict) -> None:
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------------------- children
+def child_dense(args: argparse.Namespace) -> dict:
+    """One plain dense forward (with LM head, batch ``--batch-size``) over the calibration ids + dense perplexity."""
+    import torch
+
+    from calibrant.api import evaluate_perplexity
+    from calibrant.calibration import CalibrationSet
+    from calibrant.models import load_model
+
+    lm = load_model(args.model, quiet=True)
+    ids = CalibrationSet.load(args.ids).input_ids
+    with torch.no_grad():
+        lm.model(input_ids=ids[: min(2, ids.shape[0]), :16], use_cache=False)  # warm-up, not timed
+        t0 = time.perf_counter()
+        for b in range(0, ids.shape[0], args.batch_size):
+            lm.model(input_ids=ids[b : b + args.batch_size], use_cache=False)
+        forward = time.perf_counter() - t0
+    ppl = evaluate_perplexity(lm, "wiki", max_tokens=args.max_eval_tokens, progress=False)["wiki"]
+    return {"dense_forward_s": forward, "ppl": ppl.ppl, "ppl_tokens": ppl.tokens}
+
+
+def child_calibrant(args: argparse.Namespace) -> dict:
+    from calibrant.api import evaluate_perplexity
+    from calibrant.calibration import CalibrationSet
+    from calibrant.engine import compress
+    from calibrant.methods import make_method
+    from calibrant.models import load_model
+
+    lm = load_model(args.model, quiet=True)
+    calib = CalibrationSet.load(args.ids)
+    order = {"act_order": True, "static_groups": True} if args.calibrant_act_order else {}
+    method = make_method("gptq", scheme=f"w4g{GROUP_SIZE}", **order)
+    t0 = time.perf_counter()
+    report = compress(lm.model, calib, method, batch_size=args.batch_size, progress=False)
+    wall = time.perf_counter() - t0
+    rss = _peak_rss_gb()
+    ppl = evaluate_perplexity(lm, "wiki", max_tokens=args.max_eval_tokens, progress=False)["wiki"]
+    return {"wall_s": wall, "peak_rss_gb": rss, "timings": report.timings, "ppl": ppl.ppl, "ppl_tokens": ppl.tokens,
+            "settings": method.params()}
+
+
+def child_llmcompressor(args: argparse.Namespace) -> dict:
+    """Runs inside the llm-compressor venv: no calibrant import here (its pins differ)."""
+    import llmcompressor
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    ids = load_file(args.ids)["input_ids"].long()
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    modifier = GPTQModifier(
+        targets="Linear",
+        ignore=["lm_head"],
+        config_groups={"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": GROUP_SIZE}}},
+    )
+    t0 = time.perf_counter()
+    oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=modifier,
+            num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+    wall = time.perf_counter() - t0
+    rss = _peak_rss_gb()
+    model.save_pretrained(args.out, save_compressed=True)
+    tokenizer.save_pretrained(args.out)
+    settings = {k: str(v) for k, v in modifier.model_dump().items()
+                if k in ("block_size", "dampening_frac", "actorder", "offload_hessians", "sequential_targets")}
+    return {"wall_s": wall, "peak_rss_gb": rss, "version": llmcompressor.__version__, "settings": settings}
+
+
+def child_eval_dir(args: argparse.Namespace) -> dict:
+    from calibrant.api import evaluate_perplexity
+
+    ppl = evaluate_perplexity(args.out, "wiki", max_tokens=args.max_eval_tokens, progress=False)["wiki"]
+    return {"ppl": ppl.ppl, "ppl_tokens": ppl.tokens}
+
+
+CHILDREN = {"dense": child_dense, "calibrant": child_calibrant, "llmcompressor": child_llmcompressor,
+            "eval-dir": child_eval_dir}
+
+
+# --------------------------------------------------------------------------------------- parent
+def _venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def ensure_llmc_venv(venv: Path) -> tuple[Path | None, str]:
+    """The llm-compressor venv's python (created on first use), or None and why not."""
+    py = _venv_python(venv)
+    probe = [str(py), "-c", "import llmcompressor, torch; print(llmcompressor.__version__, torch.__version__)"]
+    if py.exists():
+        done = subprocess.run(probe, capture_output=True, text=True)
+        if done.returncode == 0:
+            return py, done.stdout.strip().splitlines()[-1]
+    import torch  # calibrant's venv: reuse exactly its torch build, so nothing pulls a CUDA wheel
+
+    print(f"creating {venv} for llm-compressor (one-off, a few minutes) …", flush=True)
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"],
+        [str(py), "-m", "pip", "install", "-q", f"torch=={torch.__version__}", "-r", str(REQUIREMENTS)],
+    ]
+    for cmd in steps:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            return None, f"`{' '.join(cmd[-3:])}` failed: {' | '.join(tail)}"
+    done = subprocess.run(probe, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None, f"llm-compressor installed but does not import: {done.stderr.strip().splitlines()[-1:]}"
+    return py, done.stdout.strip().splitlines()[-1]
+
+
+def run_child(python: Path | str, name: str, args: argparse.Namespace, **extra: str) -> dict:
+    cmd = [str(python), str(Path(__file__).resolve()), "--child", name, "--ids", args.ids, "--model", args.model,
+           "--batch-size", str(args.batch_size)]
+    if args.max_eval_tokens:
+        cmd += ["--max-eval-tokens", str(args.max_eval_tokens)]
+    if args.calibrant_act_order:
+        cmd += ["--calibrant-act-order"]
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", v]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {**json.loads(line[7:]), "child_s": time.perf_counter() - t0}
+    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+    raise RuntimeError(f"child '{name}' failed (exit {done.returncode}):\n{tail}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calibration", default="wiki:32x512", help="calibration spec (both sides get these ids)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="batch of the dense forward and of calibrant's GPTQ")
+    p.add_argument("--max-eval-tokens", type=int, default=None, help="held-out wiki tokens for perplexity (all)")
+    p.add_argument("--llmc-venv", default=str(ROOT / ".venv-llmc"), help="virtual env with llm-compressor")
+    p.add_argument("--skip-llmc", action="store_true", help="run calibrant's side only")
+    p.add_argument("--calibrant-act-order", action="store_true",
+                   help="calibrant with act-order + static groups, the ordering llm-compressor 0.14 uses by default "
+                        "(actorder='static'); default: calibrant's default GPTQ (no act-order)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (ids, llm-compressor's model)")
+    # children
+    p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--ids", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        _emit(CHILDREN[args.child](args))
+        return
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from calibrant.calibration import make_calibration
+    from calibrant.models import load_model, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model, quiet=True)
+    loaded = load_model(args.model, quiet=True)  # calibrant's tokenizer, so the ids match its other benchmarks
+    tokenizer = loaded.tokenizer
+    del loaded
+    calib = make_calibration(args.calibration, tokenizer, seed=args.seed)
+    work = Path(tempfile.mkdtemp(prefix="gptq-bench-"))  # ids file + llm-compressor's saved model; removed at the end
+    try:
+        _compare(args, model_dir, calib, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _compare(args: argparse.Namespace, model_dir: Path, calib: Any, work: Path) -> None:
+    args.ids = str(work / "calibration.safetensors")
+    calib.save(args.ids)
+    print(f"model {args.model} ({model_dir}); calibration {args.calibration} seed {args.seed}: "
+          f"{calib.n}x{calib.seq_len} ids, hash {calib.hash} → {args.ids}", flush=True)
+
+    results: dict[str, dict] = {}
+    results["dense"] = run_child(sys.executable, "dense", args)
+    print(f"dense forward (LM head, batch {args.batch_size}): {results['dense']['dense_forward_s']:.1f}s", flush=True)
+    results["calibrant"] = run_child(sys.executable, "calibrant", args)
+    print(f"calibrant GPTQ: {results['calibrant']['wall_s']:.1f}s", flush=True)
+
+    llmc_note = "skipped (--skip-llmc)"
+    if not args.skip_llmc:
+        py, info = ensure_llmc_venv(Path(args.llmc_venv))
+        if py is None:
+            llmc_note = f"skipped: llm-compressor could not be installed ({info})"
+        else:
+            out = work / "llmc-w4g64"
+            try:
+                results["llmcompressor"] = run_child(py, "llmcompressor", args, model_dir=str(model_dir), out=str(out))
+                results["llmcompressor"].update(run_child(sys.executable, "eval-dir", args, out=str(out)))
+                llmc_note = f"llm-compressor {info.split()[0]} (torch {info.split()[1]}) in {args.llmc_venv}"
+            except RuntimeError as exc:
+                llmc_note = f"failed: {exc}"
+    print(f"llm-compressor side: {llmc_note}\n")
+
+    fwd = results["dense"]["dense_forward_s"]
+    rows = [["dense fp32", "-", "-", "-", f"{results['dense']['ppl']:.3f}"]]
+    for key, label in (("llmcompressor", "llm-compressor oneshot GPTQ"), ("calibrant", "calibrant GPTQ")):
+        r = results.get(key)
+        if r:
+            rows.append([label, f"{r['wall_s']:.1f}", f"{r['wall_s'] / fwd:.2f}", f"{r['peak_rss_gb']:.2f}",
+                         f"{r['ppl']:.3f}"])
+    header = ["W4 sym g64, lm_head dense", "wall s", "x dense fwd", "peak RSS GB", "ppl wiki (held-out)"]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    print(f"\none dense forward over {calib.n}x{calib.seq_len} tokens (fp32, LM head, batch {args.batch_size}): "
+          f"{fwd:.1f}s; perplexity on {results['dense']['ppl_tokens']} held-out wiki tokens, seq_len 512; "
+          f"calibration hash {calib.hash}; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch threads default; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    for key in ("llmcompressor", "calibrant"):
+        if key in results:
+            print(f"{key} GPTQ settings: {results[key]['settings']}")
+    if "timings" in results.get("calibrant", {}):
+        t = results["calibrant"]["timings"]
+        print("calibrant time split: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    print("note: SmolLM2's weights already sit on a Q4_1 grid (blocks of 32) — see shared/ASSETS.md.")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"calibration": {"spec": args.calibration, "seed": args.seed,
+                                                               "hash": calib.hash}, "llmc": llmc_note, **results},
+                                              indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

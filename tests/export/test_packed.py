@@ -1,0 +1,214 @@
+"""Packed compressed-tensors export: reload through transformers reproduces the fake-quant model exactly,
+the files are really smaller, the config states calibrant's scheme, and what the format cannot hold is
+refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+from safetensors import safe_open
+
+from calibrant.api import compress_model
+from calibrant.cli import main
+from calibrant.engine import compress
+from calibrant.errors import CalibrantError, OutputExistsError
+from calibrant.export import ExportError, read_metadata, save_model, save_packed
+from calibrant.methods import make_method
+from tests.calibration.calib_helpers import build_tokenizer
+from tests.conftest import tiny_model, token_batch
+
+pytest.importorskip("compressed_tensors")
+
+# transformers' compressed load path (decompress on first forward) builds asymmetric group/channel
+# zero points unpacked, while compressed-tensors' own compressor (and vLLM) store them packed along the
+# output dimension: asymmetric exports reload with dequantize=True (llm-compressor issue #1618).
+DEQUANTIZE = {"quantization_config": T.CompressedTensorsConfig(dequantize=True)}
+
+
+def _quantized(method: str, scheme: str, **params) -> torch.nn.Module:
+    model = tiny_model("llama")
+    method_obj = make_method(method, scheme=scheme, **params)
+    compress(model, token_batch() if method_obj.needs != "none" else None, method_obj, progress=False)
+    return model
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(token_batch(n=2, length=16, seed=5)).logits
+
+
+def _qconfig(path) -> dict:
+    return json.loads((path / "config.json").read_text())["quantization_config"]
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+
+
+@pytest.mark.parametrize(
+    ("method", "scheme", "params", "fmt", "strategy"),
+    [
+        ("gptq", "w4g16", {}, "pack-quantized", "group"),
+        ("rtn", "w8-channel", {}, "pack-quantized", "channel"),
+        ("gptq", "w4g16-asym", {}, "pack-quantized", "group"),
+        ("gptq", "w3g32", {}, "pack-quantized", "group"),
+        ("rtn", "w4-tensor", {}, "pack-quantized", "tensor"),
+        ("rtn", "w2g32-asym", {}, "pack-quantized", "group"),
+        ("gptq", "w8-channel-asym", {}, "pack-quantized", "channel"),
+        ("gptq", "w4g16-mse", {"act_order": True, "static_groups": True}, "pack-quantized", "group"),
+    ],
+)
+def test_packed_reload_reproduces_fake_quant_logits(tmp_path, method, scheme, params, fmt, strategy):
+    model = _quantized(method, scheme, **params)
+    out = save_packed(model, None, tmp_path / "packed", {"recipe": scheme})
+    cfg = _qconfig(out)
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == fmt
+    assert cfg["quantization_status"] == "compressed" and cfg["ignore"] == ["lm_head"]
+    (group,) = cfg["config_groups"].values()
+    w = group["weights"]
+    bits = int(scheme[1])
+    assert (w["num_bits"], w["type"], w["strategy"], w["symmetric"]) == (bits, "int", strategy, "asym" not in scheme)
+    assert w["group_size"] == (int(scheme.split("g")[1].split("-")[0]) if strategy == "group" else None)
+    assert group["input_activations"] is None and group["targets"] == ["Linear"]
+    assert read_metadata(out)["export"]["format"] == "compressed-tensors"
+
+    expected = _logits(model)
+    loads = [DEQUANTIZE] if "asym" in scheme else [{}, DEQUANTIZE]
+    for kwargs in loads:
+        reloaded = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kwargs).eval()
+        torch.testing.assert_close(_logits(reloaded), expected, atol=1e-5, rtol=0)
+
+    tensors = _tensors(out)
+    q = model.model.layers[0].self_attn.q_proj
+    packed = tensors["model.layers.0.self_attn.q_proj.weight_packed"]
+    assert packed.dtype == torch.int32 and packed.numel() * 32 == q.weight.numel() * bits  # dense bit packing
+    assert "model.layers.0.self_attn.q_proj.weight" not in tensors
+    assert ("model.layers.0.self_attn.q_proj.weight_zero_point" in tensors) == ("asym" in scheme)
+
+
+def test_packed_files_are_smaller_than_dense(tmp_path):
+    model = _quantized("gptq", "w4g16")
+    dense = save_model(model, None, tmp_path / "dense", {})
+    packed = save_packed(model, None, tmp_path / "packed", {})
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert size(packed) < 0.4 * size(dense)
+    summary = read_metadata(packed)["export"]
+    # 4 bits + one fp32 scale per 16 weights = 6 bits per weight, against 32
+    assert summary["quantized_weight_bytes"] == pytest.approx(summary["dense_weight_bytes"] * 6 / 32, rel=0.01)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8g16", "w8a8t"])
+def test_activation_schemes_are_int_quantized_with_dynamic_inputs(tmp_path, scheme):
+    model = _quantized("gptq", scheme)
+    out = save_packed(model, None, tmp_path / "packed", {})
+    cfg = _qconfig(out)
+    assert cfg["format"] == "int-quantized"
+    (group,) = cfg["config_groups"].values()
+    acts = group["input_activations"]
+    assert (acts["num_bits"], acts["type"], acts["symmetric"], acts["dynamic"]) == (8, "int", True, True)
+    assert acts["strategy"] == ("tensor" if scheme.endswith("t") else "token")
+    assert _tensors(out)["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+    # the integer weights decompress to exactly the fake-quantized ones
+    reloaded = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **DEQUANTIZE).eval()
+    state = reloaded.state_dict()
+    for name, module in model.named_modules():
+        if hasattr(module, "calibrant_quant"):
+            assert torch.equal(state[f"{name}.weight"], module.weight), name
+    # loaded compressed, the library simulates the dynamic input quantization itself; its scale is
+    # amax/127.5 where calibrant (and vLLM's int8 kernels) use amax/127, hence a looser tolerance
+    simulated = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert simulated.model.layers[0].self_attn.q_proj.quantization_scheme.input_activations.dynamic is True
+    assert (_logits(simulated) - _logits(model)).abs().max() < 0.05
+
+
+def test_refusals_say_which_format_can(tmp_path):
+    out = tmp_path / "packed"
+    cases = [
+        (_quantized("rtn", "w4g16+lorc4"), "LoRC.*--format hf"),
+        (_quantized("gptq", "w4g48"), "64 input columns, not a multiple of group size 48.*w4g32.*--format hf"),
+        (_quantized("gptq", "w4g16", act_order=True), "act-order.*--static-groups.*--format hf"),
+    ]
+    for model, message in cases:
+        with pytest.raises(ExportError, match=message):
+            save_packed(model, None, out, {})
+        assert not out.exists()
+    pruned = tiny_model("llama")
+    compress(pruned, token_batch(), make_method("wanda", sparsity=0.5), progress=False)
+    with pytest.raises(ExportError, match="no quantized layers.*--format hf"):
+        save_packed(pruned, None, out, {})
+    gpt2 = tiny_model("gpt2")
+    compress(gpt2, None, make_method("rtn", scheme="w8-channel"), progress=False)
+    with pytest.raises(ExportError, match="Conv1D.*--format hf"):
+        save_packed(gpt2, None, out, {})
+    changed = _quantized("gptq", "w4g16")  # packable until a weight leaves its grid
+    with torch.no_grad():
+        changed.model.layers[1].mlp.up_proj.weight.mul_(1.01)
+    with pytest.raises(ExportError, match="up_proj.*not on their w4g16 grid"):
+        save_packed(changed, None, out, {})
+    assert list(tmp_path.iterdir()) == []
+    assert issubclass(ExportError, CalibrantError)
+
+
+def test_existing_output_refused_unless_overwrite(tmp_path):
+    model = _quantized("rtn", "w8-channel")
+    out = tmp_path / "packed"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save_packed(model, None, out, {})
+    assert (out / "keep.txt").read_text() == "user data"
+    save_packed(model, None, out, {}, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+TEXT = " ".join(f"word{i % 50} and the of" for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    tok = build_tokenizer([TEXT])
+    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    T.LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_api_and_cli_export_format(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "api"
+    result = compress_model(tiny_dir, "rtn", scheme="w4g32", out=out, export_format="compressed-tensors",
+                            progress=False)
+    assert _qconfig(out)["format"] == "pack-quantized" and (out / "tokenizer.json").is_file()
+    reloaded = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.loaded.model(ids).logits, atol=1e-5, rtol=0)
+
+    code = main(["compress", "--model", str(tiny_dir), "--method", "rtn", "--scheme", "w8-channel", "--format",
+                 "compressed-tensors", "--out", str(tmp_path / "cli"), "--quiet"])
+    assert code == 0 and _qconfig(tmp_path / "cli")["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+
+    # refused before the model is loaded or anything is written
+    for method, params, message in [
+        ("rtn", {"scheme": "w4g16+lorc2"}, "LoRC"),
+        ("wanda", {"sparsity": 0.5}, "quantizes nothing"),
+        ("gptq", {"scheme": "w4g16", "act_order": True}, "--static-groups"),
+        ("rtn", {"scheme": "w4g48"}, "not a multiple of group size 48"),  # checked after load, before compressing
+    ]:
+        with pytest.raises(ExportError, match=message):
+            compress_model(tiny_dir, method, out=tmp_path / "bad", export_format="compressed-tensors",
+                           calibration=None, progress=False, **params)
+    with pytest.raises(ExportError, match="unknown export format 'gguf'"):
+        compress_model(tiny_dir, "rtn", scheme="w4g32", out=tmp_path / "bad", export_format="gguf", progress=False)
+    assert not (tmp_path / "bad").exists()
+    capsys.readouterr()
+    code = main(["compress", "--model", str(tiny_dir), "--method", "rtn", "--scheme", "w4g16+lorc2", "--format",
+                 "compressed-tensors", "--out", str(tmp_path / "bad"), "--quiet"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "LoRC" in err and len(err.strip().splitlines()) == 1
