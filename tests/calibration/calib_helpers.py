@@ -28,3 +28,15 @@ def build_tokenizer(texts: Iterable[str], extra: Iterable[str] = ()) -> PreTrain
 def make_docs(k: int = 40, words: int = 30, prefix: str = "d") -> list[str]:
     """``k`` documents, each with its own vocabulary (``d7w3`` only occurs in document 7)."""
     return [" ".join(f"{prefix}{i}w{j}" for j in range(words)) + " ." for i in range(k)]
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, context: int = 128):
+    """A tiny randomly initialised Llama (2 blocks, hidden 32) for generation and perplexity tests."""
+    import torch
+    import transformers as T
+
+    cfg = T.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return T.LlamaForCausalLM(cfg).eval()

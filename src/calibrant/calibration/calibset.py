@@ -3,9 +3,12 @@
 ``make_calibration("wiki:128x512", tokenizer, seed=0)`` tokenizes the corpus's ``calib`` documents
 (without special tokens), joins them with the tokenizer's EOS id between documents, and draws ``n``
 windows of ``L`` tokens at start offsets uniform over the concatenation ("random-windows", with
-replacement) from ``torch.Generator().manual_seed(seed)``. Tokenized corpora are cached under
+replacement) from ``torch.Generator().manual_seed(seed)``. ``wiki:docs:128x512`` keeps every window
+inside one document ("document-windows") and ``wiki:packed:128x512`` packs whole documents in a seeded
+order ("packed-documents"); see :mod:`calibrant.calibration.sampling`. Tokenized corpora are cached under
 ``$CALIBRANT_CACHE/tokens`` keyed by (corpus checksum, tokenizer hash), so only the first call pays
-for tokenization.
+for tokenization. ``self:128x512`` is self-calibration (:mod:`calibrant.calibration.selfgen`) and needs
+the model.
 """
 
 from __future__ import annotations
@@ -24,17 +27,22 @@ import numpy as np
 import torch
 
 from calibrant.cache import atomic_path, cache_dir, sha256_file, stable_hash
-from calibrant.calibration.corpora import HUB_CORPORA, OFFLINE_CORPORA, get_corpus
-from calibrant.calibration.spec import SPEC_FORM, CalibSpec, parse_spec
+from calibrant.calibration.corpora import HUB_CORPORA, OFFLINE_CORPORA, get_corpus, get_hf_corpus
+from calibrant.calibration.sampling import document_windows, packed_documents, random_windows
+from calibrant.calibration.selfgen import generate_self_calibration, parse_self_options
+from calibrant.calibration.spec import DEFAULT_SAMPLING, SAMPLING_MODES, SPEC_FORM, CalibSpec, parse_spec
 from calibrant.errors import CalibrationError, suggest
 
 SAVE_FORMAT = "calibrant.calibset/1"
 TOKEN_CACHE_FORMAT = 1
-SOURCES: tuple[str, ...] = (*OFFLINE_CORPORA, "file", "random-vocab", *HUB_CORPORA)
+SOURCES: tuple[str, ...] = (*OFFLINE_CORPORA, "file", "random-vocab", "self", *HUB_CORPORA, "hf")
+SELF_CACHE_FORMAT = 1
 # Provenance keys that describe but do not determine the ids: left out of the content hash so that the
 # same ids from the same data keep their hash across calibrant versions, tokenizer paths and file paths
 # ("spec" and "options" only repeat source, field, n and L, plus the file's path).
-COSMETIC_KEYS = frozenset({"calibrant_version", "tokenizer_name", "path", "spec", "options"})
+# "model_name" and "generation_timing" (self-calibration) say where and how fast, not what.
+COSMETIC_KEYS = frozenset({"calibrant_version", "tokenizer_name", "path", "spec", "options", "model_name",
+                           "generation_timing"})
 _TEXT_FILE_OPTIONS = ("paragraphs",)
 
 
@@ -135,6 +143,72 @@ def _tokenize(docs: Sequence[str], tokenizer: Any, label: str, progress: bool | 
     return out
 
 
+def _load_array(path: Path) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            arr = np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None  # corrupt cache entry: recompute and overwrite it
+    return arr if arr.ndim == 1 else None
+
+
+def _save_array(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+
+
+def document_token_ids(docs: Sequence[str], tokenizer: Any, content_key: dict[str, Any], label: str,
+                       progress: bool | None = None, need_lengths: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """:func:`joined_token_ids` plus each document's token count (int64, in document order), so that
+    document ``i`` is ``flat[starts[i]:starts[i] + lengths[i]]`` with ``starts`` from :func:`document_starts`.
+
+    The lengths are cached beside the ids (``KEY.npy`` + ``KEY.lengths``); an ids entry without its lengths
+    is re-tokenized when they are needed (``need_lengths``), else served as is with ``None`` lengths.
+    """
+    tok_hash = tokenizer_hash(tokenizer)
+    joiner, joiner_ids = _joiner(tokenizer)
+    key = stable_hash({"content": content_key, "tokenizer": tok_hash, "joiner": joiner_ids,
+                       "format": TOKEN_CACHE_FORMAT}, length=24)
+    path = cache_dir("tokens") / f"{key}.npy"
+    lengths_path = path.with_suffix(".lengths")
+    meta = {"joiner": joiner, "joiner_ids": joiner_ids, "tokenizer_hash": tok_hash, "documents": len(docs)}
+    arr = _load_array(path)
+    if arr is not None and arr.dtype == np.int32:
+        lengths = _load_array(lengths_path)
+        sep = len(joiner_ids) * max(0, len(docs) - 1)
+        if lengths is not None and (lengths.size != len(docs) or int(lengths.sum()) + sep != arr.size):
+            lengths = None  # stale or foreign: recompute
+        if lengths is not None or not need_lengths:
+            return arr, lengths, {**meta, "tokens": int(arr.size)}
+    vocab = _vocab_size(tokenizer)
+    if vocab >= 2**31:
+        raise CalibrationError(f"tokenizer vocabulary of {vocab} ids does not fit int32; use a smaller tokenizer")
+    pieces: list[np.ndarray] = []
+    sep_arr = np.asarray(joiner_ids, dtype=np.int32)
+    lengths_list = []
+    for i, ids in enumerate(_tokenize(docs, tokenizer, label, progress)):
+        if i:
+            pieces.append(sep_arr)
+        pieces.append(np.asarray(ids, dtype=np.int32))
+        lengths_list.append(len(ids))
+    arr = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    lengths = np.asarray(lengths_list, dtype=np.int64)
+    _save_array(path, arr)
+    _save_array(lengths_path, lengths)
+    return arr, lengths, {**meta, "tokens": int(arr.size)}
+
+
+def document_starts(lengths: np.ndarray, joiner_len: int) -> np.ndarray:
+    """Offsets of the documents in the joined stream (each document is followed by ``joiner_len`` ids)."""
+    starts = np.zeros(lengths.size, dtype=np.int64)
+    if lengths.size > 1:
+        starts[1:] = np.cumsum(lengths[:-1] + joiner_len)
+    return starts
+
+
 def joined_token_ids(docs: Sequence[str], tokenizer: Any, content_key: dict[str, Any], label: str,
                      progress: bool | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Token ids (int32, 1-D) of ``docs`` joined with the joiner between documents, cached on disk.
@@ -143,32 +217,8 @@ def joined_token_ids(docs: Sequence[str], tokenizer: Any, content_key: dict[str,
     the tokenizer hash and the joiner to form the cache key. Returns (ids, {"joiner", "joiner_ids",
     "tokenizer_hash", "documents", "tokens"}).
     """
-    tok_hash = tokenizer_hash(tokenizer)
-    joiner, joiner_ids = _joiner(tokenizer)
-    key = stable_hash({"content": content_key, "tokenizer": tok_hash, "joiner": joiner_ids,
-                       "format": TOKEN_CACHE_FORMAT}, length=24)
-    path = cache_dir("tokens") / f"{key}.npy"
-    meta = {"joiner": joiner, "joiner_ids": joiner_ids, "tokenizer_hash": tok_hash, "documents": len(docs)}
-    if path.is_file():
-        try:
-            arr = np.load(path, allow_pickle=False)
-            if arr.ndim == 1 and arr.dtype == np.int32:
-                return arr, {**meta, "tokens": int(arr.size)}
-        except (OSError, ValueError, EOFError):
-            pass  # corrupt cache entry: recompute and overwrite it
-    vocab = _vocab_size(tokenizer)
-    if vocab >= 2**31:
-        raise CalibrationError(f"tokenizer vocabulary of {vocab} ids does not fit int32; use a smaller tokenizer")
-    pieces: list[np.ndarray] = []
-    sep = np.asarray(joiner_ids, dtype=np.int32)
-    for i, ids in enumerate(_tokenize(docs, tokenizer, label, progress)):
-        if i:
-            pieces.append(sep)
-        pieces.append(np.asarray(ids, dtype=np.int32))
-    arr = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    return arr, {**meta, "tokens": int(arr.size)}
+    arr, _, meta = document_token_ids(docs, tokenizer, content_key, label, progress, need_lengths=False)
+    return arr, meta
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,29 +407,95 @@ def _file_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
     return docs, info
 
 
+def _hf_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
+    if not 1 <= len(spec.options) <= 4:
+        raise CalibrationError(f"hf source takes DATASET[:CONFIG[:SPLIT[:COLUMN]]], got "
+                               f"'{':'.join(spec.options) or 'nothing'}'; e.g. hf:allenai/c4:en:train:text:"
+                               f"{spec.n}x{spec.seq_len} ('-' for no config)")
+    dataset, config, split, column = [*spec.options, *[None, None, "train", "text"][len(spec.options):]]
+    config = None if config in (None, "-") else config
+    corpus = get_hf_corpus(str(dataset), config, str(split), str(column))
+    info = {"source": "hf", "dataset": dataset, "config": config, "split": split, "column": column,
+            "corpus_checksum": corpus.checksum}
+    return list(corpus.documents), info
+
+
 def _source_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
     """Documents to calibrate on and what identifies them (for provenance and the token cache key)."""
     if spec.source == "file":
         return _file_documents(spec)
+    if spec.source == "hf":
+        return _hf_documents(spec)
     if spec.source in OFFLINE_CORPORA or spec.source in HUB_CORPORA:
         if spec.options:
             raise CalibrationError(f"corpus '{spec.source}' takes no options, got ':{':'.join(spec.options)}'; "
-                                   f"write {spec.source}:{spec.n}x{spec.seq_len}")
+                                   f"write {spec.source}:{spec.n}x{spec.seq_len} or {spec.source}:SAMPLING:"
+                                   f"{spec.n}x{spec.seq_len} with SAMPLING one of {', '.join(SAMPLING_MODES)}")
         corpus = get_corpus(spec.source)
         return corpus.split("calib"), {"source": corpus.name, "split": "calib", "corpus_checksum": corpus.checksum}
     raise CalibrationError(
         f"unknown calibration source '{spec.source}';{suggest(spec.source, SOURCES)} use one of: "
-        f"{', '.join(OFFLINE_CORPORA)}, file:PATH, random-vocab (offline) or {', '.join(HUB_CORPORA)} (hub, online), "
-        f"as {SPEC_FORM}"
+        f"{', '.join(OFFLINE_CORPORA)}, file:PATH, random-vocab, self (offline) or {', '.join(HUB_CORPORA)}, "
+        f"hf:DATASET (hub, online), as {SPEC_FORM}"
     )
 
 
+def _model_identity(model: Any) -> tuple[torch.nn.Module, str, str]:
+    """(module, content hash, name) of a LoadedModel or a bare transformers model."""
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", model)  # LoadedModel.model
+    if not isinstance(module, torch.nn.Module):
+        raise CalibrationError(f"model of type {type(model).__name__} is not a torch model; pass a LoadedModel "
+                               "(calibrant.models.load_model) or a transformers model")
+    digest = getattr(model, "model_hash", None)
+    if not isinstance(digest, str):
+        from calibrant.models.loader import state_dict_hash
+
+        digest = state_dict_hash(module)
+    name = str(getattr(model, "spec", None) or getattr(module, "name_or_path", "") or type(module).__name__)
+    return module, digest, name
+
+
+def _self_calibration(cs: CalibSpec, tokenizer: Any, seed: int, model: Any, common: dict[str, Any],
+                      progress: bool | None) -> CalibrationSet:
+    if model is None:
+        raise CalibrationError(f"self-calibration ('{cs}') generates text with the model itself, but no model was "
+                               "given; pass model=... to make_calibration (CLI: --model M), or use a text source")
+    config = parse_self_options(cs.options)
+    module, model_hash, model_name = _model_identity(model)
+    context = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and cs.seq_len > context:
+        raise CalibrationError(f"self-calibration length L={cs.seq_len} exceeds the model's context length "
+                               f"{context}; use L <= {context}")
+    key = stable_hash({"format": SELF_CACHE_FORMAT, "model": model_hash, "tokenizer": common["tokenizer_hash"],
+                       "n": cs.n, "seq_len": cs.seq_len, "seed": seed, "generation": config.to_dict()}, length=24)
+    path = cache_dir("selfcal") / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            cached = CalibrationSet.load(path)
+            if cached.input_ids.shape == (cs.n, cs.seq_len):
+                cached.provenance.update({k: common[k] for k in COSMETIC_KEYS & common.keys()})
+                cached.provenance["model_name"] = model_name
+                return cached
+        except CalibrationError:
+            pass  # corrupt cache entry: generate again and overwrite it
+    ids, info = generate_self_calibration(module, tokenizer, cs.n, cs.seq_len, config, seed, progress=progress)
+    prov = {"source": "self", "sampling": "self-generated", **common, "bos": info["generation"]["start_token"] == "bos",
+            "model_hash": model_hash, "model_name": model_name, "generation": info["generation"],
+            "generation_timing": info["timing"]}
+    result = CalibrationSet(ids, prov)
+    result.save(path)
+    return result
+
+
 def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int | None = None,
-                     progress: bool | None = None) -> CalibrationSet:
-    """Build the calibration set a spec string describes (``wiki:128x512``, ``file:a.txt:64x512``, ...).
+                     progress: bool | None = None, model: Any = None) -> CalibrationSet:
+    """Build the calibration set a spec string describes (``wiki:128x512``, ``wiki:docs:128x512``,
+    ``file:a.txt:64x512``, ``self:128x512``, ...).
 
     ``max_length`` is the model's context length; a longer L is refused. ``progress`` shows a
-    tokenization bar (None: only on a terminal).
+    tokenization or generation bar (None: only on a terminal). ``model`` (a LoadedModel or a transformers
+    model) is needed only by ``self`` (self-calibration), whose sets are cached under
+    ``$CALIBRANT_CACHE/selfcal`` by (model hash, tokenizer, n, L, seed, generation parameters).
     """
     cs = parse_spec(spec)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -390,6 +506,9 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
     common = {"spec": str(cs), "options": list(cs.options), "n": cs.n, "seq_len": cs.seq_len, "seed": seed,
               "tokenizer_hash": tokenizer_hash(tokenizer), "tokenizer_name": _tokenizer_name(tokenizer),
               "bos": False, "calibrant_version": calibrant_version()}
+    if cs.source in ("random-vocab", "self") and cs.sampling != DEFAULT_SAMPLING:
+        raise CalibrationError(f"sampling '{cs.sampling}' applies to text sources only; {cs.source} generates its "
+                               f"own tokens: write {cs.source}:{cs.n}x{cs.seq_len}")
 
     if cs.source == "random-vocab":
         if cs.options:
@@ -400,24 +519,36 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
         ids = torch.randint(0, vocab, (cs.n, cs.seq_len), generator=gen, dtype=torch.long)
         prov = {"source": "random-vocab", "sampling": "uniform-vocab", "vocab_size": vocab, **common}
         return CalibrationSet(ids, prov)
+    if cs.source == "self":
+        return _self_calibration(cs, tokenizer, seed, model, common, progress)
 
     docs, info = _source_documents(cs)
     content_key = {k: v for k, v in info.items() if k not in COSMETIC_KEYS}
-    flat, meta = joined_token_ids(docs, tokenizer, content_key, label=str(info["source"]), progress=progress)
+    need_lengths = cs.sampling != DEFAULT_SAMPLING
+    flat, lengths, meta = document_token_ids(docs, tokenizer, content_key, label=str(info["source"]),
+                                             progress=progress, need_lengths=need_lengths)
     total = int(flat.size)
     what = f"'{info['source']}'" + (" (calib split)" if info.get("split") == "calib" else "")
-    if total < cs.seq_len:
+    if total < cs.seq_len and cs.sampling != "packed":
         raise CalibrationError(f"source {what} has only {total} tokens, fewer than one window of L={cs.seq_len}; "
                                "use a smaller L or a bigger source")
-    if cs.n * cs.seq_len > total:
+    if cs.n * cs.seq_len > total and cs.sampling == DEFAULT_SAMPLING:
         raise CalibrationError(f"source {what} has {total} tokens, fewer than the n×L = {cs.n}×{cs.seq_len} = "
                                f"{cs.n * cs.seq_len} requested; use a smaller n or L, or a bigger source")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, total - cs.seq_len + 1, (cs.n,), generator=gen, dtype=torch.long)
-    flat_t = torch.from_numpy(flat.astype(np.int64))
-    ids = flat_t[starts.unsqueeze(1) + torch.arange(cs.seq_len).unsqueeze(0)]
-    prov = {**info, "sampling": "random-windows", **common, "documents": meta["documents"], "source_tokens": total,
-            "joiner": meta["joiner"], "joiner_ids": meta["joiner_ids"]}
+    extra: dict[str, Any] = {}
+    if cs.sampling == DEFAULT_SAMPLING:
+        ids = random_windows(flat, cs.n, cs.seq_len, gen)
+    else:
+        assert lengths is not None
+        starts = document_starts(lengths, len(meta["joiner_ids"]))
+        if cs.sampling == "docs":
+            ids, extra = document_windows(flat, starts, lengths, cs.n, cs.seq_len, gen, f"source {what}")
+        else:
+            ids, extra = packed_documents(flat, starts, lengths, meta["joiner_ids"], cs.n, cs.seq_len, gen,
+                                          f"source {what}")
+    prov = {**info, "sampling": cs.sampling_name, **common, "documents": meta["documents"], "source_tokens": total,
+            "joiner": meta["joiner"], "joiner_ids": meta["joiner_ids"], **extra}
     return CalibrationSet(ids, prov)
 
 

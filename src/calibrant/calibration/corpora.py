@@ -1,4 +1,4 @@
-"""Real text corpora that work offline, acquired once from PyPI and cached with checksums.
+"""Real text corpora that work offline, acquired once from PyPI or Debian and cached with checksums.
 
 Four English corpora come out of one source distribution, ``bigbench==1.0.0`` (358 MB on PyPI):
 it is downloaded with ``pip download`` (never installed), its sha256 is verified, only four
@@ -6,6 +6,16 @@ it is downloaded with ``pip download`` (never installed), its sha256 is verified
 corpus is stored under ``$CALIBRANT_CACHE/corpora`` as ``NAME.json`` with a sidecar ``NAME.json.sha256``.
 The tarball is deleted afterwards. Every later use re-checks the file against its sidecar and
 re-acquires on mismatch.
+
+Two more come from Debian packages, fetched with ``apt-get download`` (pinned version and sha256, see
+:mod:`calibrant.calibration.debian`), read without installing, and cached the same way:
+``austen`` (``r-cran-janeaustenr``: six Jane Austen novels from the package's R lazy-load database,
+one document per chapter) and ``pydocs`` (``python3.11-doc``: the reST sources of the Python 3.11
+documentation, one document per file).
+
+Hub corpora (``c4``, ``wikitext2``, ``ptb``, ``redpajama``, ``cosmopedia`` and any ``hf:`` dataset) are for
+online users, loaded through ``datasets`` and cached like the others; offline they fail in one line
+naming the offline sources.
 
 Every corpus is split *by document* into ``calib`` (90 %) and ``heldout`` (10 %, at least one document)
 with a content hash, so the split is identical on every machine; calibration draws only from
@@ -25,16 +35,21 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibrant.cache import atomic_path, cache_dir, sha256_file
+from calibrant.cache import atomic_path, cache_dir, sha256_file, stable_hash
+from calibrant.calibration.debian import DebPackage, fetch_deb, read_deb_files
+from calibrant.calibration.rdata import read_rdb_objects
 from calibrant.errors import CalibrationError, suggest
 
-OFFLINE_CORPORA: tuple[str, ...] = ("wiki", "news", "wikihow", "dialogue")
-HUB_CORPORA: tuple[str, ...] = ("c4", "wikitext2", "ptb")
+BIGBENCH_CORPORA: tuple[str, ...] = ("wiki", "news", "wikihow", "dialogue")
+DEBIAN_CORPORA: tuple[str, ...] = ("austen", "pydocs")
+OFFLINE_CORPORA: tuple[str, ...] = (*BIGBENCH_CORPORA, *DEBIAN_CORPORA)
+HUB_CORPORA: tuple[str, ...] = ("c4", "wikitext2", "ptb", "redpajama", "cosmopedia")
 SPLITS: tuple[str, ...] = ("calib", "heldout", "all")
 HELDOUT_FRACTION = 0.10
 CORPUS_FORMAT = "calibrant.corpus/1"
@@ -55,9 +70,12 @@ EXPECTED_DOCUMENTS: dict[str, tuple[int, int]] = {
     "news": (1001, 1001),
     "wikihow": (950, 1001),
     "dialogue": (1000, 1100),
+    "austen": (269, 269),  # 55 + 48 + 31 + 24 + 61 + 50 chapters
+    "pydocs": (497, 497),
 }
 
-_OFFLINE_HINT = "use one of the offline corpora: " + ", ".join(OFFLINE_CORPORA)
+OFFLINE_SOURCES: tuple[str, ...] = (*OFFLINE_CORPORA, "file:PATH", "random-vocab", "self")
+_OFFLINE_HINT = "use an offline source: " + ", ".join(OFFLINE_SOURCES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,7 +298,7 @@ def _download_sdist(dest: Path) -> Path:
            "--disable-pip-version-check", "-d", str(dest), BIGBENCH_REQUIREMENT]
     interactive = sys.stderr.isatty()
     print(f"calibrant: downloading {BIGBENCH_REQUIREMENT} (358 MB sdist) from PyPI once, to build the "
-          f"offline corpora {', '.join(OFFLINE_CORPORA)}", file=sys.stderr)
+          f"offline corpora {', '.join(BIGBENCH_CORPORA)}", file=sys.stderr)
     try:
         proc = subprocess.run(cmd, stdout=sys.stderr if interactive else subprocess.PIPE,
                               stderr=None if interactive else subprocess.STDOUT, text=True, timeout=3600)
@@ -352,16 +370,124 @@ def acquire_bigbench_corpora() -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Debian corpora: austen, pydocs
+
+AUSTEN_DEB = DebPackage(
+    "r-cran-janeaustenr", "1.0.0-1", "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+    "https://deb.debian.org/debian/pool/main/r/r-cran-janeaustenr/r-cran-janeaustenr_1.0.0-1_all.deb")
+PYDOCS_DEB = DebPackage(
+    "python3.11-doc", "3.11.2-6+deb12u8", "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b",
+    "https://deb.debian.org/debian/pool/main/p/python3.11/python3.11-doc_3.11.2-6+deb12u8_all.deb")
+AUSTEN_MEMBER = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+PYDOCS_PREFIX = "usr/share/doc/python3.11/html/_sources/"
+
+_CHAPTER = re.compile(r"^\s*chapter\s+(?:\d+|[ivxlc]+)\b\.?", re.IGNORECASE)
+_VOLUME = re.compile(r"^\s*volume\s+(?:\d+|[ivxlc]+)\s*$", re.IGNORECASE)
+
+
+def _unwrap(lines: list[str]) -> str:
+    """Hard-wrapped lines -> paragraphs (blank-line separated in the source) joined by a blank line."""
+    paras: list[list[str]] = [[]]
+    for line in lines:
+        if line.strip():
+            paras[-1].append(line.strip())
+        elif paras[-1]:
+            paras.append([])
+    return "\n\n".join(" ".join(p) for p in paras if p)
+
+
+def split_chapters(lines: list[str | None]) -> list[str]:
+    """One novel (its lines, as janeaustenr stores them) -> one document per chapter.
+
+    The title page and anything before the first ``CHAPTER`` heading are dropped, as are ``VOLUME``
+    headings; each chapter keeps its heading as its first paragraph.
+    """
+    chapters: list[list[str]] = []
+    for line in lines:
+        text = line or ""
+        if _CHAPTER.match(text):
+            chapters.append([text.strip(), ""])
+        elif chapters and not _VOLUME.match(text):
+            chapters[-1].append(text)
+    return [doc for doc in (_unwrap(c) for c in chapters) if doc]
+
+
+def parse_austen(rdb: bytes) -> list[str]:
+    """janeaustenr's ``Rdata.rdb`` -> chapters of all its novels (character vectors), in file order."""
+    try:
+        objects = read_rdb_objects(rdb)
+    except (ValueError, zlib.error, OSError, EOFError) as e:
+        raise CalibrationError(f"could not read {AUSTEN_MEMBER} ({e}); the package is not the expected "
+                               f"{AUSTEN_DEB.package} {AUSTEN_DEB.version}: clear $CALIBRANT_CACHE/corpora and retry") from e
+    docs: list[str] = []
+    for obj in objects:
+        if isinstance(obj, list) and obj and all(isinstance(x, str) or x is None for x in obj):
+            docs.extend(split_chapters(obj))
+    return docs
+
+
+def parse_pydocs(files: dict[str, bytes]) -> list[str]:
+    """reST sources -> one document per file (sorted by path), UTF-8 text as written."""
+    return [t for t in (files[k].decode("utf-8", errors="replace").strip() for k in sorted(files)) if t]
+
+
+@dataclass(frozen=True)
+class _DebCorpus:
+    deb: DebPackage
+    wanted: Callable[[str], bool]
+    parse: Callable[[dict[str, bytes]], list[str]]
+    what: str
+
+
+DEBIAN_SOURCES: dict[str, _DebCorpus] = {
+    "austen": _DebCorpus(AUSTEN_DEB, lambda p: p == AUSTEN_MEMBER,
+                         lambda files: parse_austen(files[AUSTEN_MEMBER]), AUSTEN_MEMBER),
+    "pydocs": _DebCorpus(PYDOCS_DEB, lambda p: p.startswith(PYDOCS_PREFIX) and p.endswith(".rst.txt"),
+                         parse_pydocs, PYDOCS_PREFIX + "**.rst.txt"),
+}
+
+
+def acquire_debian_corpus(name: str) -> Path:
+    """Fetch the corpus's pinned .deb, verify it, parse the needed files into the cache, delete the .deb."""
+    spec = DEBIAN_SOURCES[name]
+    tmp = Path(tempfile.mkdtemp(prefix=f"calibrant-{name}-", dir=cache_dir("downloads")))
+    try:
+        fetched = fetch_deb(spec.deb, tmp, f"corpus '{name}'")
+        files = read_deb_files(fetched.path, spec.wanted)
+        if not files:
+            raise CalibrationError(f"{fetched.path.name} holds no {spec.what}; it is not the expected package: "
+                                   f"report this as a calibrant bug")
+        docs = _dedupe(spec.parse(files))
+        lo, hi = EXPECTED_DOCUMENTS.get(name, (1, sys.maxsize))
+        if not fetched.pinned:
+            lo, hi = max(1, lo // 2), hi * 2  # another version of the package: allow some drift
+        if not lo <= len(docs) <= hi:
+            raise CalibrationError(f"parsed {len(docs)} documents for corpus '{name}', expected {lo}–{hi}; "
+                                   "the parser does not match the data: report this as a calibrant bug")
+        source = {"debian": spec.deb.package, "version": fetched.version, "sha256": fetched.sha256,
+                  "pinned": fetched.pinned, "member": spec.what}
+        return _store_corpus(name, docs, source)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
 # Hub corpora (online users only)
 
-# name -> (dataset path, config, calibration split, evaluation split, text field)
-_HUB: dict[str, tuple[str, str | None, str, str, str]] = {
+# name -> (dataset path, config, calibration split, evaluation split or None, text field). Without an
+# evaluation split the documents are split by hash like the offline corpora.
+_HUB: dict[str, tuple[str, str | None, str, str | None, str]] = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text"),
     "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence"),
     "c4": ("allenai/c4", "en", "train", "validation", "text"),
+    # the 1B-token sample, read from the hub's parquet export (its loading script no longer runs)
+    "redpajama": ("togethercomputer/RedPajama-Data-1T-Sample", None, "train", None, "text"),
+    "cosmopedia": ("HuggingFaceTB/cosmopedia-100k", None, "train", None, "text"),
 }
+_HUB_REVISION = {"redpajama": "refs/convert/parquet"}
 _C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 _C4_DOCS = {"train": 20000, "validation": 2000}
+HUB_MAX_DOCUMENTS = 20000  # streamed corpora keep their first this many documents
 
 
 def _group_rows(rows: list[str], name: str) -> list[str]:
@@ -378,33 +504,105 @@ def _group_rows(rows: list[str], name: str) -> list[str]:
     return [r for r in rows if r.strip()]
 
 
-def _load_hub_corpus(name: str) -> Corpus:
+def _load_dataset_fn(what: str) -> Callable[..., Any]:
     try:
         from datasets import load_dataset  # optional dependency, imported lazily
     except ImportError as e:
-        raise CalibrationError(f"corpus '{name}' is on the Hugging Face hub and needs the 'datasets' package: "
+        raise CalibrationError(f"{what} is on the Hugging Face hub and needs the 'datasets' package: "
                                f"pip install datasets (and be online), or {_OFFLINE_HINT}") from e
+    return load_dataset
+
+
+def _hub_failure(what: str, e: Exception) -> CalibrationError:
+    detail = " ".join(str(e).split())[:160]
+    return CalibrationError(f"{what} is on the Hugging Face hub, which is unreachable or refused it "
+                            f"({type(e).__name__}{': ' + detail if detail else ''}); {_OFFLINE_HINT}")
+
+
+def _stream_column(ds: Any, column: str, limit: int, what: str) -> list[str]:
+    """The first ``limit`` non-empty string values of ``column`` of a (possibly streaming) dataset."""
+    out: list[str] = []
+    for row in ds:
+        if column not in row:
+            keys = sorted(row)
+            raise CalibrationError(f"{what} has no column '{column}';{suggest(column, keys)} columns: "
+                                   f"{', '.join(keys)}; name the text column as hf:DATASET:CONFIG:SPLIT:COLUMN")
+        value = row[column]
+        if isinstance(value, str) and value.strip():
+            out.append(value)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def _load_hub_corpus(name: str) -> Corpus:
+    what = f"corpus '{name}'"
+    load_dataset = _load_dataset_fn(what)
     path, config, calib_split, eval_split, textf = _HUB[name]
     try:
         parts = {}
         for split in (calib_split, eval_split):
+            if split is None:
+                continue
             if name == "c4":
                 ds = load_dataset(path, data_files={split: _C4_FILES[split]}, split=split)
                 ds = ds.select(range(min(len(ds), _C4_DOCS[split])))
+                parts[split] = _group_rows([str(r) for r in ds[textf]], name)
+            elif eval_split is None:  # big corpora: stream the first documents
+                kwargs: dict[str, Any] = {"split": split, "streaming": True}
+                if name in _HUB_REVISION:
+                    kwargs["revision"] = _HUB_REVISION[name]
+                ds = load_dataset(path, config, **kwargs)
+                parts[split] = _stream_column(ds, textf, HUB_MAX_DOCUMENTS, what)
             else:
                 ds = load_dataset(path, config, split=split)
-            parts[split] = _group_rows([str(r) for r in ds[textf]], name)
-    except Exception as e:  # datasets raises many types when offline; all mean "unreachable" here
-        raise CalibrationError(f"corpus '{name}' is on the Hugging Face hub, which is unreachable "
-                               f"({type(e).__name__}); {_OFFLINE_HINT}") from e
-    docs = parts[calib_split] + parts[eval_split]
-    held = frozenset(range(len(parts[calib_split]), len(docs)))
-    source = {"hub": path, "config": config, "calib_split": calib_split, "heldout_split": eval_split}
+                parts[split] = _group_rows([str(r) for r in ds[textf]], name)
+    except CalibrationError:
+        raise
+    except Exception as e:  # datasets raises many types when offline; all mean "unusable" here
+        raise _hub_failure(what, e) from e
+    docs = parts[calib_split] + (parts[eval_split] if eval_split else [])
+    held = frozenset(range(len(parts[calib_split]), len(docs))) if eval_split else None
+    source: dict[str, Any] = {"hub": path, "config": config, "calib_split": calib_split,
+                              "heldout_split": eval_split or "hash-chosen 10 %"}
+    if eval_split is None:
+        source["max_documents"] = HUB_MAX_DOCUMENTS
+    if name in _HUB_REVISION:
+        source["revision"] = _HUB_REVISION[name]
+    docs = _dedupe(docs) if eval_split is None else docs
     _store_corpus(name, docs, source, heldout=held)
     cached = _load_cached(name)
     if cached is None:  # pragma: no cover - only if the disk is failing
         raise CalibrationError(f"could not cache corpus '{name}' under {corpus_path(name).parent}; check the disk")
     return cached
+
+
+def get_hf_corpus(dataset: str, config: str | None = None, split: str = "train", column: str = "text",
+                  max_documents: int = HUB_MAX_DOCUMENTS) -> Corpus:
+    """Any Hugging Face dataset as a corpus: the first ``max_documents`` non-empty values of ``column`` in
+    ``split`` (streamed), cached under ``$CALIBRANT_CACHE/corpora`` like the named corpora."""
+    key = {"dataset": dataset, "config": config, "split": split, "column": column, "max_documents": max_documents}
+    name = "hf-" + stable_hash(key, length=16)
+    cached = _load_cached(name)
+    if cached is not None:
+        return cached
+    what = f"dataset '{dataset}'"
+    load_dataset = _load_dataset_fn(what)
+    try:
+        ds = load_dataset(dataset, config, split=split, streaming=True)
+        docs = _stream_column(ds, column, max_documents, what)
+    except CalibrationError:
+        raise
+    except Exception as e:
+        raise _hub_failure(what, e) from e
+    if not docs:
+        raise CalibrationError(f"{what} split '{split}' has no non-empty text in column '{column}'; name another "
+                               "split or column as hf:DATASET:CONFIG:SPLIT:COLUMN:NxL")
+    _store_corpus(name, _dedupe(docs), {"hub": dataset, **key})
+    corpus = _load_cached(name)
+    if corpus is None:  # pragma: no cover - only if the disk is failing
+        raise CalibrationError(f"could not cache {what} under {corpus_path(name).parent}; check the disk")
+    return corpus
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,7 +624,10 @@ def get_corpus(name: str) -> Corpus:
     with _acquire_lock():
         corpus = _load_cached(key)  # another process may have finished meanwhile
         if corpus is None:
-            acquire_bigbench_corpora()
+            if key in DEBIAN_SOURCES:
+                acquire_debian_corpus(key)
+            else:
+                acquire_bigbench_corpora()
             corpus = _load_cached(key)
     if corpus is None:
         raise CalibrationError(f"corpus '{key}' failed its checksum right after acquisition; check the disk "

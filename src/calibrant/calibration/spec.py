@@ -1,7 +1,14 @@
-"""Calibration spec strings: ``SOURCE[:options]:NxL``.
+"""Calibration spec strings: ``SOURCE[:options][:SAMPLING]:NxL``.
 
 Examples: ``wiki:128x512``, ``random-vocab:32x2048``, ``file:./my.txt:64x512``,
-``file:./data.jsonl:text:64x512`` (``text`` is the JSON field holding the document).
+``file:./data.jsonl:text:64x512`` (``text`` is the JSON field holding the document),
+``hf:allenai/c4:en:train:text:128x2048`` (dataset, config, split, column),
+``self:128x512`` or ``self:t=1.5..0.8:top_p=0.95:128x512`` (self-calibration).
+
+``SAMPLING`` (text sources only; the last option before ``NxL``) is one of
+``windows`` (default: random windows over the documents joined into one stream),
+``docs`` (document-bounded windows: each window lies inside one document of at least L tokens) and
+``packed`` (whole documents in a seeded random order, packed back to back into the n rows).
 """
 
 from __future__ import annotations
@@ -13,7 +20,16 @@ from pathlib import Path
 from calibrant.errors import CalibrationError
 
 SPEC_FORM = "SOURCE[:options]:NxL"
-SPEC_EXAMPLES = "e.g. wiki:128x512, file:./my.txt:64x512 or file:./data.jsonl:text:64x512"
+SAMPLING_HELP = ("the last option may choose the sampling: windows (default, random windows across documents), "
+                 "docs (windows inside documents of >= L tokens) or packed (whole documents packed)")
+SPEC_EXAMPLES = ("e.g. wiki:128x512, wiki:docs:128x512, file:./my.txt:64x512, file:./data.jsonl:text:64x512, "
+                 "hf:allenai/c4:en:train:text:128x2048 or self:t=1.5..0.8:128x512")
+SAMPLING_MODES: dict[str, str] = {
+    "windows": "random-windows",  # random windows over the concatenation (crossing document boundaries)
+    "docs": "document-windows",  # a window never crosses a document boundary; documents hold >= L tokens
+    "packed": "packed-documents",  # whole documents, seeded order, packed back to back
+}
+DEFAULT_SAMPLING = "windows"
 _SHAPE = re.compile(r"^\s*(-?\d+)\s*[x×X*]\s*(-?\d+)\s*$")
 
 
@@ -25,17 +41,25 @@ class CalibSpec:
     options: tuple[str, ...]
     n: int
     seq_len: int
+    sampling: str = DEFAULT_SAMPLING
+    """``windows``, ``docs`` or ``packed`` (see :data:`SAMPLING_MODES`)."""
 
     @property
     def L(self) -> int:  # noqa: N802 - the field's own notation
         return self.seq_len
 
+    @property
+    def sampling_name(self) -> str:
+        """The sampling mode's name in provenance (``random-windows``, ``document-windows``, ``packed-documents``)."""
+        return SAMPLING_MODES[self.sampling]
+
     def __str__(self) -> str:
-        return ":".join([self.source, *self.options, f"{self.n}x{self.seq_len}"])
+        mode = [self.sampling] if self.sampling != DEFAULT_SAMPLING else []
+        return ":".join([self.source, *self.options, *mode, f"{self.n}x{self.seq_len}"])
 
 
 def _bad(spec: str, why: str) -> CalibrationError:
-    return CalibrationError(f"calibration spec '{spec}' {why}; expected {SPEC_FORM}, {SPEC_EXAMPLES}")
+    return CalibrationError(f"calibration spec '{spec}' {why}; expected {SPEC_FORM} ({SAMPLING_HELP}), {SPEC_EXAMPLES}")
 
 
 def _split_file_options(rest: str) -> tuple[str, ...]:
@@ -49,8 +73,20 @@ def _split_file_options(rest: str) -> tuple[str, ...]:
     return (rest,)
 
 
+def _pop_sampling(rest: str, is_file: bool) -> tuple[str, str]:
+    """``"a:b:docs"`` -> (``"a:b"``, ``"docs"``); a rest without a trailing sampling keyword keeps the default."""
+    if is_file and rest and Path(rest).exists():  # a file whose name happens to end in ':docs' is still a file
+        return rest, DEFAULT_SAMPLING
+    head, sep, last = rest.rpartition(":")
+    if not sep:
+        head, last = "", rest
+    if last.strip().lower() in SAMPLING_MODES and (head or not is_file):
+        return head, last.strip().lower()
+    return rest, DEFAULT_SAMPLING
+
+
 def parse_spec(spec: str) -> CalibSpec:
-    """Parse ``SOURCE[:options]:NxL``; a malformed spec or a non-positive N or L raises CalibrationError."""
+    """Parse ``SOURCE[:options][:SAMPLING]:NxL``; a malformed spec or a non-positive N or L raises CalibrationError."""
     if not isinstance(spec, str) or ":" not in spec:
         raise _bad(str(spec), "has no ':NxL' part")
     head, shape = spec.strip().rsplit(":", 1)
@@ -66,12 +102,13 @@ def parse_spec(spec: str) -> CalibSpec:
     source = source.strip().lower()
     if not source:
         raise _bad(spec, "names no source")
+    rest, sampling = _pop_sampling(rest, is_file=source == "file")
     if source == "file":
         parts = _split_file_options(rest)
         if not parts[0]:
             raise _bad(spec, "gives no path after 'file:'")
-        return CalibSpec("file", parts, n, seq_len)
+        return CalibSpec("file", parts, n, seq_len, sampling)
     options = tuple(o for o in rest.split(":")) if rest else ()
     if any(not o for o in options):
         raise _bad(spec, "has an empty option between ':'")
-    return CalibSpec(source, options, n, seq_len)
+    return CalibSpec(source, options, n, seq_len, sampling)
