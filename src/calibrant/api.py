@@ -13,7 +13,9 @@ from calibrant import __version__
 from calibrant.calibration import CalibrationSet, heldout_token_ids, make_calibration
 from calibrant.engine import CompressionReport, compress
 from calibrant.evaluate.perplexity import PerplexityResult, perplexity
+from calibrant.evaluate.zeroshot import STANDARD_SUITE, ZeroShotResult, check_tasks, evaluate_tasks
 from calibrant.export.hf import check_output, read_metadata, restore_activation_quant, save_model
+from calibrant.export.packed import check_packable_recipe, normalize_format, save_packed
 from calibrant.methods import Method, make_recipe
 from calibrant.models.adapter import Adapter
 from calibrant.models.loader import LoadedModel, load_model
@@ -41,9 +43,13 @@ def as_loaded(model: str | Path | LoadedModel, device: str | torch.device = "cpu
 
 
 def resolve_calibration(
-    calibration: str | Path | CalibrationSet | torch.Tensor | None, tokenizer: Any, seed: int, max_length: int | None
+    calibration: str | Path | CalibrationSet | torch.Tensor | None, tokenizer: Any, seed: int, max_length: int | None,
+    model: LoadedModel | torch.nn.Module | None = None, progress: bool | None = None,
 ) -> CalibrationSet | None:
-    """A spec string, a saved calibration file, a CalibrationSet or a token-id tensor → CalibrationSet."""
+    """A spec string, a saved calibration file, a CalibrationSet or a token-id tensor → CalibrationSet.
+
+    ``model`` is needed only by self-calibration specs (``self:NxL``), which generate text with it.
+    """
     if calibration is None:
         return None
     if isinstance(calibration, torch.Tensor):
@@ -53,7 +59,8 @@ def resolve_calibration(
     elif Path(str(calibration)).suffix == ".safetensors" and Path(str(calibration)).is_file():
         calib = CalibrationSet.load(calibration)
     else:
-        return make_calibration(str(calibration), tokenizer, seed=seed, max_length=max_length)
+        return make_calibration(str(calibration), tokenizer, seed=seed, max_length=max_length, model=model,
+                                progress=progress)
     calib.check_tokenizer(tokenizer)
     return calib
 
@@ -74,13 +81,19 @@ def compress_model(
     exclude: list[str] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    export_format: str = "hf",
     **method_params: Any,
 ) -> CompressResult:
     """Compress a model end to end; with ``out`` the result is saved as a Hugging Face directory.
 
+    ``export_format="compressed-tensors"`` (alias ``"packed"``) writes packed integer weights with their
+    scales and zero points instead of dequantized floats (loads in vLLM); schemes it cannot store are
+    refused before the model is compressed.
+
     Everything that can be refused (output exists, unknown method, bad sparsity or pattern) is checked
     before the model is loaded, so bad input costs nothing and writes nothing.
     """
+    export_format = normalize_format(export_format)
     if out is not None:
         check_output(out, overwrite)
     if isinstance(method, str):
@@ -89,8 +102,13 @@ def compress_model(
         methods = [method] if isinstance(method, Method) else list(method)
     if all(m.needs == "none" for m in methods) and isinstance(calibration, str) and calibration == DEFAULT_CALIBRATION:
         calibration = None  # data-free methods need no calibration unless one is asked for
+    if out is not None and export_format != "hf":
+        check_packable_recipe(methods)
     loaded = as_loaded(model, quiet=not progress)
-    calib = resolve_calibration(calibration, loaded.tokenizer, seed, Adapter(loaded.model).context_length())
+    if out is not None and export_format != "hf":
+        check_packable_recipe(methods, loaded.model, include, exclude)
+    calib = resolve_calibration(calibration, loaded.tokenizer, seed, Adapter(loaded.model).context_length(),
+                                model=loaded, progress=None if progress else False)
     report = compress(
         loaded.model, calib, methods, batch_size=batch_size, device=device, propagate=propagate,
         include=include, exclude=exclude, progress=progress,
@@ -111,7 +129,9 @@ def compress_model(
         "timings": report.timings,
     }
     result = CompressResult(loaded, report, calib, metadata=metadata)
-    if out is not None:
+    if out is not None and export_format != "hf":
+        result.out = save_packed(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite)
+    elif out is not None:
         result.out = save_model(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite)
     return result
 
@@ -137,3 +157,26 @@ def evaluate_perplexity(
             progress=progress, meta=meta,
         )
     return results
+
+
+def evaluate_zeroshot(
+    model: str | Path | LoadedModel,
+    tasks: list[str] | str = STANDARD_SUITE,
+    *,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    batch_size: int = 8,
+    hub: bool | None = None,
+    progress: bool = True,
+) -> ZeroShotResult:
+    """Zero-/few-shot accuracy through lm-eval on the in-memory model (compressed or not, never saved first).
+
+    ``tasks`` default to the pruning papers' 7-task suite; offline tasks run from pinned local data
+    (:mod:`calibrant.evaluate.zeroshot`), other lm-eval task names run online (``hub``). Bad task names
+    and options are refused before the model is loaded.
+    """
+    names = list(tasks) if not isinstance(tasks, str) else tasks
+    check_tasks(names, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, hub=hub)
+    loaded = as_loaded(model, quiet=not progress)
+    return evaluate_tasks(loaded.model, loaded.tokenizer, names, limit=limit, num_fewshot=num_fewshot,
+                          batch_size=batch_size, progress=progress, hub=hub)

@@ -49,7 +49,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         args.model, args.method, sparsity=args.sparsity, pattern=args.pattern, calibration=args.calibration,
         seed=args.seed, out=args.out, overwrite=args.overwrite, batch_size=args.batch_size,
         propagate=args.propagate, include=_csv(args.include), exclude=_csv(args.exclude), device=args.device,
-        progress=not args.quiet, **_method_params(args),
+        progress=not args.quiet, export_format=args.export_format, **_method_params(args),
     )
     rep = result.report
     t = rep.timings
@@ -72,19 +72,48 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from calibrant.api import evaluate_perplexity
+    from calibrant.api import as_loaded, evaluate_perplexity, evaluate_zeroshot
+    from calibrant.evaluate.zeroshot import check_tasks
 
+    corpora, tasks = _csv(args.ppl), _csv(args.tasks)
+    if not corpora and not tasks:
+        raise CalibrantError("nothing to evaluate: pass --ppl CORPORA (e.g. wiki,news) and/or --tasks TASKS "
+                             "(e.g. arc_easy,piqa)")
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise CalibrantError(f"--max-tokens must be positive, got {args.max_tokens}")
-    results = evaluate_perplexity(
-        args.model, _csv(args.ppl) or ["wiki"], seq_len=args.seq_len, stride=args.stride,
-        max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.quiet,
-    )
-    rows = [[n, f"{r.ppl:.3f}", r.tokens, r.protocol["seq_len"], r.protocol["stride"], f"{r.seconds:.1f}"]
-            for n, r in results.items()]
-    print(_table(rows, ["corpus (held-out)", "perplexity", "tokens", "seq_len", "stride", "seconds"]))
+    hub = True if args.hub else None
+    if tasks:  # refuse bad task names and options before loading the model
+        check_tasks(tasks, limit=args.limit, num_fewshot=args.fewshot, batch_size=args.batch_size, hub=hub)
+    loaded = as_loaded(args.model, quiet=args.quiet)
+    rows: list[list[Any]] = []
+    ppl = {}
+    if corpora:
+        ppl = evaluate_perplexity(
+            loaded, corpora, seq_len=args.seq_len, stride=args.stride,
+            max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.quiet,
+        )
+        rows += [[f"{n} perplexity", f"held-out, seq_len {r.protocol['seq_len']} stride {r.protocol['stride']}",
+                  f"{r.tokens} tok", f"{r.ppl:.3f}", "-", f"{r.seconds:.1f}", f"{r.tokens / max(r.seconds, 1e-9):.0f} tok/s"]
+                 for n, r in ppl.items()]
+    zs = None
+    if tasks:
+        from calibrant.evaluate.zeroshot import format_table
+
+        zs = evaluate_zeroshot(loaded, tasks, limit=args.limit, num_fewshot=args.fewshot,
+                               batch_size=args.batch_size, hub=hub, progress=not args.quiet)
+        rows += [[*r[:-1], f"{r[-1]} items/s"] for r in format_table(zs)]
+    print(_table(rows, ["evaluation", "data", "n", "perplexity | acc ± stderr", "acc_norm ± stderr", "seconds",
+                        "rate"]))
+    if zs is not None:
+        shots = f"{zs.num_fewshot}-shot" if zs.num_fewshot else "zero-shot"
+        print(f"{shots} via lm-eval {zs.lm_eval_version}, data {zs.protocol.get('data')}; "
+              f"limit {zs.limit if zs.limit else 'none'} per task; average = mean acc over tasks "
+              f"(* acc_norm where the task defines it, else acc)")
     if args.json:
-        Path(args.json).write_text(json.dumps({n: r.to_dict() for n, r in results.items()}, indent=2))
+        payload: dict[str, Any] = {n: r.to_dict() for n, r in ppl.items()}
+        if zs is not None:
+            payload["zeroshot"] = zs.to_dict()
+        Path(args.json).write_text(json.dumps(payload, indent=2))
     return 0
 
 
@@ -150,6 +179,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calib_make(args: argparse.Namespace) -> int:
+    from calibrant.api import as_loaded
+    from calibrant.calibration import make_calibration
+    from calibrant.models.adapter import Adapter
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CalibrantError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    if out.suffix != ".safetensors":
+        raise CalibrantError(f"--out {out} must end in .safetensors (the calibration set is saved as safetensors)")
+    loaded = as_loaded(args.model, quiet=args.quiet)
+    calib = make_calibration(args.spec, loaded.tokenizer, seed=args.seed, progress=not args.quiet, model=loaded,
+                             max_length=Adapter(loaded.model).context_length())
+    calib.save(out)
+    prov = calib.provenance
+    timing = prov.get("generation_timing")
+    speed = f", generated at {timing['tokens_per_second']:.0f} tok/s" if timing else ""
+    print(f"calibration set {calib.hash}: {prov.get('source')} {calib.n}x{calib.seq_len} ({prov.get('sampling')}), "
+          f"seed {prov.get('seed')}{speed}")
+    print(f"saved: {out}")
+    return 0
+
+
+def cmd_calib_inspect(args: argparse.Namespace) -> int:
+    from calibrant.calibration import CalibrationSet, inspect_calibration
+
+    calib = CalibrationSet.load(args.file)  # a bad file is refused before any model is loaded
+    loaded = None
+    if args.model:
+        from calibrant.api import as_loaded
+
+        loaded = as_loaded(args.model, quiet=args.quiet)
+    diag = inspect_calibration(calib, against=_csv(args.against) or [], model=loaded, batch_size=args.batch_size,
+                               progress=not args.quiet)
+    print(_table(diag.rows(), ["metric", "value"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(diag.to_dict(), indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from calibrant import __version__
 
@@ -166,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", default="wiki:128x512", help="SOURCE[:options]:NxL or a saved calibration file")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=None, help="output directory (Hugging Face format)")
+    c.add_argument("--format", dest="export_format", choices=["hf", "compressed-tensors"], default="hf",
+                   help="--out as dequantized floats (hf, any scheme) or packed integers with scales/zero points "
+                        "(compressed-tensors: loads in vLLM and transformers; no LoRC, no dynamic act-order groups, "
+                        "group size must divide every input width)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--propagate", choices=["compressed", "dense"], default="compressed",
@@ -185,14 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)
 
-    e = sub.add_parser("eval", help="perplexity on held-out corpora")
+    e = sub.add_parser("eval", help="perplexity on held-out corpora and zero-shot tasks (lm-eval), offline")
     e.add_argument("--model", default="smollm2-135m")
-    e.add_argument("--ppl", default="wiki", help="comma-separated corpora, e.g. wiki,news")
+    e.add_argument("--ppl", default=None, help="comma-separated corpora, e.g. wiki,news")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated zero-shot tasks, e.g. arc_easy,piqa (offline: arc_easy, arc_challenge, "
+                        "boolq, hellaswag, openbookqa, piqa, rte, winogrande, copa, sciq, lambada, social_iqa, "
+                        "commonsense_qa, mmlu); other lm-eval task names run online")
+    e.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    e.add_argument("--fewshot", type=int, default=0, help="few-shot examples per prompt (e.g. 5 for MMLU)")
+    e.add_argument("--hub", action="store_true",
+                   help="run every task with lm-eval's own definition and Hugging Face data (online)")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--stride", type=int, default=None, help="window stride (default: seq-len, non-overlapping)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N held-out tokens")
     e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--json", default=None, help="also write the results (with protocol) to this JSON file")
+    e.add_argument("--json", default=None,
+                   help="also write the results (with protocol) to this JSON file (zero-shot under 'zeroshot')")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -209,6 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-eval-tokens", type=int, default=16384)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    cal = sub.add_parser("calib", help="make and inspect calibration sets")
+    csub = cal.add_subparsers(dest="calib_command", required=True)
+    cm = csub.add_parser("make", help="build a calibration set from a spec and save it (.safetensors)")
+    cm.add_argument("spec", help="SOURCE[:options][:windows|docs|packed]:NxL, e.g. wiki:128x512, austen:docs:64x512, "
+                                 "self:t=1.5..0.8:128x512, file:./my.jsonl:text:64x512")
+    cm.add_argument("--model", default="smollm2-135m", help="whose tokenizer (and, for self, generator) to use")
+    cm.add_argument("--seed", type=int, default=0)
+    cm.add_argument("--out", required=True, help="output file, *.safetensors")
+    cm.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    cm.add_argument("--quiet", action="store_true")
+    cm.set_defaults(func=cmd_calib_make)
+    ci = csub.add_parser("inspect", help="diagnostics of a saved calibration set")
+    ci.add_argument("file", help="a calibration set saved by 'calibrant calib make' or CalibrationSet.save")
+    ci.add_argument("--against", default=None,
+                    help="comma-separated corpora: JS divergence of unigram distributions to their held-out split")
+    ci.add_argument("--model", default=None, help="add the dense model's perplexity on the set")
+    ci.add_argument("--batch-size", type=int, default=8)
+    ci.add_argument("--json", default=None, help="also write the diagnostics to this JSON file")
+    ci.add_argument("--quiet", action="store_true")
+    ci.set_defaults(func=cmd_calib_inspect)
     return p
 
 
