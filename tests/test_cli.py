@@ -10,21 +10,14 @@ import transformers as T
 
 from calibrant.api import compress_model
 from calibrant.cli import main
-from tests.calibration.calib_helpers import build_tokenizer
+from tests.calibration.calib_helpers import tiny_model_dir
 
 TEXT = " ".join(f"word{i % 50} and the of" for i in range(400))
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    tok = build_tokenizer([TEXT])
-    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    path = tiny_model_dir(tmp_path_factory.mktemp("tiny"), TEXT)
     text = path.parent / "calib.txt"
     text.write_text(TEXT)
     return path, text

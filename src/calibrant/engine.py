@@ -75,14 +75,19 @@ class BlockwiseRunner:
         """Inputs of block 0 as one ``[n, L, hidden]`` tensor; remembers every block's other arguments."""
         blocks = self.adapter.blocks
         self.block_kwargs = [{} for _ in blocks]
-        first: list[torch.Tensor] = []
+        n = input_ids.shape[0]
+        first: list[torch.Tensor] = []  # one [n, L, hidden] buffer, filled batch by batch
+        row = [0]
 
         def sink(index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> None:
             size = hidden.shape[0]
             if size not in self.block_kwargs[index]:
                 self.block_kwargs[index][size] = _to_device((args, kwargs), self.device)
             if index == 0:
-                first.append(hidden.to(self.device))
+                if not first:
+                    first.append(torch.empty((n, *hidden.shape[1:]), dtype=hidden.dtype, device=self.device))
+                first[0][row[0] : row[0] + size] = hidden
+                row[0] += size
 
         originals = list(blocks)
         for i, block in enumerate(originals):
@@ -94,7 +99,7 @@ class BlockwiseRunner:
         finally:
             for i, block in enumerate(originals):
                 blocks[i] = block
-        return torch.cat(first, 0)
+        return first[0]
 
     @torch.no_grad()
     def run_block(self, index: int, inputs: torch.Tensor, outputs: torch.Tensor | None) -> None:

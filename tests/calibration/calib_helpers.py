@@ -40,3 +40,14 @@ def tiny_llama(vocab_size: int, seed: int = 0, context: int = 128):
                         bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     return T.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_model_dir(root, text: str, context: int = 64):
+    """Save a tiny Llama plus a word-level tokenizer over ``text`` into ``root/model``; return that path."""
+    from pathlib import Path
+
+    tok = build_tokenizer([text])
+    path = Path(root) / "model"
+    tiny_llama(len(tok), context=context).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

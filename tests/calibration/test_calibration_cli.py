@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from calib_helpers import build_tokenizer, tiny_llama
+from calib_helpers import tiny_llama, tiny_model_dir
 
 from calibrant.api import compress_model
 from calibrant.calibration import CalibrationSet, make_calibration
@@ -17,11 +17,7 @@ TEXT = "\n\n".join(" ".join(f"word{(i * 7 + j) % 50} and the of" for j in range(
 
 @pytest.fixture
 def tiny_dir(tmp_path):
-    tok = build_tokenizer([TEXT])
-    model = tiny_llama(len(tok), context=64)
-    path = tmp_path / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    path = tiny_model_dir(tmp_path, TEXT)
     text = tmp_path / "calib.txt"
     text.write_text(TEXT)
     return path, text

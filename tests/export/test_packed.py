@@ -17,7 +17,7 @@ from calibrant.engine import compress
 from calibrant.errors import CalibrantError, OutputExistsError
 from calibrant.export import ExportError, read_metadata, save_model, save_packed
 from calibrant.methods import make_method
-from tests.calibration.calib_helpers import build_tokenizer
+from tests.calibration.calib_helpers import tiny_model_dir
 from tests.conftest import tiny_model, token_batch
 
 pytest.importorskip("compressed_tensors")
@@ -170,14 +170,7 @@ TEXT = " ".join(f"word{i % 50} and the of" for i in range(400))
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    tok = build_tokenizer([TEXT])
-    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    T.LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"), TEXT)
 
 
 def test_api_and_cli_export_format(tiny_dir, tmp_path, capsys):

@@ -16,9 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrant.cache import atomic_path, cache_dir, sha256_file, stable_hash
+from calibrant.cache import atomic_path, cache_dir, quiet_loggers, sha256_file, stable_hash
 from calibrant.calibration.corpora import HUB_CORPORA, OFFLINE_CORPORA, get_corpus, get_hf_corpus
 from calibrant.calibration.sampling import document_windows, packed_documents, random_windows
 from calibrant.calibration.selfgen import generate_self_calibration, parse_self_options
@@ -113,18 +112,9 @@ def _joiner(tokenizer: Any) -> tuple[str, list[int]]:
 # Tokenization with a content-keyed cache
 
 
-@contextlib.contextmanager
-def _quiet_length_warnings() -> Iterator[None]:
+def _quiet_length_warnings() -> contextlib.AbstractContextManager[None]:
     """Silence transformers' 'sequence longer than model_max_length' warning: documents are not model inputs."""
-    loggers = [logging.getLogger(n) for n in ("transformers.tokenization_utils_base", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, lvl in zip(loggers, levels, strict=True):
-            lg.setLevel(lvl)
+    return quiet_loggers("transformers.tokenization_utils_base", "transformers")
 
 
 def _tokenize(docs: Sequence[str], tokenizer: Any, label: str, progress: bool | None,

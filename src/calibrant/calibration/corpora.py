@@ -36,12 +36,12 @@ import sys
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibrant.cache import atomic_path, cache_dir, sha256_file, stable_hash
+from calibrant.cache import atomic_path, cache_dir, file_lock, sha256_file, stable_hash
 from calibrant.calibration.debian import DebPackage, fetch_deb, read_deb_files
 from calibrant.calibration.rdata import read_rdb_objects
 from calibrant.errors import CalibrationError, suggest
@@ -186,20 +186,9 @@ def _load_cached(name: str) -> Corpus | None:
                   heldout=frozenset(held) if held is not None else None)
 
 
-@contextlib.contextmanager
-def _acquire_lock() -> Iterator[None]:
-    """Serialise acquisition between processes (POSIX only; elsewhere a no-op)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(cache_dir("corpora") / ".acquire.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _acquire_lock() -> contextlib.AbstractContextManager[None]:
+    """Serialise acquisition between processes."""
+    return file_lock(cache_dir("corpora") / ".acquire.lock")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibrant.cache import atomic_path, cache_dir, sha256_file, stable_hash
+from calibrant.cache import atomic_path, cache_dir, file_lock, quiet_loggers, sha256_file, stable_hash
 from calibrant.errors import CalibrantError, suggest
 
 __all__ = [
@@ -389,19 +389,8 @@ def _download_wheel(dest: Path, quiet: bool) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _acquire_lock() -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(cache_dir("tasks") / ".acquire.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _acquire_lock() -> contextlib.AbstractContextManager[None]:
+    return file_lock(cache_dir("tasks") / ".acquire.lock")
 
 
 def acquire_task_data(quiet: bool = False) -> Path:
@@ -693,18 +682,9 @@ def check_tasks(
 # Evaluation
 
 
-@contextlib.contextmanager
-def _quiet_lm_eval() -> Iterator[None]:
+def _quiet_lm_eval() -> contextlib.AbstractContextManager[None]:
     """lm-eval logs at INFO/WARNING about things calibrant reports itself; keep it to errors."""
-    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
+    return quiet_loggers("lm_eval", "lm-eval")
 
 
 @contextlib.contextmanager
