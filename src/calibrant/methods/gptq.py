@@ -74,7 +74,22 @@ def gptq_quantize(
     return out, scale, zero, g_idx
 
 
-def _gptq_loop(Wp, U, Q, scale, zero, groups_p, maskp, scheme, lo, hi, g, blocksize, on_the_fly) -> None:  # noqa: ANN001
+def _gptq_loop(
+    Wp: torch.Tensor,
+    U: torch.Tensor,
+    Q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    groups_p: list[int],
+    maskp: torch.Tensor | None,
+    scheme: QuantScheme,
+    lo: int,
+    hi: int,
+    g: int,
+    blocksize: int,
+    on_the_fly: bool,
+) -> None:
+    """The column loop of :func:`gptq_quantize` on permuted weights ``Wp``; fills ``Q`` (and on-the-fly scales)."""
     cols = Wp.shape[1]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
