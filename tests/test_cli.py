@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 from calibrant.api import compress_model
-from calibrant.cli import main
+from tests.calibration.calib_helpers import run_cli as _run
 from tests.calibration.calib_helpers import tiny_model_dir
 
 TEXT = " ".join(f"word{i % 50} and the of" for i in range(400))
@@ -21,12 +21,6 @@ def tiny_dir(tmp_path_factory):
     text = path.parent / "calib.txt"
     text.write_text(TEXT)
     return path, text
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_compress_info_and_api_agree(tiny_dir, tmp_path, capsys):

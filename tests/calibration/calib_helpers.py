@@ -51,3 +51,12 @@ def tiny_model_dir(root, text: str, context: int = 64):
     tiny_llama(len(tok), context=context).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def run_cli(capsys, *argv):
+    """Run ``calibrant`` in-process; return (exit code, stdout, stderr)."""
+    from calibrant.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from calib_helpers import run_cli as _run
 from calib_helpers import tiny_llama, tiny_model_dir
 
 from calibrant.api import compress_model
 from calibrant.calibration import CalibrationSet, make_calibration
-from calibrant.cli import main
 
 TEXT = "\n\n".join(" ".join(f"word{(i * 7 + j) % 50} and the of" for j in range(30)) for i in range(20))
 
@@ -21,12 +21,6 @@ def tiny_dir(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(TEXT)
     return path, text
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_calib_make_and_inspect(tiny_dir, tmp_path, capsys):
