@@ -30,3 +30,17 @@ def fake_corpus(cache) -> Callable[..., corpora.Corpus]:
         return corpus
 
     return write
+
+
+@pytest.fixture
+def tok(docs):
+    """A word-level tokenizer over the module's ``docs`` fixture."""
+    from calib_helpers import build_tokenizer
+
+    return build_tokenizer(docs)
+
+
+@pytest.fixture
+def corpus(fake_corpus, docs):
+    """The module's ``docs`` stored as the offline corpus 'news' in the private cache."""
+    return fake_corpus(docs, "news")

@@ -26,11 +26,6 @@ def docs():
     return make_docs(40, 30) + make_docs(40, 30, prefix="z")
 
 
-@pytest.fixture
-def tok(docs):
-    return build_tokenizer(docs)
-
-
 def test_js_divergence_properties():
     p = np.array([5, 3, 2, 0])
     assert js_divergence(p, p) == 0.0

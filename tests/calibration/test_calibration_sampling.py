@@ -16,16 +16,6 @@ def docs():
     return [" ".join(f"d{i}w{j}" for j in range(10 + i)) for i in range(40)]
 
 
-@pytest.fixture
-def tok(docs):
-    return build_tokenizer(docs)
-
-
-@pytest.fixture
-def corpus(fake_corpus, docs):
-    return fake_corpus(docs, "news")
-
-
 def _doc_of(tok, corpus):
     """token id -> index of the (calib) document that holds it."""
     out = {}

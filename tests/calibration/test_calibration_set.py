@@ -27,16 +27,6 @@ def docs():
     return make_docs(40, 30)
 
 
-@pytest.fixture
-def tok(docs):
-    return build_tokenizer(docs)
-
-
-@pytest.fixture
-def corpus(fake_corpus, docs):
-    return fake_corpus(docs, "news")
-
-
 def _ids_of(tok, texts):
     return {i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]}
 
