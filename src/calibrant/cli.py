@@ -221,6 +221,7 @@ def cmd_calib_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from calibrant import __version__
+    from calibrant.studies.cli import add_study_parser
 
     p = argparse.ArgumentParser(prog="calibrant", description=__doc__)
     p.add_argument("--version", action="version", version=f"calibrant {__version__}")
@@ -312,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--json", default=None, help="also write the diagnostics to this JSON file")
     ci.add_argument("--quiet", action="store_true")
     ci.set_defaults(func=cmd_calib_inspect)
+    add_study_parser(sub)
     return p
 
 

@@ -1,0 +1,91 @@
+"""Study specs: expansion counts, collapsing of calibration-free runs, errors with line and column."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_spec
+
+from calibrant.studies.runner import run_key
+from calibrant.studies.spec import StudySpecError, load_study, presets
+
+
+def test_expansion_counts(tmp_path):
+    spec = load_study(write_spec(tmp_path / "s.yaml", tmp_path / "m"))
+    runs = spec.expand()
+    # dense 1 + wanda × 2 sources × 2 seeds + magnitude 1 (reads no calibration data: one run, not four)
+    assert len(runs) == 6
+    assert [r.method for r in runs].count("wanda") == 4
+    assert all(r.calibration is None and r.seed is None for r in runs if r.method in ("dense", "magnitude"))
+    grid = load_study(write_spec(tmp_path / "g.yaml", tmp_path / "m", methods=[
+        {"name": "wanda", "sparsity": [0.5, 0.6], "pattern": [None, "2:4"]}, {"name": "rtn", "scheme": ["w4g64", "w8"]}],
+        calibration={"sources": ["wiki", "news", "random-vocab"], "n": [4, 8], "length": 32, "seeds": [0, 1, 2]}))
+    assert len(grid.expand()) == 2 * 2 * (3 * 2 * 3) + 2
+    assert len({r.spec_key for r in grid.expand()}) == len(grid.expand())
+
+
+def test_presets_expand():
+    assert set(presets()) >= {"impact", "self-calibration", "ptq-grid"}
+    impact = load_study("impact").expand()
+    assert len(impact) == 1 + 3 * 7 * 3
+    assert {r.calibration.split(":")[0] for r in impact if r.calibration} == {
+        "wiki", "news", "wikihow", "dialogue", "austen", "pydocs", "random-vocab"}
+    ptq = load_study("ptq-grid").expand()
+    assert len([r for r in ptq if r.method == "rtn"]) == 8  # data-free: once per scheme
+
+
+def test_spec_key_changes_with_every_input(tmp_path):
+    base = load_study(write_spec(tmp_path / "a.yaml", tmp_path / "m")).expand()
+    again = load_study(write_spec(tmp_path / "b.yaml", tmp_path / "m")).expand()
+    assert [r.spec_key for r in base] == [r.spec_key for r in again]
+    other_eval = load_study(write_spec(tmp_path / "c.yaml", tmp_path / "m",
+                                       evaluation={"perplexity": ["wiki"], "max_tokens": 128})).expand()
+    assert not {r.spec_key for r in base} & {r.spec_key for r in other_eval}
+
+
+def test_run_key_identity(monkeypatch, tmp_path):
+    import calibrant.studies.runner as runner
+
+    run = load_study(write_spec(tmp_path / "a.yaml", tmp_path / "m")).expand()[1]
+    key = run_key(run, "m" * 16, "c" * 16)
+    assert key == run_key(run, "m" * 16, "c" * 16)
+    changed = {run_key(run, "x" * 16, "c" * 16), run_key(run, "m" * 16, "d" * 16)}
+    other = load_study(write_spec(tmp_path / "b.yaml", tmp_path / "m", methods=[{"name": "wanda", "sparsity": 0.6}]))
+    changed.add(run_key(other.expand()[0], "m" * 16, "c" * 16))
+    ev = load_study(write_spec(tmp_path / "c.yaml", tmp_path / "m", evaluation={"perplexity": ["news"]}))
+    changed.add(run_key(ev.expand()[1], "m" * 16, "c" * 16))
+    monkeypatch.setattr(runner, "__version__", "9.9.9")
+    changed.add(run_key(run, "m" * 16, "c" * 16))
+    assert key not in changed and len(changed) == 5
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("name: x\nmodels: [a\nmethods: []\n", "line 3, column 8: malformed YAML"),
+    ("name: x\nmodels: [a]\nmethds: [{name: wanda}]\n", "line 3, column 1: unknown key 'methds'"),
+    ("models: [a]\nmethods:\n  - {name: wanda, sparsty: 0.5}\ncalibration: {sources: [wiki]}\n",
+     "line 3, column 19: method 'wanda' does not take 'sparsty'"),
+    ("models: [a]\nmethods: [{name: wandaa}]\n", "unknown method 'wandaa'"),
+    ("models: [a]\nmethods: [{name: wanda}]\ncalibration: {sources: [wiki], seeds: []}\n", "'seeds' is empty"),
+    ("models: [a]\nmethods: [{name: wanda, sparsity: []}]\ncalibration: {sources: [wiki]}\n", "empty list"),
+    ("models: [a]\nmethods: [{name: wanda}]\n", "has no sources"),
+    ("models: []\nmethods: [{name: dense}]\n", "'models' is empty"),
+    ("- just\n- a list\n", "is not a mapping"),
+    ("models: [a]\nmethods: [{name: dense}]\nevaluation: {perplxity: [wiki]}\n", "Did you mean 'perplexity'"),
+    ("models: [a]\nmethods: [{name: wanda}]\ncalibration: {sources: [nosuch]}\n", "unknown calibration source 'nosuch'"),
+])
+def test_bad_specs(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(StudySpecError) as err:
+        load_study(path)
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg, msg
+    assert msg.startswith(str(path))
+
+
+def test_suggests_closest_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: [a]\nmethds: [{name: wanda}]\n")
+    with pytest.raises(StudySpecError, match="Did you mean 'methods'"):
+        load_study(path)
+    with pytest.raises(StudySpecError, match="neither a study spec file nor a preset"):
+        load_study(tmp_path / "missing.yaml")
