@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(PY) -m calibrant demo
 
 test: $(STAMP)
+	./scripts/ensure-chromium
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -151,10 +151,11 @@ def _recommendations(rep: Report) -> list[str]:
         corpus = row["metric"].split(":", 1)[1]
         best, worst = row["best_mean"], row["worst_mean"]
         gap = abs(worst - best) / abs(best) * 100 if best else float("nan")
+        gap_text = f"{gap:.1f}%" if gap >= 0.1 else f"{gap:.3f}%"
         seed = f"; seed-to-seed std within a source is {row['seed_std']:.3g}" if row["seed_std"] is not None else ""
         word = "lowest" if what == "perplexity" else "highest"
         line = (f"For {row['config']} ({row['model']}), calibration source **{row['best_source']}** gives the {word} "
-                f"mean {what} on {corpus} ({best:.4g}); the worst, {row['worst_source']}, is {gap:.1f}% "
+                f"mean {what} on {corpus} ({best:.4g}); the worst, {row['worst_source']}, is {gap_text} "
                 f"{'higher' if what == 'perplexity' else 'lower'} ({worst:.4g}){seed}.")
         if row["seed_std"] is not None and abs(worst - best) < 2 * row["seed_std"]:
             line += " The sources differ by less than two seed standard deviations: the choice hardly matters here."
@@ -203,9 +204,10 @@ def _figures(db: str | Path, rep: Report, study: str | None, out: Path) -> None:
                 ax.set_title(label, fontsize=9)
                 ax.set_ylabel(metric, fontsize=8)
                 ax.tick_params(axis="y", labelsize=8)
-            fig.suptitle(f"{model}: {metric} over calibration sources (points: seeds)", fontsize=10)
+            fig.suptitle(f"{Path(model).name or model}: {metric} over calibration sources (points: seeds)",
+                         fontsize=10)
             fig.tight_layout()
-            name = f"{metric.replace(':', '_')}__{model.replace('/', '_')}.png"
+            name = f"{metric.replace(':', '_')}__{Path(model).name or 'model'}.png"
             fig.savefig(out / name, dpi=110)
             plt.close(fig)
             rep.figures[f"{model} {metric}"] = name
