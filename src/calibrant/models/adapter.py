@@ -31,6 +31,8 @@ FAMILIES: dict[str, Family] = {
         t: _LLAMA
         for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "phi3")
     },
+    # structurally pruned models with per-block shapes (calibrant.search.structured)
+    **{f"calibrant_{t}": _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3")},
     "opt": Family(
         "model.decoder",
         "model.decoder.layers",

@@ -73,7 +73,7 @@ def load_model(
             f"{_fix_for(path)}"
         ) from exc
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = _from_pretrained(path, dtype)
     except Exception as exc:
         raise ModelError(
             f"could not load the model from {path}: {type(exc).__name__}: {_one_line(exc)}. {_fix_for(path)}"
@@ -81,6 +81,15 @@ def load_model(
     model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=str(spec), path=path, model_hash=digest)
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype) -> transformers.PreTrainedModel:
+    """``from_pretrained``; structurally pruned directories (model type ``calibrant_*``) register their classes first."""
+    if json.loads((path / "config.json").read_text()).get("model_type", "").startswith("calibrant_"):
+        from calibrant.search.structured import register_structured_families
+
+        register_structured_families()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
 def resolve_model_dir(spec: str | Path, *, quiet: bool = False) -> Path:

@@ -1,0 +1,145 @@
+"""Structured pruning: exact at keep 1.0, equal to masking the removed units, exact parameter counts, reloads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+from search_helpers import gqa_model, tokens, word_tokenizer
+
+from calibrant.errors import CalibrantError
+from calibrant.search.structured import (
+    ModelShape,
+    StructuredConfig,
+    StructuredPruner,
+    compute_importance,
+    count_block_params,
+    load_structured,
+    save_structured,
+)
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_is_exact_and_masking_reference_matches(family):
+    model = gqa_model(family)
+    ids = tokens()
+    dense = logits(model, ids)
+    imp = compute_importance(model, tokens(8, 16, seed=1), "wanda", progress=False, cache=False)
+    pruner = StructuredPruner(model, imp)
+    shape = pruner.shape
+    assert (shape.n_heads, shape.n_kv, shape.head_dim, shape.intermediate) == (6, 3, 8, 96)
+
+    pruner.apply(StructuredConfig.dense(shape))
+    assert torch.equal(logits(model, ids), dense)
+
+    cfg = StructuredConfig((1, 2, 3), (32, 96, 8))
+    pruner.apply(cfg)
+    pruned = logits(model, ids)
+    assert count_block_params(model) == cfg.params(shape)
+    for i, block in enumerate(model.model.layers):
+        g = cfg.kv_groups[i]
+        assert block.self_attn.q_proj.out_features == g * 2 * 8 == block.self_attn.o_proj.in_features
+        assert block.self_attn.k_proj.out_features == g * 8 == block.self_attn.v_proj.out_features
+        assert block.mlp.down_proj.in_features == cfg.mlp_channels[i]
+
+    # reference: the dense model with the removed groups' o_proj input columns and the removed channels'
+    # down_proj columns set to zero
+    pruner.restore()
+    assert torch.equal(logits(model, ids), dense)
+    reference = gqa_model(family)
+    with torch.no_grad():
+        for i, block in enumerate(reference.model.layers):
+            keep_g = imp.kept_groups(i, cfg.kv_groups[i]).tolist()
+            for grp in range(3):
+                if grp not in keep_g:
+                    block.self_attn.o_proj.weight[:, grp * 16:(grp + 1) * 16] = 0
+            mask = torch.ones(96, dtype=torch.bool)
+            mask[imp.kept_channels(i, cfg.mlp_channels[i])] = False
+            block.mlp.down_proj.weight[:, mask] = 0
+    torch.testing.assert_close(pruned, logits(reference, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_block_removal_and_dense_restore():
+    model = gqa_model("llama", layers=4)
+    ids = tokens()
+    dense = logits(model, ids)
+    pruner = StructuredPruner(model, compute_importance(model, None, "magnitude", progress=False, cache=False))
+    cfg = StructuredConfig((3, 2, 3, 1), (96, 64, 96, 32), (False, True, False, False))
+    pruner.apply(cfg)
+    assert model.config.num_hidden_layers == 3 and len(model.model.layers) == 3
+    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1, 2]
+    assert count_block_params(model) == cfg.params(pruner.shape)
+    out = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)  # KV cache works with fewer blocks
+    assert out.shape == (1, 9)
+    # the reference: run the dense model with block 1 skipped
+    ref = gqa_model("llama", layers=4)
+    ref.model.layers = torch.nn.ModuleList([ref.model.layers[i] for i in (0, 2, 3)])
+    for j, b in enumerate(ref.model.layers):
+        b.self_attn.layer_idx = j
+    ref.config.num_hidden_layers = 3
+    ref_pruner = StructuredPruner(ref, compute_importance(ref, None, "magnitude", progress=False, cache=False))
+    ref_pruner.apply(StructuredConfig((3, 3, 1), (96, 96, 32)))
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-5, atol=1e-5)
+    pruner.restore()
+    assert model.config.num_hidden_layers == 4 and not hasattr(model.config, "calibrant_structured")
+    assert torch.equal(logits(model, ids), dense)
+
+
+def test_heterogeneous_save_reload_identical(tmp_path):
+    model = gqa_model("qwen2")
+    ids = tokens()
+    pruner = StructuredPruner(model, compute_importance(model, tokens(8, 16), "wanda", progress=False, cache=False))
+    pruner.apply(StructuredConfig((1, 3, 2), (40, 96, 16), (False, False, False)))
+    expected = logits(model, ids)
+    tok = word_tokenizer()
+    out = save_structured(model, tok, tmp_path / "het")
+    record = json.loads((out / "config.json").read_text())["calibrant_structured"]
+    assert record["num_key_value_heads"] == [1, 3, 2] and record["intermediate_size"] == [40, 96, 16]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "calibrant_qwen2"
+    loaded = load_structured(out)
+    assert isinstance(loaded, type(model))
+    assert torch.equal(logits(loaded, ids), expected)
+    plain = T.AutoModelForCausalLM.from_pretrained(out)  # registered on import of calibrant.search
+    assert torch.equal(logits(plain.eval(), ids), expected)
+    from calibrant.models.loader import load_model
+
+    assert torch.equal(logits(load_model(out, quiet=True).model, ids), expected)
+
+
+def test_uniform_pruned_model_loads_with_plain_from_pretrained(tmp_path):
+    model = gqa_model("llama", layers=4)
+    ids = tokens()
+    pruner = StructuredPruner(model, compute_importance(model, None, "magnitude", progress=False, cache=False))
+    pruner.apply(StructuredConfig((2,) * 4, (64,) * 4, (False, False, True, False)))
+    expected = logits(model, ids)
+    out = save_structured(model, None, tmp_path / "uni")
+    plain = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert plain.config.num_hidden_layers == 3
+    assert torch.equal(logits(plain, ids), expected)
+
+
+def test_importance_cached_and_refusals(tmp_path):
+    model = gqa_model("llama")
+    calib = tokens(8, 16, seed=2)
+    first = compute_importance(model, calib, "wanda", progress=False)
+    again = compute_importance(model, calib, "wanda", progress=False)
+    assert again.meta["cached"] and all(torch.equal(a, b) for a, b in zip(first.groups, again.groups, strict=True))
+    with pytest.raises(CalibrantError, match="needs calibration"):
+        compute_importance(model, None, "wanda", progress=False)
+    with pytest.raises(CalibrantError, match="unknown importance score"):
+        compute_importance(model, calib, "taylor", progress=False)
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=96))
+    with pytest.raises(CalibrantError, match="supported families: llama"):
+        ModelShape.of(gpt2)
+    pruner = StructuredPruner(model, first)
+    with pytest.raises(CalibrantError, match="keeps 0 KV groups"):
+        pruner.apply(StructuredConfig((0, 3, 3), (96, 96, 96)))
