@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--quiet", action="store_true")
     ci.set_defaults(func=cmd_calib_inspect)
     add_study_parser(sub)
+    __import__("calibrant.search.cli", fromlist=["add_search_parser"]).add_search_parser(sub)
     return p
 
 

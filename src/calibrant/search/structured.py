@@ -246,9 +246,9 @@ class Importance:
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= scores.numel():
         return torch.arange(scores.numel())
-    # stable tie-break by index so the same scores always keep the same units
-    order = sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))
-    return torch.tensor(sorted(order[:k]), dtype=torch.long)
+    # stable sort: equal scores keep the lower index, so the same scores always keep the same units
+    order = torch.sort(-scores, stable=True).indices[:k]
+    return torch.sort(order).values
 
 
 def _model_key(model: nn.Module, model_hash: str | None) -> str:

@@ -1,0 +1,468 @@
+"""Predictor-guided search over structured-pruning configurations under a parameter budget.
+
+1. importance once (cached); 2. measure K configurations on a cheap proxy (perplexity on a held-out
+slice): the uniform ones, random ones in the budget band, perturbations of the best so far — each a
+re-slice of the dense weights, stored in SQLite; 3. fit the predictor (K-fold Spearman ρ / MAE);
+4. narrow each block's ranges to the region the predictor likes, then evolve (tournament, uniform
+crossover, mutation, budget repair) scored by the predictor; 5. measure the top-k for real (optional
+further rounds refit on them) and return the best measured configuration — never one over budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from calibrant import __version__
+from calibrant.cache import atomic_path
+from calibrant.errors import CalibrantError
+from calibrant.evaluate.perplexity import perplexity
+from calibrant.search.predictor import Featurizer, Predictor, Quality, cross_validate, quality
+from calibrant.search.space import Bounds, SearchSpace
+from calibrant.search.structured import (
+    Importance,
+    ModelShape,
+    StructuredConfig,
+    StructuredPruner,
+    compute_importance,
+    count_params,
+    save_structured,
+)
+
+PAIRS_FILE = "pairs.sqlite"
+RESULT_FILE = "search.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# measured pairs
+
+
+@dataclass
+class Pair:
+    config: StructuredConfig
+    kept_fraction: float
+    ppl: float
+    nll: float
+    seconds: float
+    origin: str  # uniform | random | perturb | search | heldout
+
+    @property
+    def tokens_per_second(self) -> float:
+        return math.nan if not self.seconds else self.meta_tokens / self.seconds
+
+    meta_tokens: int = 0
+
+
+class PairStore:
+    """Measured (configuration, proxy perplexity) pairs in SQLite, table ``pairs``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path)
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS pairs (id INTEGER PRIMARY KEY, config TEXT NOT NULL, features TEXT, "
+            "kept_fraction REAL, ppl REAL, nll REAL, seconds REAL, tokens INTEGER, origin TEXT, created TEXT)"
+        )
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self.db.commit()
+
+    def add(self, pair: Pair, features: list[float] | None = None) -> None:
+        self.db.execute(
+            "INSERT INTO pairs (config, features, kept_fraction, ppl, nll, seconds, tokens, origin, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (pair.config.to_json(), json.dumps(features) if features is not None else None, pair.kept_fraction,
+             pair.ppl, pair.nll, pair.seconds, pair.meta_tokens, pair.origin, time.strftime("%Y-%m-%dT%H:%M:%S")),
+        )
+        self.db.commit()
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, default=str)))
+        self.db.commit()
+
+    def pairs(self) -> list[Pair]:
+        rows = self.db.execute(
+            "SELECT config, kept_fraction, ppl, nll, seconds, origin, tokens FROM pairs ORDER BY id").fetchall()
+        return [Pair(StructuredConfig.from_dict(json.loads(c)), k, p, n, s, o, t) for c, k, p, n, s, o, t in rows]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class SearchResult:
+    best: Pair
+    uniform: Pair | None
+    dense: Pair | None
+    pairs: list[Pair]
+    cv: Quality | None
+    heldout: Quality | None
+    budget: float
+    params: dict[str, int]
+    timings: dict[str, float]
+    importance: dict[str, Any]
+    protocol: dict[str, Any]
+    out: Path | None = None
+    model: Any = None  # the in-memory model, pruned to ``best``
+    pruner: StructuredPruner | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        def pd(p: Pair | None) -> dict[str, Any] | None:
+            if p is None:
+                return None
+            return {"config": p.config.to_dict(), "kept_fraction": p.kept_fraction, "proxy_ppl": p.ppl,
+                    "proxy_nll": p.nll, "seconds": p.seconds, "tokens_per_second": p.tokens_per_second,
+                    "origin": p.origin}
+
+        return {
+            "calibrant_version": __version__, "budget": self.budget, "best": pd(self.best),
+            "uniform": pd(self.uniform), "dense": pd(self.dense), "n_pairs": len(self.pairs),
+            "cv": self.cv.to_dict() if self.cv else None, "heldout": self.heldout.to_dict() if self.heldout else None,
+            "params": self.params, "timings": self.timings, "importance": self.importance, "protocol": self.protocol,
+            **self.extra,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# the search
+
+
+class _Measurer:
+    def __init__(self, pruner: StructuredPruner, space: SearchSpace, proxy: torch.Tensor, seq_len: int,
+                 batch_size: int, store: PairStore | None, featurize: Callable | None):
+        self.pruner, self.space, self.proxy = pruner, space, proxy
+        self.seq_len, self.batch_size, self.store, self.featurize = seq_len, batch_size, store, featurize
+        self.seen: dict[StructuredConfig, Pair] = {}
+
+    def __call__(self, cfg: StructuredConfig, origin: str) -> Pair:
+        if cfg in self.seen:
+            return self.seen[cfg]
+        self.pruner.apply(cfg)
+        r = perplexity(self.pruner.model, self.proxy, seq_len=self.seq_len, batch_size=self.batch_size,
+                       progress=False)
+        pair = Pair(cfg, self.space.kept_fraction(cfg), r.ppl, r.nll, r.seconds, origin, r.tokens)
+        self.seen[cfg] = pair
+        if self.store is not None:
+            feats = self.featurize([cfg])[0].tolist() if self.featurize else None
+            self.store.add(pair, feats)
+        return pair
+
+
+def narrow(space: SearchSpace, predictor: Predictor, featurize: Featurizer, budget: float,
+           rng: np.random.Generator, pool: int = 3000, top: float = 0.05) -> tuple[Bounds, list[StructuredConfig]]:
+    """Per-block ranges spanned by the top-predicted random configurations (widened by one step).
+
+    Returns the bounds and the top configurations (a starting population for the evolution).
+    """
+    configs = list({space.random(budget, rng) for _ in range(pool)})
+    pred = predictor.predict(featurize(configs))
+    order = np.argsort(pred)
+    best = [configs[i] for i in order[: max(8, int(len(configs) * top))]]
+    enc = [space.encode(c) for c in best]
+    g = np.stack([e[0] for e in enc])
+    c = np.stack([e[1] for e in enc])
+    full = space.full_bounds()
+    b = Bounds(np.maximum(g.min(0) - 1, full.g_lo), np.minimum(g.max(0) + 1, full.g_hi),
+               np.maximum(c.min(0) - 1, full.c_lo), np.minimum(c.max(0) + 1, full.c_hi))
+    if space.params_arrays(b.g_lo, b.c_lo, np.zeros(len(b.g_lo), bool)) > budget * space.total:
+        b = full  # the narrowed box cannot reach the budget: keep the full ranges
+    return b, best
+
+
+def evolve(space: SearchSpace, score: Callable[[list[StructuredConfig]], np.ndarray], budget: float,
+           rng: np.random.Generator, start: list[StructuredConfig], bounds: Bounds | None = None,
+           population: int = 48, generations: int = 30, elite: int = 8) -> list[tuple[float, StructuredConfig]]:
+    """Evolutionary search minimising ``score`` (predicted log-perplexity); returns (score, config) best first.
+
+    Every individual is repaired into the budget band, so no returned configuration is over budget.
+    """
+    pop = list(dict.fromkeys(space.decode(*space.repair(*space.encode(c), budget, rng, bounds)) for c in start))
+    while len(pop) < population:
+        pop.append(space.random(budget, rng, bounds))
+    scores = dict(zip(pop, score(pop), strict=True))
+    for _ in range(generations):
+        ranked = sorted(scores.items(), key=lambda kv: kv[1])
+        parents = [c for c, _ in ranked[:population]]
+
+        def tournament(parents: list[StructuredConfig] = parents) -> StructuredConfig:
+            i, j = rng.integers(len(parents), size=2)
+            return parents[min(i, j)]  # parents are sorted: the lower index is the better one
+
+        children = []
+        for _ in range(population):
+            child = space.crossover(tournament(), tournament(), budget, rng, bounds) if rng.random() < 0.7 \
+                else tournament()
+            child = space.mutate(child, budget, rng, bounds, blocks=int(rng.integers(1, 4)))
+            if child not in scores:
+                children.append(child)
+        if children:
+            scores.update(zip(children, score(children), strict=True))
+        keep = sorted(scores.items(), key=lambda kv: kv[1])[: max(population, elite)]
+        scores = dict(keep)
+    out = sorted(((s, c) for c, s in scores.items()), key=lambda t: t[0])
+    for _, c in out:
+        if not space.within(c, budget):  # pragma: no cover - repair guarantees it
+            raise AssertionError(f"search produced a configuration over budget: {space.kept_fraction(c)}")
+    return out
+
+
+def search_structured(
+    model: Any,
+    budget: float = 0.8,
+    samples: int = 64,
+    *,
+    calibration: Any = "wiki:32x512",
+    score: str = "wanda",
+    seed: int = 0,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    proxy_corpus: str = "wiki",
+    proxy_tokens: int = 4096,
+    seq_len: int = 512,
+    quantum: int = 64,
+    allow_removal: bool = False,
+    predictor: str = "lightgbm",
+    rounds: int = 1,
+    top_k: int = 6,
+    population: int = 48,
+    generations: int = 30,
+    heldout_samples: int = 0,
+    batch_size: int = 4,
+    progress: bool = True,
+    save_model: bool = True,
+) -> SearchResult:
+    """Search per-block structured-pruning configurations of ``model`` keeping ``budget`` of block parameters.
+
+    ``model``: alias, HF directory, hub id or a LoadedModel. The proxy is perplexity on the *last*
+    ``proxy_tokens`` tokens of ``proxy_corpus``'s held-out split (so the usual evaluation on its first
+    tokens stays separate). With ``out``, writes ``pairs.sqlite``, ``search.json`` and the pruned
+    model (``model/``) atomically. The returned model is left pruned to the best configuration.
+    """
+    from calibrant.api import as_loaded, resolve_calibration
+    from calibrant.calibration import heldout_token_ids
+    from calibrant.export.hf import check_output
+    from calibrant.models.adapter import Adapter
+
+    if not isinstance(samples, int) or samples < 8:
+        raise CalibrantError(f"--samples must be at least 8 measured configurations, got {samples}")
+    if rounds < 1 or top_k < 1:
+        raise CalibrantError("--rounds and --top-k must be at least 1")
+    if not 0 < budget <= 1:
+        raise CalibrantError(f"the budget must be a keep ratio in (0, 1], got {budget}; e.g. 0.8 keeps 80 % of the "
+                             "block parameters")
+    if proxy_tokens < 64:
+        raise CalibrantError(f"--proxy-tokens {proxy_tokens} is too few; use at least 64 (e.g. 4096)")
+    if out is not None:
+        check_output(out, overwrite)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    loaded = as_loaded(model, quiet=not progress)
+    torch_model = loaded.model
+    shape = ModelShape.of(torch_model)  # refuses unsupported families before any work
+    space = SearchSpace(shape, quantum=quantum, allow_removal=allow_removal)
+    budget = space.check_budget(budget)
+    if score not in ("wanda", "magnitude"):
+        raise CalibrantError(f"unknown importance score '{score}'; use wanda or magnitude")
+    calib = resolve_calibration(calibration if score == "wanda" else None, loaded.tokenizer, seed,
+                                Adapter(torch_model).context_length(), progress=None if progress else False)
+    proxy_all, proxy_meta = heldout_token_ids(proxy_corpus, loaded.tokenizer, progress=None if progress else False)
+    proxy = proxy_all[-proxy_tokens:]
+    timings["load_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    importance: Importance = compute_importance(
+        torch_model, calib.input_ids if calib is not None else None, score, batch_size=batch_size,
+        progress=progress, model_hash=loaded.model_hash, calibration_hash=calib.hash if calib is not None else None)
+    timings["importance_s"] = time.perf_counter() - t0
+
+    pruner = StructuredPruner(torch_model, importance)
+    featurize = Featurizer(space, importance)
+    rng = np.random.default_rng(seed)
+    with atomic_path(out, overwrite=overwrite) if out is not None else contextlib.nullcontext() as tmp:
+        store = None
+        if tmp is not None:
+            tmp.mkdir(parents=True)
+            store = PairStore(tmp / PAIRS_FILE)
+            store.set_meta("protocol", {"proxy_corpus": proxy_corpus, "proxy_tokens": int(proxy.numel()),
+                                        "seq_len": seq_len, "budget": budget, "score": score, "seed": seed})
+        measure = _Measurer(pruner, space, proxy, seq_len, batch_size, store, featurize)
+
+        # dense reference on the proxy (also the dense throughput)
+        dense = measure(StructuredConfig.dense(shape), "dense")
+        del measure.seen[dense.config]
+
+        t0 = time.perf_counter()
+        plan = _sample_plan(space, budget, samples, rng)
+        bar = tqdm(total=samples, desc="measure configurations", unit="cfg", disable=not progress)
+        measured: list[Pair] = []
+        for origin, cfg in plan:
+            if cfg is None:  # a perturbation of one of the best measured so far
+                best = sorted(measured, key=lambda p: p.nll)[:5]
+                base = best[int(rng.integers(len(best)))].config
+                cfg = space.mutate(base, budget, rng, blocks=int(rng.integers(2, 6)))
+                tries = 0
+                while cfg in measure.seen and tries < 20:
+                    cfg = space.mutate(base, budget, rng, blocks=int(rng.integers(2, 6)))
+                    tries += 1
+            measured.append(measure(cfg, origin))
+            bar.update(1)
+            bar.set_postfix(best_ppl=f"{min(p.ppl for p in measured):.2f}")
+        bar.close()
+        timings["pairs_s"] = time.perf_counter() - t0
+
+        heldout_pairs: list[Pair] = []
+        if heldout_samples:
+            t0 = time.perf_counter()
+            hrng = np.random.default_rng(seed + 7919)
+            for _ in tqdm(range(heldout_samples), desc="held-out configurations", disable=not progress):
+                heldout_pairs.append(measure(space.random(budget, hrng), "heldout"))
+            timings["heldout_pairs_s"] = time.perf_counter() - t0
+
+        train = list(measured)
+        cv = heldout_q = None
+        timings["fit_s"] = timings["search_s"] = timings["reeval_s"] = 0.0
+        for _round in range(rounds):
+            t0 = time.perf_counter()
+            X = featurize([p.config for p in train])
+            y = np.array([p.nll for p in train])
+            cv, _ = cross_validate(X, y, predictor, seed=seed)
+            model_p = Predictor(predictor, seed).fit(X, y)
+            if heldout_pairs:
+                heldout_q = quality(np.array([p.nll for p in heldout_pairs]),
+                                    model_p.predict(featurize([p.config for p in heldout_pairs])))
+            timings["fit_s"] += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            bounds, top = narrow(space, model_p, featurize, budget, rng)
+            start = [p.config for p in sorted(train, key=lambda p: p.nll)[:8]] + top
+
+            def predicted(cfgs: list[StructuredConfig], m: Predictor = model_p) -> np.ndarray:
+                return m.predict(featurize(cfgs))
+
+            ranked = evolve(space, predicted, budget, rng, start, bounds, population=population,
+                            generations=generations)
+            timings["search_s"] += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            fresh = [c for _, c in ranked if c not in measure.seen][:top_k]
+            for cfg in tqdm(fresh, desc=f"re-evaluate top {len(fresh)}", disable=not progress):
+                train.append(measure(cfg, "search"))
+            timings["reeval_s"] += time.perf_counter() - t0
+
+        candidates = [p for p in train if space.within(p.config, budget)]
+        best = min(candidates, key=lambda p: p.nll)
+        uniforms = [p for p in measured if p.origin == "uniform"]
+        uniform = min(uniforms, key=lambda p: p.nll) if uniforms else None
+
+        pruner.apply(best.config)
+        params = {"dense_total": 0, "pruned_total": count_params(torch_model),
+                  "dense_blocks": space.total, "pruned_blocks": best.config.params(shape)}
+        params["dense_total"] = params["pruned_total"] - params["pruned_blocks"] + params["dense_blocks"]
+        result = SearchResult(
+            best, uniform, dense, train + heldout_pairs, cv, heldout_q, budget, params, timings,
+            {k: v for k, v in importance.meta.items()},
+            {"proxy": {"corpus": proxy_corpus, "tokens": int(proxy.numel()), "slice": "last tokens of held-out",
+                       "seq_len": seq_len, "checksum": proxy_meta.get("checksum")},
+             "calibration": ({**calib.provenance, "hash": calib.hash} if calib is not None else None),
+             "score": score, "seed": seed, "samples": samples, "quantum": space.quantum,
+             "allow_removal": allow_removal, "predictor": predictor, "rounds": rounds, "top_k": top_k,
+             "model": {"spec": loaded.spec, "hash": loaded.model_hash}},
+            model=torch_model, pruner=pruner,
+        )
+        if tmp is not None:
+            t0 = time.perf_counter()
+            (tmp / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+            if save_model:
+                save_structured(torch_model, loaded.tokenizer, tmp / "model",
+                                {"search": {"budget": budget, "proxy_ppl": best.ppl,
+                                            "kept_fraction": best.kept_fraction},
+                                 "base_model": {"spec": loaded.spec, "hash": loaded.model_hash},
+                                 "calibration": result.protocol["calibration"]})
+            if store is not None:
+                store.close()
+            timings["save_s"] = time.perf_counter() - t0
+    if out is not None:
+        result.out = Path(out)
+    return result
+
+
+def _sample_plan(space: SearchSpace, budget: float, samples: int,
+                 rng: np.random.Generator) -> list[tuple[str, StructuredConfig | None]]:
+    """What to measure: the uniform configurations, ~55 % random ones, the rest perturbations (None = decided
+    later from the best measured so far)."""
+    plan: list[tuple[str, StructuredConfig | None]] = [("uniform", c) for c in space.uniform(budget)][:samples]
+    seen = {c for _, c in plan}
+    n_random = max(1, int(round((samples - len(plan)) * 0.55)))
+    target = len(plan) + n_random
+    tries = 0
+    while len(plan) < target and tries < 50 * samples:
+        c = space.random(budget, rng)
+        tries += 1
+        if c not in seen:
+            seen.add(c)
+            plan.append(("random", c))
+    while len(plan) < samples:
+        plan.append(("perturb", None))
+    return plan
+
+
+def prune_structured(
+    model: Any,
+    heads: float,
+    mlp: float,
+    *,
+    calibration: Any = "wiki:32x512",
+    score: str = "wanda",
+    seed: int = 0,
+    quantum: int = 64,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> tuple[Any, StructuredConfig, Path | None]:
+    """Prune every block to the same keep ratios (``heads`` of KV groups, ``mlp`` of channels), no search.
+
+    Returns (loaded model, now pruned; the configuration; the output directory if ``out``).
+    """
+    from calibrant.api import as_loaded, resolve_calibration
+    from calibrant.export.hf import check_output
+    from calibrant.models.adapter import Adapter
+    from calibrant.search.space import check_ratio
+
+    check_ratio("--keep heads", heads)
+    check_ratio("--keep mlp", mlp)
+    if out is not None:
+        check_output(out, overwrite)
+    loaded = as_loaded(model, quiet=not progress)
+    shape = ModelShape.of(loaded.model)
+    space = SearchSpace(shape, quantum=quantum)
+    cfg = space.from_ratios(heads, mlp)
+    calib = resolve_calibration(calibration if score == "wanda" else None, loaded.tokenizer, seed,
+                                Adapter(loaded.model).context_length(), progress=None if progress else False)
+    importance = compute_importance(loaded.model, calib.input_ids if calib is not None else None, score,
+                                    batch_size=batch_size, progress=progress, model_hash=loaded.model_hash,
+                                    calibration_hash=calib.hash if calib is not None else None)
+    StructuredPruner(loaded.model, importance).apply(cfg)
+    path = None
+    if out is not None:
+        path = save_structured(loaded.model, loaded.tokenizer, out,
+                               {"structured_keep": {"heads": heads, "mlp": mlp, "score": score},
+                                "kept_fraction": space.kept_fraction(cfg),
+                                "base_model": {"spec": loaded.spec, "hash": loaded.model_hash}},
+                               overwrite=overwrite)
+    return loaded, cfg, path

@@ -1,0 +1,177 @@
+"""Search space, predictor, evolutionary search and the ``calibrant search`` CLI."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from search_helpers import gqa_model, run_cli, tokens, word_tokenizer
+
+from calibrant.errors import CalibrantError
+from calibrant.search.predictor import Featurizer, Predictor, cross_validate, quality
+from calibrant.search.search import evolve, search_structured
+from calibrant.search.space import SearchSpace
+from calibrant.search.structured import (
+    ModelShape,
+    StructuredConfig,
+    StructuredPruner,
+    compute_importance,
+    count_block_params,
+    load_structured,
+)
+
+SYNTH = ModelShape("llama", n_blocks=12, hidden=64, head_dim=16, n_heads=8, n_kv=4, intermediate=256,
+                   per_group=64 * 16 * 2 * 2 + 2 * 64 * 16, per_channel=3 * 64, fixed=128)
+
+
+def test_kept_fraction_is_exact_for_sampled_configs():
+    model = gqa_model("qwen2", layers=4)
+    pruner = StructuredPruner(model, compute_importance(model, None, "magnitude", progress=False, cache=False))
+    space = SearchSpace(pruner.shape, quantum=16, allow_removal=True, tol=0.05)
+    rng = np.random.default_rng(0)
+    dense_blocks = count_block_params(model)
+    assert space.total == dense_blocks
+    for _ in range(6):
+        cfg = space.random(0.6, rng)
+        assert 0.55 <= space.kept_fraction(cfg) <= 0.6
+        pruner.apply(cfg)
+        assert count_block_params(model) == cfg.params(pruner.shape) == round(space.kept_fraction(cfg) * dense_blocks)
+    for cfg in space.uniform(0.7):
+        assert space.within(cfg, 0.7) and len(set(cfg.kv_groups)) == 1 and len(set(cfg.mlp_channels)) == 1
+
+
+def test_budget_and_ratio_refusals():
+    space = SearchSpace(SYNTH, quantum=32)
+    low = space.minimum_fraction()
+    with pytest.raises(CalibrantError, match=f"keeps {low:.4f}"):
+        space.check_budget(low / 2)
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(CalibrantError, match=r"\(0, 1\]"):
+            space.check_budget(bad)
+    with pytest.raises(CalibrantError, match=r"keep ratio in \(0, 1\]"):
+        space.from_ratios(0.0, 0.5)
+    with pytest.raises(CalibrantError, match=r"keep ratio in \(0, 1\]"):
+        space.from_ratios(0.5, 1.2)
+    cfg = space.from_ratios(0.5, 0.5)
+    assert cfg.kv_groups == (2,) * 12 and cfg.mlp_channels == (128,) * 12
+
+
+def _synthetic(space, rng, n):
+    """A known ranking: later blocks' MLP and early blocks' heads matter most (plus a little noise)."""
+    w_h = np.linspace(1.0, 0.1, space.shape.n_blocks)
+    w_m = np.linspace(0.1, 1.0, space.shape.n_blocks)
+    configs = list({space.random(0.6, rng) for _ in range(n)})
+    g = np.array([c.kv_groups for c in configs]) / space.shape.n_kv
+    c = np.array([c.mlp_channels for c in configs]) / space.shape.intermediate
+    y = 3.0 - (g * w_h).sum(1) * 0.3 - (c * w_m).sum(1) * 0.3 + rng.normal(0, 0.01, len(configs))
+    return configs, y, (w_h, w_m)
+
+
+@pytest.mark.parametrize("kind", ["lightgbm", "forest"])
+def test_predictor_beats_mean_on_known_ranking(kind):
+    space = SearchSpace(SYNTH, quantum=32)
+    rng = np.random.default_rng(1)
+    configs, y, _ = _synthetic(space, rng, 120)
+    X = Featurizer(space)(configs)
+    cv, pred = cross_validate(X, y, kind, folds=5)
+    mean_mae = np.mean(np.abs(y - y.mean()))
+    assert cv.spearman > 0.6 and cv.mae < 0.8 * mean_mae
+    test_cfgs, y_test, _ = _synthetic(space, np.random.default_rng(2), 40)
+    q = quality(y_test, Predictor(kind).fit(X, y).predict(Featurizer(space)(test_cfgs)))
+    assert q.spearman > 0.6
+
+
+def test_evolution_never_returns_a_config_over_budget():
+    space = SearchSpace(SYNTH, quantum=32, allow_removal=True)
+    rng = np.random.default_rng(3)
+    _, _, (w_h, w_m) = _synthetic(space, rng, 4)
+
+    def score(cfgs):  # a score that rewards keeping everything: pushes hard against the budget
+        kept = ~np.array([c.removed for c in cfgs])
+        g = np.array([c.kv_groups for c in cfgs]) / 4 * kept
+        c = np.array([c.mlp_channels for c in cfgs]) / 256 * kept
+        return -(g * w_h).sum(1) - (c * w_m).sum(1)
+
+    start = [space.random(0.55, rng) for _ in range(5)] + [StructuredConfig.dense(SYNTH)]  # dense: way over
+    ranked = evolve(space, score, 0.55, rng, start, population=24, generations=15)
+    assert ranked and all(space.within(c, 0.55) and space.kept_fraction(c) <= 0.55 for _, c in ranked)
+    best = ranked[0][1]
+    assert space.kept_fraction(best) > 0.55 - space.tol
+
+
+def test_search_end_to_end_writes_pairs_and_a_reloadable_model(tmp_path, monkeypatch):
+    from calibrant.models.loader import LoadedModel
+
+    stream = torch.randint(3, 96, (6000,), generator=torch.Generator().manual_seed(0))
+    import calibrant.calibration
+
+    monkeypatch.setattr(calibrant.calibration, "heldout_token_ids",
+                        lambda name, tok, progress=None: (stream, {"checksum": "synthetic"}))
+    model = gqa_model("llama", layers=4)
+    loaded = LoadedModel(model, word_tokenizer(), "tiny", None, "0123456789abcdef")
+    out = tmp_path / "search"
+    res = search_structured(loaded, 0.7, 16, calibration=tokens(8, 32), proxy_tokens=256, seq_len=64, quantum=16,
+                            top_k=3, population=16, generations=5, heldout_samples=4, progress=False, out=out)
+    space = SearchSpace(ModelShape.of(gqa_model("llama", layers=4)), quantum=16)
+    assert all(space.within(p.config, 0.7) for p in res.pairs)
+    assert res.best.nll == min(p.nll for p in res.pairs if p.origin != "heldout")
+    assert res.uniform is not None and res.best.nll <= res.uniform.nll
+    db = sqlite3.connect(out / "pairs.sqlite")
+    n, origins = db.execute("SELECT count(*), group_concat(DISTINCT origin) FROM pairs").fetchone()
+    assert n == len(res.pairs) + 1 and {"dense", "uniform", "random", "search", "heldout"} <= set(origins.split(","))
+    assert json.loads(db.execute("SELECT features FROM pairs LIMIT 1").fetchone()[0])
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["best"]["kept_fraction"] <= 0.7 and summary["cv"]["n"] >= 16
+    ids = tokens()
+    with torch.no_grad():
+        expected = res.model(input_ids=ids).logits
+        assert torch.equal(load_structured(out / "model")(input_ids=ids).logits, expected)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tok = word_tokenizer()
+    gqa_model("llama").save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=96)).save_pretrained(root / "gpt2")
+    tok.save_pretrained(root / "gpt2")
+    return root
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "1.5"], r"keep ratio in (0, 1]"),
+        (["--budget", "0.01", "--score", "magnitude"], "cannot be met: the smallest configuration"),
+        (["--keep", "0,0.5", "--score", "magnitude"], r"in (0, 1]"),
+        (["--keep", "0.5,1.2", "--score", "magnitude"], r"in (0, 1]"),
+        (["--keep", "half"], "HEADS,MLP"),
+        (["--model", "{gpt2}", "--score", "magnitude"], "supported families: llama, mistral, qwen2, qwen3"),
+        (["--samples", "2"], "at least 8"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(model_dirs, tmp_path, capsys, args, message):
+    args = [a.replace("{gpt2}", str(model_dirs / "gpt2")) for a in args]
+    if "--model" not in args:
+        args = ["--model", model_dirs / "llama", *args]
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "search", *args, "--out", out, "--quiet")
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("calibrant: error: ") and message in err
+    assert not out.exists()
+
+
+def test_cli_keep_prunes_and_saves(model_dirs, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code, stdout, err = run_cli(capsys, "search", "--model", model_dirs / "llama", "--keep", "0.67,0.5",
+                                "--score", "magnitude", "--quantum", "16", "--out", out, "--quiet")
+    assert code == 0, err
+    assert "2 KV groups and 48 MLP channels" in stdout
+    plain = T.AutoModelForCausalLM.from_pretrained(out)  # uniform shapes: a stock llama directory
+    assert plain.config.model_type == "llama" and plain.config.num_key_value_heads == 2
+    assert plain.model.layers[0].mlp.down_proj.in_features == 48
