@@ -19,6 +19,7 @@ from calibrant.export.packed import check_packable_recipe, normalize_format, sav
 from calibrant.methods import Method, make_recipe
 from calibrant.models.adapter import Adapter
 from calibrant.models.loader import LoadedModel, load_model
+from calibrant.search import SearchResult, load_structured, prune_structured, search_structured  # noqa: F401
 
 DEFAULT_CALIBRATION = "wiki:128x512"
 

@@ -143,3 +143,25 @@ def test_importance_cached_and_refusals(tmp_path):
     pruner = StructuredPruner(model, first)
     with pytest.raises(CalibrantError, match="keeps 0 KV groups"):
         pruner.apply(StructuredConfig((0, 3, 3), (96, 96, 96)))
+
+
+@pytest.mark.slow
+def test_real_model_heterogeneous_prune_save_reload(tmp_path):
+    """SmolLM2-135M: 30 blocks, 3 KV groups of 3 query heads; a mixed configuration shrinks and reloads exactly."""
+    from calibrant.models.loader import load_model
+
+    lm = load_model("smollm2-135m", quiet=True)
+    pruner = StructuredPruner(lm.model, compute_importance(lm.model, None, "magnitude", progress=False,
+                                                           cache=False))
+    shape = pruner.shape
+    assert (shape.n_blocks, shape.n_heads, shape.n_kv, shape.head_dim, shape.intermediate) == (30, 9, 3, 64, 1536)
+    cfg = StructuredConfig(tuple([3, 2, 1] * 10), tuple([1536, 1024, 512] * 10),
+                           tuple(i == 29 for i in range(30)))
+    pruner.apply(cfg)
+    assert count_block_params(lm.model) == cfg.params(shape)
+    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    expected = logits(lm.model, ids)
+    out = save_structured(lm.model, lm.tokenizer, tmp_path / "smol")
+    reloaded = load_model(out, quiet=True).model
+    assert reloaded.config.num_hidden_layers == 29
+    assert torch.equal(logits(reloaded, ids), expected)

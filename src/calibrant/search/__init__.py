@@ -5,6 +5,9 @@ per-block keep ratios under a parameter budget; ``predictor`` learns log-perplex
 configurations; ``search`` samples and measures pairs, fits the predictor and searches with it.
 """
 
+from calibrant.search.predictor import Featurizer, Predictor, cross_validate
+from calibrant.search.search import PairStore, SearchResult, prune_structured, search_structured
+from calibrant.search.space import SearchSpace
 from calibrant.search.structured import (
     SCORES,
     STRUCTURED_FAMILIES,
@@ -20,6 +23,14 @@ from calibrant.search.structured import (
 )
 
 __all__ = [
+    "Featurizer",
+    "PairStore",
+    "Predictor",
+    "SearchResult",
+    "SearchSpace",
+    "cross_validate",
+    "prune_structured",
+    "search_structured",
     "SCORES",
     "STRUCTURED_FAMILIES",
     "Importance",
