@@ -151,3 +151,76 @@ def test_w8a8_simulates_activation_quantization_and_survives_save(tmp_path):
     assert restore_activation_quant(reloaded, read_metadata(tmp_path / "m")) == len(report.layers)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, b)
+
+
+def _one_block_llama(seed: int = 0) -> torch.nn.Module:
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("method, params", [("gptq", {"scheme": "w4g16"}), ("sparsegpt", {"sparsity": 0.5}),
+                                            ("wanda", {"sparsity": 0.5}), ("gptq", {"scheme": "w8a8"})])
+def test_one_pass_is_true_sequential(method, params):
+    """One pass over a block == compressing its linear groups one call at a time, each call re-capturing
+    the inputs through the groups compressed before it (q/k/v, then o, then gate/up, then down)."""
+    ids = token_batch(n=10, length=32)  # batches 4, 4, 2: three threads
+    fused, reference = _one_block_llama(), _one_block_llama()
+    report = compress(fused, ids, make_method(method, **params), batch_size=4, progress=False)
+    assert report.pipeline == "one-pass" and len(report.layers) == 7
+    for group in (["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]):
+        compress(reference, ids, make_method(method, **params), batch_size=4, progress=False, pipeline="two-pass",
+                 include=group)
+    for (name, a), b in zip(fused.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_one_pass_is_deterministic_and_differs_from_two_pass():
+    ids = token_batch(n=6, length=24)
+    models = [tiny_model("llama") for _ in range(3)]
+    for m, pipeline in zip(models, ["one-pass", "one-pass", "two-pass"], strict=True):
+        compress(m, ids, make_method("gptq", scheme="w4g16"), batch_size=2, progress=False, pipeline=pipeline)
+    a, b, c = (list(m.parameters()) for m in models)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert any(not torch.equal(x, y) for x, y in zip(a, c, strict=True))  # o/down see compressed inputs
+
+
+def test_one_pass_error_in_a_group_stops_every_batch_thread():
+    import threading
+
+    from calibrant.errors import NumericalError
+    from calibrant.methods.base import Method
+
+    class Exploding(Method):
+        name = "exploding"
+        needs = "norms"
+
+        def compress(self, weight, stats, ctx):
+            if "o_proj" in ctx.name:
+                return weight * float("nan")
+            return weight
+
+    before = threading.active_count()
+    with pytest.raises(NumericalError, match="o_proj"):
+        compress(tiny_model("llama"), token_batch(n=6, length=16), Exploding(), batch_size=2, progress=False)
+    assert threading.active_count() == before  # no batch thread left waiting
+
+
+def test_triangular_hessian_accumulation_matches_float64():
+    from calibrant.methods.base import LayerStats
+
+    dim = LayerStats.TRIANGULAR_MIN_DIM + 37  # chunks of unequal width
+    st = LayerStats(dim, "hessian")
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(300, dim, generator=g) for _ in range(3)]
+    for x in xs:
+        st.add(x)
+    ref = sum(x.double().t() @ x.double() for x in xs)
+    H = st.hessian
+    assert torch.equal(H, H.t())
+    torch.testing.assert_close(H.double(), ref, rtol=1e-5, atol=1e-3)
+    st.add(xs[0])  # reading does not stop accumulation
+    torch.testing.assert_close(st.hessian.double(), ref + xs[0].double().t() @ xs[0].double(), rtol=1e-5, atol=1e-3)

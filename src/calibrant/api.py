@@ -78,6 +78,7 @@ def compress_model(
     overwrite: bool = False,
     batch_size: int = 8,
     propagate: str = "compressed",
+    pipeline: str = "one-pass",
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     device: str | torch.device | None = None,
@@ -111,7 +112,7 @@ def compress_model(
     calib = resolve_calibration(calibration, loaded.tokenizer, seed, Adapter(loaded.model).context_length(),
                                 model=loaded, progress=None if progress else False)
     report = compress(
-        loaded.model, calib, methods, batch_size=batch_size, device=device, propagate=propagate,
+        loaded.model, calib, methods, batch_size=batch_size, device=device, propagate=propagate, pipeline=pipeline,
         include=include, exclude=exclude, progress=progress,
     )
     metadata = {
@@ -121,6 +122,7 @@ def compress_model(
         "recipe": report.recipe,
         "calibration": report.calibration,
         "propagate": report.propagate,
+        "pipeline": report.pipeline,
         "overall_sparsity": report.sparsity,
         "layers": [
             {"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity, "rel_error": r.rel_error, **r.info}

@@ -48,7 +48,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result = compress_model(
         args.model, args.method, sparsity=args.sparsity, pattern=args.pattern, calibration=args.calibration,
         seed=args.seed, out=args.out, overwrite=args.overwrite, batch_size=args.batch_size,
-        propagate=args.propagate, include=_csv(args.include), exclude=_csv(args.exclude), device=args.device,
+        propagate=args.propagate, pipeline=args.pipeline, include=_csv(args.include), exclude=_csv(args.exclude), device=args.device,
         progress=not args.quiet, export_format=args.export_format, **_method_params(args),
     )
     rep = result.report
@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--propagate", choices=["compressed", "dense"], default="compressed",
                    help="feed each block the compressed (default) or the dense previous blocks' outputs")
+    c.add_argument("--pipeline", choices=["one-pass", "two-pass"], default="one-pass",
+                   help="one-pass: each block runs once, each group of linears is compressed when all batches reach "
+                        "it (true-sequential, fastest); two-pass: statistics from the dense block, then a second run "
+                        "(the reference order; holds one batch's intermediates instead of all batches')")
     c.add_argument("--include", default=None, help="comma-separated name patterns of linears to compress")
     c.add_argument("--exclude", default=None, help="comma-separated name patterns of linears to leave dense")
     c.add_argument("--blocksize", type=int, default=None, help="SparseGPT lazy-update block size (128)")

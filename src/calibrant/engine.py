@@ -9,6 +9,7 @@ block to produce the next block's inputs. Only one block's inputs and outputs ar
 from __future__ import annotations
 
 import fnmatch
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from calibrant.methods.quant import fake_quant_activations
 from calibrant.models.adapter import Adapter, set_weight, weight_of
 
 PROPAGATE = ("compressed", "dense")
+PIPELINES = ("one-pass", "two-pass")
 
 
 class _Capture(nn.Module):
@@ -131,6 +133,7 @@ class CompressionReport:
     propagate: str
     layers: list[LayerRecord] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    pipeline: str = "two-pass"
 
     @property
     def sparsity(self) -> float:
@@ -200,6 +203,7 @@ def compress(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = True,
+    pipeline: str = "one-pass",
 ) -> CompressionReport:
     """Compress ``model`` in place, block by block, and return what was done.
 
@@ -208,10 +212,20 @@ def compress(
     by an earlier method is kept by later ones). ``propagate="compressed"`` feeds each block the
     outputs of the already-compressed previous blocks (the SparseGPT/GPTQ default);
     ``"dense"`` feeds the dense model's activations and saves one block forward per block.
+
+    ``pipeline="one-pass"`` (with compressed propagation) runs each block once: every group of linears
+    that read the same input is compressed as soon as all calibration batches have reached it, and the
+    batches then go on through the compressed layer, so later linears see the compressed earlier ones
+    (GPTQ's "true sequential") and the block's output is the next block's input. ``"two-pass"`` runs
+    each block twice: once to collect every linear's statistics from the block's dense computation,
+    once more after compressing it (the SparseGPT / Wanda reference order); it holds less: one batch's
+    intermediate activations instead of all batches' at a layer boundary.
     """
     methods = [recipe] if isinstance(recipe, Method) else list(recipe)
     if propagate not in PROPAGATE:
         raise RecipeError(f"propagate must be one of {PROPAGATE}, got '{propagate}'")
+    if pipeline not in PIPELINES:
+        raise RecipeError(f"pipeline must be one of {PIPELINES}, got '{pipeline}'")
     need = max_need([m.needs for m in methods])
     ids, calib_meta = _as_ids(calibration)
     if ids is None and need != "none":
@@ -236,7 +250,8 @@ def compress(
             for m in methods:
                 m.validate(name, tuple(weight_of(module).shape))
 
-    report = CompressionReport([{"method": m.name, **m.params()} for m in methods], calib_meta, propagate)
+    report = CompressionReport([{"method": m.name, **m.params()} for m in methods], calib_meta, propagate,
+                               pipeline=pipeline if need != "none" and propagate == "compressed" else "two-pass")
     timings = dict.fromkeys(("capture_s", "forward_s", "stats_s", "compress_s"), 0.0)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
@@ -256,12 +271,28 @@ def compress(
         timings["capture_s"] = time.perf_counter() - t0
         bar = tqdm(range(len(adapter.blocks)), desc=f"compress {'+'.join(m.name for m in methods)}",
                    disable=not progress, unit="block")
+        order: list[tuple[str, int]] | None = None
         for i in bar:
             block = adapter.blocks[i]
             moved = runner.device != runner.model_device
             if moved:
                 block.to(runner.device)
             stats: dict[str, LayerStats] = {}
+            if need != "none" and targets[i] and propagate == "compressed" and pipeline == "one-pass":
+                order = order or _call_order(runner, i, inps)
+                groups = _groups_for(order, targets[i], adapter.block_prefix, i)
+                if groups is not None:
+                    t0 = time.perf_counter()
+                    records, spent = _one_pass(runner, i, targets[i], groups, methods, need, inps, outs)
+                    report.layers += records
+                    timings["stats_s"] += spent["stats"]
+                    timings["compress_s"] += spent["compress"]
+                    timings["forward_s"] += time.perf_counter() - t0 - spent["stats"] - spent["compress"]
+                    if moved:
+                        block.to(runner.model_device)
+                    inps, outs = outs, inps
+                    release_freed_memory()
+                    continue
             if need != "none" and targets[i]:
                 t0 = time.perf_counter()
                 stats_time = _observe(runner, i, targets[i], need, inps, outs if propagate == "dense" else None, stats)
@@ -278,12 +309,207 @@ def compress(
             if moved:
                 block.to(runner.model_device)
             inps, outs = outs, inps
+            release_freed_memory()
         return report
     finally:
         timings["total_s"] = time.perf_counter() - start
         report.timings = timings
         model.config.use_cache = use_cache
         model.train(was_training)
+
+
+def _call_order(runner: BlockwiseRunner, index: int, inps: torch.Tensor) -> list[tuple[str, int]]:
+    """Linears of block ``index`` in the order its forward calls them, with an id of their input tensor
+    (equal ids: the same tensor, as q/k/v or gate/up read). Names are relative to the block; one
+    sample's forward is enough, and every block of a model has the same structure."""
+    block = runner.adapter.blocks[index]
+    calls: list[tuple[str, int]] = []
+    inputs: list[torch.Tensor] = []  # kept alive so that ids are not reused during the probe
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            slot = next((k for k, t in enumerate(inputs) if t is x), None)
+            if slot is None:
+                inputs.append(x)
+                slot = len(inputs) - 1
+            calls.append((name, slot))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in block.named_modules() if n and _is_linear(m)]
+    try:
+        b0, b1 = runner.batches(inps.shape[0])[0]
+        with torch.no_grad():
+            runner.run_block(index, inps[b0:b1], None)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from calibrant.models.adapter import is_linear
+
+    return is_linear(module)
+
+
+def _groups_for(
+    order: list[tuple[str, int]], layers: dict[str, nn.Module], prefix: str, index: int
+) -> list[list[str]] | None:
+    """The block's targeted linears grouped by shared input, groups in call order; None when a targeted
+    linear is called other than exactly once per forward (then the two-pass pipeline is used)."""
+    head = f"{prefix}.{index}."
+    relative = {name[len(head):]: name for name in layers}
+    counts: dict[str, int] = {}
+    for name, _ in order:
+        counts[name] = counts.get(name, 0) + 1
+    if any(counts.get(rel) != 1 for rel in relative):
+        return None
+    groups: dict[int, list[str]] = {}
+    for name, slot in order:
+        if name in relative:
+            groups.setdefault(slot, []).append(relative[name])
+    return list(groups.values())
+
+
+class _Abort(Exception):
+    """Raised in the batch threads of a one-pass block when another thread failed."""
+
+
+class _Turns:
+    """Round-robin among the batch threads of a one-pass block: exactly one runs at a time, in batch
+    order, so statistics accumulate in the same order as in the two-pass pipeline (deterministic), and
+    every op gets all intra-op threads."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.turn = 0
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+
+    def wait(self, b: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == b or self.error is not None)
+            if self.error is not None:
+                raise _Abort
+
+    def done(self, b: int) -> None:
+        with self.cond:
+            self.turn = (b + 1) % self.n
+            self.cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = exc
+            self.cond.notify_all()
+
+
+@torch.no_grad()
+def _one_pass(
+    runner: BlockwiseRunner,
+    index: int,
+    layers: dict[str, nn.Module],
+    groups: list[list[str]],
+    methods: list[Method],
+    need: str,
+    inps: torch.Tensor,
+    outs: torch.Tensor,
+) -> tuple[list[LayerRecord], dict[str, float]]:
+    """Run block ``index`` once over all batches, compressing each group of linears when every batch has
+    reached it (see :func:`compress`); writes the block's outputs into ``outs``.
+
+    Each batch runs in its own thread and waits at each group's first linear; the last batch to arrive
+    compresses the group, then all go on through the compressed weights."""
+    block = runner.adapter.blocks[index]
+    spans = runner.batches(inps.shape[0])
+    turns = _Turns(len(spans))
+    local = threading.local()
+    records: list[LayerRecord] = []
+    spent = {"stats": 0.0, "compress": 0.0}
+    handles = []
+
+    def make_hook(names: list[str]) -> Callable:
+        leader = layers[names[0]]
+        st = LayerStats(weight_of(leader).shape[1], need, device=runner.device)  # type: ignore[arg-type]
+
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            b = local.batch
+            t = time.perf_counter()
+            st.add(args[0])
+            spent["stats"] += time.perf_counter() - t
+            if b == len(spans) - 1:  # every batch has contributed: compress the group now
+                t = time.perf_counter()
+                records.extend(_compress_block({n: layers[n] for n in names}, methods, dict.fromkeys(names, st),
+                                               runner.device))
+                spent["compress"] += time.perf_counter() - t
+            turns.done(b)
+            turns.wait(b)
+            quant = getattr(module, "calibrant_quant", None)
+            if quant is not None and quant["scheme"].act_bits:  # its hook was added during this very call
+                scheme = quant["scheme"]
+                return (fake_quant_activations(args[0], scheme.act_bits, scheme.act_granularity), *args[1:])
+            return None
+
+        return hook
+
+    def worker(b: int) -> None:
+        b0, b1 = spans[b]
+        local.batch = b
+        try:
+            turns.wait(b)
+            args, kwargs = runner.block_kwargs[index][b1 - b0]
+            with torch.no_grad():  # grad mode is per thread
+                out = block(inps[b0:b1], *args, **kwargs)
+            outs[b0:b1] = out[0] if isinstance(out, tuple | list) else out
+            turns.done(b)
+        except _Abort:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            turns.fail(exc)
+
+    for names in groups:
+        handles.append(layers[names[0]].register_forward_pre_hook(make_hook(names)))
+    threads = [threading.Thread(target=worker, args=(b,), daemon=True, name=f"calibrant-batch-{b}")
+               for b in range(len(spans))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    except BaseException as exc:  # e.g. KeyboardInterrupt while joining: release the waiting threads
+        turns.fail(exc)
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+    if turns.error is not None:
+        raise turns.error
+    by_name = {r.name: r for r in records}
+    return [by_name[n] for n in layers if n in by_name], spent
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by the last block (weight copies, Hessians, activations) back to the OS.
+
+    glibc keeps freed heap memory for reuse and raises its mmap threshold after large frees, so without
+    this the per-block temporaries pile up: peak RSS of a GPTQ run on SmolLM2-135M drops from 1.46 to
+    about 1.1 GB. A no-op where malloc_trim does not exist (macOS, musl)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
 
 
 def _observe(

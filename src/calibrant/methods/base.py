@@ -53,15 +53,42 @@ class LayerStats:
         self.need = need
         self.tokens = 0
         self._sq = torch.zeros(dim, dtype=torch.float32, device=device) if need == "norms" else None
-        self.hessian = torch.zeros(dim, dim, dtype=torch.float32, device=device) if need == "hessian" else None
+        self._h = torch.zeros(dim, dim, dtype=torch.float32, device=device) if need == "hessian" else None
+        self._lower_stale = False
         self.cache: dict[str, Any] = {}
+
+    # XᵀX is symmetric: for wide inputs only the blocks on and above the diagonal are accumulated (k
+    # column chunks: k(k+1)/2 of k² products, 37.5 % fewer flops at k=4) and mirrored once when read.
+    TRIANGULAR_MIN_DIM = 1024
+    TRIANGULAR_CHUNKS = 4
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        if self._h is not None and self._lower_stale:
+            upper = torch.triu(self._h)
+            self._h.copy_(upper + torch.triu(self._h, 1).t())
+            self._lower_stale = False
+        return self._h
+
+    @hessian.setter
+    def hessian(self, value: torch.Tensor | None) -> None:
+        self._h = value
+        self._lower_stale = False
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.dim).to(torch.float32)
         self.tokens += x.shape[0]
-        if self.hessian is not None:
-            self.hessian.addmm_(x.t(), x)
+        if self._h is not None:
+            if self.dim < self.TRIANGULAR_MIN_DIM or x.device.type != "cpu":  # GPUs: one big GEMM is faster
+                self._h.addmm_(x.t(), x)
+                return
+            bounds = [self.dim * i // self.TRIANGULAR_CHUNKS for i in range(self.TRIANGULAR_CHUNKS + 1)]
+            for i in range(self.TRIANGULAR_CHUNKS):
+                a0, a1 = bounds[i], bounds[i + 1]
+                xa = x[:, a0:a1]
+                self._h[a0:a1, a0:].addmm_(xa.t(), x[:, a0:])
+            self._lower_stale = True
         elif self._sq is not None:
             self._sq.add_(x.square().sum(0))
 

@@ -60,7 +60,8 @@ def run_key(run: PlannedRun, model_hash: str, calib_hash: str | None) -> str:
     calibration data, evaluation or calibrant version gives a different key."""
     return stable_hash({
         "model_hash": model_hash, "method": run.method, "params": run.params_dict,
-        "propagate": run.options_dict.get("propagate", "compressed"), "calib_hash": calib_hash,
+        "propagate": run.options_dict.get("propagate", "compressed"),
+        "pipeline": run.options_dict.get("pipeline", "one-pass"), "calib_hash": calib_hash,
         "evaluation": run.eval_dict, "calibrant_version": __version__,
     }, length=20)
 
@@ -135,7 +136,8 @@ def execute_task(task: Task, workspace: Workspace | None = None) -> dict[str, An
             params = run.params_dict
             methods = make_recipe(run.method, **params)
             report = compress(loaded.model, task.calibration, methods, batch_size=int(opts.get("batch_size", 8)),
-                              device=opts.get("device"), propagate=opts.get("propagate", "compressed"), progress=False)
+                              device=opts.get("device"), propagate=opts.get("propagate", "compressed"),
+                              pipeline=opts.get("pipeline", "one-pass"), progress=False)
             compress_s = report.timings.get("total_s", time.perf_counter() - t0)
             metrics["sparsity"] = report.sparsity
             if report.effective_bits is not None:

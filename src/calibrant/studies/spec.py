@@ -46,10 +46,10 @@ class StudySpecError(CalibrantError):
 TOP_KEYS = {"name", "description", "models", "methods", "calibration", "evaluation", "options"}
 CALIB_KEYS = {"sources", "n", "length", "seeds", "sampling"}
 EVAL_KEYS = {"perplexity", "max_tokens", "seq_len", "tasks", "limit", "num_fewshot", "batch_size"}
-OPTION_KEYS = {"batch_size", "propagate", "device"}
+OPTION_KEYS = {"batch_size", "propagate", "pipeline", "device"}
 EVAL_DEFAULTS: dict[str, Any] = {"perplexity": ["wiki"], "max_tokens": 16384, "seq_len": 512, "tasks": [],
                                  "limit": None, "num_fewshot": 0, "batch_size": 8}
-OPTION_DEFAULTS: dict[str, Any] = {"batch_size": 8, "propagate": "compressed", "device": None}
+OPTION_DEFAULTS: dict[str, Any] = {"batch_size": 8, "propagate": "compressed", "pipeline": "one-pass", "device": None}
 
 
 # ---------------------------------------------------------------- YAML with positions
