@@ -62,26 +62,27 @@ def gptq_quantize(
         zero = torch.zeros_like(scale)
         on_the_fly = True
         blocksize = max(g, blocksize // g * g) if g <= blocksize else g  # a group never straddles two blocks
-    Wp = W[:, order].clone()
-    maskp = mask[:, order] if mask is not None else None
-    gp = g_idx[order]
-    Q = torch.empty_like(Wp)
-    groups_p = gp.tolist()
+    # the column loop runs on the transpose: column j of W is the contiguous row j of WpT
+    WpT = W[:, order].t().contiguous()
+    maskT = mask[:, order].t().contiguous() if mask is not None else None
+    scaleT, zeroT = scale.t().contiguous(), zero.t().contiguous()
+    QT = torch.empty_like(WpT)
+    groups_p = g_idx[order].tolist()
     with single_threaded():
-        _gptq_loop(Wp, U, Q, scale, zero, groups_p, maskp, scheme, lo, hi, g, blocksize, on_the_fly)
-    out = torch.empty_like(Q)
-    out[:, order] = Q
-    return out, scale, zero, g_idx
+        _gptq_loop(WpT, U, QT, scaleT, zeroT, groups_p, maskT, scheme, lo, hi, g, blocksize, on_the_fly)
+    out = torch.empty_like(W)
+    out[:, order] = QT.t()
+    return out, scaleT.t().contiguous(), zeroT.t().contiguous(), g_idx
 
 
 def _gptq_loop(
-    Wp: torch.Tensor,
+    WpT: torch.Tensor,
     U: torch.Tensor,
-    Q: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
+    QT: torch.Tensor,
+    scaleT: torch.Tensor,
+    zeroT: torch.Tensor,
     groups_p: list[int],
-    maskp: torch.Tensor | None,
+    maskT: torch.Tensor | None,
     scheme: QuantScheme,
     lo: int,
     hi: int,
@@ -89,29 +90,36 @@ def _gptq_loop(
     blocksize: int,
     on_the_fly: bool,
 ) -> None:
-    """The column loop of :func:`gptq_quantize` on permuted weights ``Wp``; fills ``Q`` (and on-the-fly scales)."""
-    cols = Wp.shape[1]
+    """The column loop of :func:`gptq_quantize` on the transposed, permuted weight ``WpT`` [in, out]
+    (updated in place); fills ``QT`` and, for on-the-fly groups, the rows of ``scaleT``/``zeroT`` [G, out].
+
+    Row j of ``WpT`` is column j of the weight, so every per-column step reads and writes contiguous
+    memory; the error of column j updates the block's later columns with one rank-1 ``addr_`` and the
+    columns after the block with one GEMM."""
+    cols = WpT.shape[0]
+    inv_d = (1.0 / torch.diagonal(U)).tolist()
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = Wp[:, i1:i2].clone()
+        W1 = WpT[i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             j = i1 + i
             grp = groups_p[j]
             if on_the_fly and j % g == 0:  # group's parameters from its current (error-updated) weights
-                s, z = qparams(W1[:, i : i + g], scheme.bits, scheme.symmetric, scheme.clip)
-                scale[:, grp], zero[:, grp] = s, z
-            w = W1[:, i]
-            q = fake_quant(w, scale[:, grp], zero[:, grp], lo, hi)
-            if maskp is not None:
-                q = q.masked_fill(maskp[:, j], 0.0)
-            err = (w - q) / U1[i, i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            Q[:, j] = q
-            Err1[:, i] = err
+                s, z = qparams(W1[i : i + g].t(), scheme.bits, scheme.symmetric, scheme.clip)
+                scaleT[grp], zeroT[grp] = s, z
+            w = W1[i]
+            q = fake_quant(w, scaleT[grp], zeroT[grp], lo, hi)
+            if maskT is not None:
+                q.masked_fill_(maskT[j], 0.0)
+            err = torch.sub(w, q).mul_(inv_d[j])
+            QT[j] = q
+            Err1[i] = err
+            if i + 1 < i2 - i1:
+                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
         if i2 < cols:
-            Wp[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+            WpT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
 
 
 class GPTQ(Method):

@@ -11,6 +11,7 @@ anywhere loses at most the runs in flight, which the next invocation redoes.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import os
 import resource
@@ -117,7 +118,7 @@ def _workspace() -> Workspace:
 # ---------------------------------------------------------------- one run
 def execute_task(task: Task, workspace: Workspace | None = None) -> dict[str, Any]:
     """Compress and evaluate one run; never raises for a failure of the run itself (it is returned)."""
-    from calibrant.engine import compress
+    from calibrant.engine import compress, release_freed_memory
     from calibrant.evaluate.perplexity import perplexity
     from calibrant.evaluate.zeroshot import evaluate_tasks
     from calibrant.methods import make_recipe
@@ -171,6 +172,8 @@ def execute_task(task: Task, workspace: Workspace | None = None) -> dict[str, An
     except Exception as exc:  # a run's failure is data, not a reason to stop the study
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:2000])
         details["traceback"] = traceback.format_exc()[-4000:]
+    gc.collect()
+    release_freed_memory()  # the run's model copy: give it back before the next run
     row.update(
         key=task.key, study=task.study, model_hash=task.model_hash,
         calib_hash=task.calibration.hash if task.calibration is not None else None,
