@@ -83,12 +83,12 @@ def child_calibrant(args: argparse.Namespace) -> dict:
     order = {"act_order": True, "static_groups": True} if args.calibrant_act_order else {}
     method = make_method("gptq", scheme=f"w4g{GROUP_SIZE}", **order)
     t0 = time.perf_counter()
-    report = compress(lm.model, calib, method, batch_size=args.batch_size, progress=False)
+    report = compress(lm.model, calib, method, batch_size=args.batch_size, progress=False, pipeline=args.pipeline)
     wall = time.perf_counter() - t0
     rss = _peak_rss_gb()
     ppl = evaluate_perplexity(lm, "wiki", max_tokens=args.max_eval_tokens, progress=False)["wiki"]
     return {"wall_s": wall, "peak_rss_gb": rss, "timings": report.timings, "ppl": ppl.ppl, "ppl_tokens": ppl.tokens,
-            "settings": method.params()}
+            "settings": {**method.params(), "pipeline": report.pipeline}}
 
 
 def child_llmcompressor(args: argparse.Namespace) -> dict:
@@ -197,6 +197,10 @@ def main() -> None:
     p.add_argument("--calibrant-act-order", action="store_true",
                    help="calibrant with act-order + static groups, the ordering llm-compressor 0.14 uses by default "
                         "(actorder='static'); default: calibrant's default GPTQ (no act-order)")
+    p.add_argument("--pipelines", default="one-pass,two-pass",
+                   help="calibrant engine pipelines to run, comma-separated (one-pass: each block once, true-sequential; "
+                        "two-pass: stats from the dense block, then a second run)")
+    p.add_argument("--pipeline", default="one-pass", help=argparse.SUPPRESS)  # the child's
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--keep", action="store_true", help="keep the work directory (ids, llm-compressor's model)")
     # children
@@ -235,8 +239,11 @@ def _compare(args: argparse.Namespace, model_dir: Path, calib: Any, work: Path) 
     results: dict[str, dict] = {}
     results["dense"] = run_child(sys.executable, "dense", args)
     print(f"dense forward (LM head, batch {args.batch_size}): {results['dense']['dense_forward_s']:.1f}s", flush=True)
-    results["calibrant"] = run_child(sys.executable, "calibrant", args)
-    print(f"calibrant GPTQ: {results['calibrant']['wall_s']:.1f}s", flush=True)
+    pipelines = [x.strip() for x in args.pipelines.split(",") if x.strip()]
+    for pipeline in pipelines:
+        key = "calibrant" if pipeline == pipelines[0] else f"calibrant-{pipeline}"
+        results[key] = run_child(sys.executable, "calibrant", args, pipeline=pipeline)
+        print(f"calibrant GPTQ ({pipeline}): {results[key]['wall_s']:.1f}s", flush=True)
 
     llmc_note = "skipped (--skip-llmc)"
     if not args.skip_llmc:
@@ -255,7 +262,9 @@ def _compare(args: argparse.Namespace, model_dir: Path, calib: Any, work: Path) 
 
     fwd = results["dense"]["dense_forward_s"]
     rows = [["dense fp32", "-", "-", "-", f"{results['dense']['ppl']:.3f}"]]
-    for key, label in (("llmcompressor", "llm-compressor oneshot GPTQ"), ("calibrant", "calibrant GPTQ")):
+    labels = [("llmcompressor", "llm-compressor oneshot GPTQ")] + [
+        ("calibrant" if p == pipelines[0] else f"calibrant-{p}", f"calibrant GPTQ ({p})") for p in pipelines]
+    for key, label in labels:
         r = results.get(key)
         if r:
             rows.append([label, f"{r['wall_s']:.1f}", f"{r['wall_s'] / fwd:.2f}", f"{r['peak_rss_gb']:.2f}",
@@ -268,12 +277,13 @@ def _compare(args: argparse.Namespace, model_dir: Path, calib: Any, work: Path) 
           f"{fwd:.1f}s; perplexity on {results['dense']['ppl_tokens']} held-out wiki tokens, seq_len 512; "
           f"calibration hash {calib.hash}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch threads default; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    for key in ("llmcompressor", "calibrant"):
+    for key, _ in labels:
         if key in results:
             print(f"{key} GPTQ settings: {results[key]['settings']}")
-    if "timings" in results.get("calibrant", {}):
-        t = results["calibrant"]["timings"]
-        print("calibrant time split: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    for key, _ in labels[1:]:
+        if "timings" in results.get(key, {}):
+            t = results[key]["timings"]
+            print(f"{key} time split: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     print("note: SmolLM2's weights already sit on a Q4_1 grid (blocks of 32) — see shared/ASSETS.md.")
     if args.json:
         Path(args.json).write_text(json.dumps({"calibration": {"spec": args.calibration, "seed": args.seed,
