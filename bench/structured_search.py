@@ -1,6 +1,6 @@
 """Structured pruning search on the real default model: searched vs uniform vs dense at one budget.
 
-    .venv/bin/python bench/structured_search.py                       # the issue's run (~25 min on 2 cores)
+    .venv/bin/python bench/structured_search.py    # the issue's run (41 min on the shared 2-core machine)
     .venv/bin/python bench/structured_search.py --samples 24 --heldout 6 --eval-tokens 4096 --limit 20  # quick
 
 Prints Markdown tables: perplexity on the wiki/news held-out splits (first --eval-tokens tokens; the
