@@ -9,7 +9,7 @@ import torch
 
 from calibrant.errors import CalibrantError
 from calibrant.evaluate import perplexity, windows
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import VOCAB, tiny_model, token_batch
 
 
 def test_uniform_model_has_perplexity_equal_to_vocab_size():
@@ -68,3 +68,19 @@ def test_scored_token_counts_follow_the_protocol():
 def test_sequence_longer_than_context_is_refused():
     with pytest.raises(CalibrantError, match="context"):
         perplexity(tiny_model("llama"), torch.arange(500) % VOCAB, seq_len=256, progress=False)
+
+
+def test_logits_memory_bound_lowers_the_batch_not_the_result(monkeypatch):
+    import importlib
+
+    P = importlib.import_module("calibrant.evaluate.perplexity")  # the package re-exports a function of that name
+    model = tiny_model("llama")
+    ids = token_batch(n=1, length=400).reshape(-1)
+    free = P.perplexity(model, ids, seq_len=32, batch_size=8, progress=False)
+    # room for the logits of 3 sequences of 32 tokens over the 96-word vocabulary
+    monkeypatch.setattr(P, "MAX_LOGITS_BYTES", 3 * 32 * 96 * 4)
+    assert P.bounded_batch(model, 32, 8) == 3
+    assert P.bounded_batch(model, 4096, 8) == 1
+    bounded = P.perplexity(model, ids, seq_len=32, batch_size=8, progress=False)
+    assert bounded.tokens == free.tokens
+    assert abs(bounded.nll - free.nll) < 1e-6

@@ -49,6 +49,17 @@ def windows(total: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]
     return out
 
 
+MAX_LOGITS_BYTES = 256 << 20  # one batch's float32 logits: the largest tensor of an evaluation
+
+
+def bounded_batch(model: nn.Module, seq_len: int, batch_size: int) -> int:
+    """``batch_size`` lowered so one batch's logits stay under ``MAX_LOGITS_BYTES`` (a 49k vocabulary at
+    512 tokens is 100 MB per sequence: batch 8 would hold 0.8 GB of logits, twice with the loss)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = getattr(head, "out_features", None) or getattr(model.config, "vocab_size", None) or 1
+    return max(1, min(int(batch_size), MAX_LOGITS_BYTES // (seq_len * int(vocab) * 4)))
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -78,6 +89,7 @@ def perplexity(
         raise CalibrantError("the evaluation text has fewer than 2 tokens; use a longer corpus")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     spans = windows(ids.numel(), seq_len, stride)
+    batch_size = bounded_batch(model, seq_len, batch_size)
     # batch windows of equal length together (all but possibly the last)
     groups: list[list[tuple[int, int, int]]] = []
     for span in spans:
