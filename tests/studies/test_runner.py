@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
-from conftest import write_spec
 
 from calibrant.studies import ResultStore, StoreError, load_study, run_study
+from conftest import write_spec
 
 
 def _rows(db):
@@ -171,3 +171,17 @@ def test_ray_local_two_run_study(study_env, tmp_path):
     with sqlite3.connect(ray_db) as conn:
         pids = {json.loads(d).get("pid") for (d,) in conn.execute("SELECT details FROM runs")} - {None}
     assert os.getpid() not in pids
+
+
+def test_runs_are_shared_between_studies(study_env, tmp_path):
+    db = tmp_path / "r.sqlite"
+    first = load_study(write_spec(tmp_path / "a.yaml", study_env, name="a"))
+    run_study(first, db, progress=False)
+    second = load_study(write_spec(tmp_path / "b.yaml", study_env, name="b", methods=[
+        {"name": "dense"}, {"name": "wanda", "sparsity": 0.5}, {"name": "wanda", "sparsity": 0.6}]))
+    summary = run_study(second, db, progress=False)
+    assert (summary.skipped, summary.done) == (5, 4)  # dense + 4 wanda-0.5 runs were finished by study a
+    with ResultStore(db) as store:
+        assert store.studies() == ["a", "b"]
+        assert store.counts("a") == {"done": 6} and store.counts("b") == {"done": 9}
+        assert len(store.frame("b")) == 9 and len(store.frame()) == 10

@@ -128,6 +128,8 @@ def execute_task(task: Task, workspace: Workspace | None = None) -> dict[str, An
     started, t0 = now(), time.perf_counter()
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
+    if task.calibration is not None:  # where the tokens came from (and, for self, how fast they were generated)
+        details["calibration"] = task.calibration.provenance
     row: dict[str, Any] = {"status": "done", "error": None}
     compress_s = eval_s = 0.0
     try:
@@ -333,11 +335,14 @@ def run_study(
                 store.record_run(f["row"], {})
                 failed += 1
             else:
+                store.add_to_study(spec.name, f["row"]["key"])
                 skipped += 1
         todo, seen = [], set()
         for task in tasks:
             status = store.status_of(task.key)
             if task.key in seen or status == "done" or (status == "failed" and not retry_failed):
+                if status is not None:
+                    store.add_to_study(spec.name, task.key)  # possibly finished by another study: shared
                 skipped += 1
                 continue
             seen.add(task.key)

@@ -14,6 +14,7 @@ Schema (version 1) — query it with plain SQL or ``pandas.read_sql``::
     metrics(run_key TEXT, name TEXT, value REAL,       -- e.g. ('ppl:wiki', 23.1), ('acc:arc_easy', 0.51)
             PRIMARY KEY (run_key, name))
     attempts(run_key TEXT, study TEXT, started TEXT, pid INTEGER, host TEXT)  -- a run began; never deleted
+    study_runs(study TEXT, run_key TEXT)               -- a run found done by another study is shared, not redone
 
 A run's row and its metrics are written in one transaction, so a crash (even ``kill -9``) leaves
 either the whole finished run or nothing of it; the ``attempts`` table keeps the trace of runs that
@@ -52,6 +53,11 @@ CREATE TABLE IF NOT EXISTS metrics (
     run_key TEXT NOT NULL REFERENCES runs(key), name TEXT NOT NULL, value REAL, PRIMARY KEY (run_key, name)
 );
 CREATE TABLE IF NOT EXISTS attempts (run_key TEXT NOT NULL, study TEXT, started TEXT, pid INTEGER, host TEXT);
+"""
+# which studies a run belongs to: a run is stored once (by content key) and shared by every study that plans it
+_MEMBERS = """
+CREATE TABLE IF NOT EXISTS study_runs (study TEXT NOT NULL, run_key TEXT NOT NULL, PRIMARY KEY (study, run_key));
+INSERT OR IGNORE INTO study_runs SELECT study, key FROM runs;
 """
 
 RUN_COLUMNS = ("key", "spec_key", "study", "status", "model", "model_hash", "method", "label", "params",
@@ -143,11 +149,13 @@ class ResultStore:
                     f"{self.path} has study schema version {version}, this calibrant writes version {SCHEMA_VERSION}; "
                     "export its results with the calibrant that wrote it ('calibrant study export --csv') and start "
                     "a new --db, or rerun the study into a new --db (finished runs cannot be mixed across schemas)")
+            with self.conn:
+                self.conn.executescript(_MEMBERS)
             return
         from calibrant import __version__
 
         with self.conn:
-            self.conn.executescript(_SCHEMA)
+            self.conn.executescript(_SCHEMA + _MEMBERS)
             self.conn.executemany("INSERT INTO meta VALUES (?, ?)", [
                 ("schema_version", str(SCHEMA_VERSION)), ("created", now()), ("calibrant_version", __version__)])
 
@@ -174,7 +182,13 @@ class ResultStore:
                               [values[c] for c in RUN_COLUMNS])
             self.conn.executemany("INSERT INTO metrics VALUES (?, ?, ?)",
                                   [(values["key"], k, _finite_or_none(v)) for k, v in sorted(metrics.items())])
+            self.conn.execute("INSERT OR IGNORE INTO study_runs VALUES (?, ?)", (values["study"], values["key"]))
         return True
+
+    def add_to_study(self, study: str, key: str) -> None:
+        """Count an existing run (finished by another study) as part of ``study`` too."""
+        with self.conn:
+            self.conn.execute("INSERT OR IGNORE INTO study_runs VALUES (?, ?)", (study, key))
 
     # ------------------------------------------------------------ reading
     def status_of(self, key: str) -> str | None:
@@ -185,19 +199,21 @@ class ResultStore:
         q = "SELECT key FROM runs" + ("" if include_failed else " WHERE status='done'")
         return {r[0] for r in self.conn.execute(q)}
 
+    _IN_STUDY = " WHERE key IN (SELECT run_key FROM study_runs WHERE study=?)"
+
     def counts(self, study: str | None = None) -> dict[str, int]:
         q, args = "SELECT status, COUNT(*) FROM runs", ()
         if study:
-            q, args = q + " WHERE study=?", (study,)
+            q, args = q + self._IN_STUDY, (study,)
         return dict(self.conn.execute(q + " GROUP BY status", args).fetchall())
 
     def studies(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT DISTINCT study FROM runs ORDER BY study")]
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT study FROM study_runs ORDER BY study")]
 
     def spec_keys(self, study: str | None = None) -> dict[str, str]:
         q, args = "SELECT spec_key, status FROM runs", ()
         if study:
-            q, args = q + " WHERE study=?", (study,)
+            q, args = q + self._IN_STUDY, (study,)
         return dict(self.conn.execute(q, args).fetchall())
 
     def interrupted(self, study: str | None = None) -> list[str]:
@@ -214,7 +230,7 @@ class ResultStore:
 
         q, args = "SELECT * FROM runs", ()
         if study:
-            q, args = q + " WHERE study=?", (study,)
+            q, args = q + self._IN_STUDY, (study,)
         runs = pd.read_sql_query(q + " ORDER BY finished, key", self.conn, params=args)
         metrics = pd.read_sql_query("SELECT run_key, name, value FROM metrics", self.conn)
         if not metrics.empty:
