@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from calibrant.errors import CalibrationError, NumericalError, RecipeError
 from calibrant.methods.base import LayerContext, LayerStats, Method, max_need
 from calibrant.methods.quant import fake_quant_activations
-from calibrant.models.adapter import Adapter, set_weight, weight_of
+from calibrant.models.adapter import Adapter, is_linear, set_weight, weight_of
 
 PROPAGATE = ("compressed", "dense")
 PIPELINES = ("one-pass", "two-pass")
@@ -337,7 +337,7 @@ def _call_order(runner: BlockwiseRunner, index: int, inps: torch.Tensor) -> list
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in block.named_modules() if n and _is_linear(m)]
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in block.named_modules() if n and is_linear(m)]
     try:
         b0, b1 = runner.batches(inps.shape[0])[0]
         with torch.no_grad():
@@ -346,12 +346,6 @@ def _call_order(runner: BlockwiseRunner, index: int, inps: torch.Tensor) -> list
         for h in handles:
             h.remove()
     return calls
-
-
-def _is_linear(module: nn.Module) -> bool:
-    from calibrant.models.adapter import is_linear
-
-    return is_linear(module)
 
 
 def _groups_for(
