@@ -7,19 +7,22 @@ from calibrant.errors import CalibrantError  # noqa: E402
 __all__ = ["CalibrantError", "__version__"]
 
 
-def __getattr__(name: str):  # lazy: `import calibrant` stays cheap for the CLI's --help
-    from calibrant import api, calibration, engine, evaluate, methods, models
+_LAZY = {  # public name -> (module, attribute); imported on first use so `import calibrant` stays cheap
+    "compress_model": ("calibrant.api", "compress_model"),
+    "evaluate_perplexity": ("calibrant.api", "evaluate_perplexity"),
+    "compress": ("calibrant.engine", "compress"),
+    "perplexity": ("calibrant.evaluate", "perplexity"),
+    "make_method": ("calibrant.methods", "make_method"),
+    "load_model": ("calibrant.models", "load_model"),
+    "CalibrationSet": ("calibrant.calibration", "CalibrationSet"),
+    "make_calibration": ("calibrant.calibration", "make_calibration"),
+}
 
-    table = {
-        "compress_model": api.compress_model,
-        "evaluate_perplexity": api.evaluate_perplexity,
-        "compress": engine.compress,
-        "perplexity": evaluate.perplexity,
-        "make_method": methods.make_method,
-        "load_model": models.load_model,
-        "CalibrationSet": calibration.CalibrationSet,
-        "make_calibration": calibration.make_calibration,
-    }
-    if name in table:
-        return table[name]
-    raise AttributeError(f"module 'calibrant' has no attribute {name!r}")
+
+def __getattr__(name: str):
+    if name not in _LAZY:  # includes submodules not imported yet: the import system then loads them
+        raise AttributeError(f"module 'calibrant' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(module), attr)

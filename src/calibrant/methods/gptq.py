@@ -17,13 +17,14 @@ from calibrant.methods.base import LayerContext, LayerStats, Method, single_thre
 from calibrant.methods.hessian import damped_inverse_cholesky
 from calibrant.methods.quant import (
     QuantScheme,
-    fake_quant,
     lorc,
     parse_scheme,
     qparams,
     qrange,
     weight_qparams,
 )
+
+SUBBLOCK = 32  # columns per rank-1 update slice inside a lazy block (see _gptq_loop)
 
 
 def gptq_quantize(
@@ -62,16 +63,16 @@ def gptq_quantize(
         zero = torch.zeros_like(scale)
         on_the_fly = True
         blocksize = max(g, blocksize // g * g) if g <= blocksize else g  # a group never straddles two blocks
-    # the column loop runs on the transpose: column j of W is the contiguous row j of WpT
-    WpT = W[:, order].t().contiguous()
-    maskT = mask[:, order].t().contiguous() if mask is not None else None
+    # the column loop runs on the transpose: column j of W is the contiguous row j of WpT (transposing
+    # first and gathering rows is several times faster than gathering columns of W)
+    WpT = W.t().contiguous().index_select(0, order)
+    maskT = mask.t().contiguous().index_select(0, order) if mask is not None else None
     scaleT, zeroT = scale.t().contiguous(), zero.t().contiguous()
     QT = torch.empty_like(WpT)
     groups_p = g_idx[order].tolist()
     with single_threaded():
         _gptq_loop(WpT, U, QT, scaleT, zeroT, groups_p, maskT, scheme, lo, hi, g, blocksize, on_the_fly)
-    out = torch.empty_like(W)
-    out[:, order] = QT.t()
+    out = QT.index_select(0, torch.argsort(order)).t().contiguous()
     return out, scaleT.t().contiguous(), zeroT.t().contiguous(), g_idx
 
 
@@ -94,30 +95,44 @@ def _gptq_loop(
     (updated in place); fills ``QT`` and, for on-the-fly groups, the rows of ``scaleT``/``zeroT`` [G, out].
 
     Row j of ``WpT`` is column j of the weight, so every per-column step reads and writes contiguous
-    memory; the error of column j updates the block's later columns with one rank-1 ``addr_`` and the
-    columns after the block with one GEMM."""
+    memory. Updates are lazy at two levels: the error of column j goes to the next columns of its
+    ``SUBBLOCK``-column slice with one rank-1 ``addr_``, a finished slice updates the rest of its block
+    with one GEMM, and a finished block the columns after it (GPTQ's lazy batch). This is the same sum
+    as column-by-column updates, with 4x less memory traffic in the rank-1 step than slices of 128."""
     cols = WpT.shape[0]
     inv_d = (1.0 / torch.diagonal(U)).tolist()
+    zero_point = not scheme.symmetric  # symmetric grids have zero points of 0: skip adding/subtracting them
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = WpT[i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            grp = groups_p[j]
-            if on_the_fly and j % g == 0:  # group's parameters from its current (error-updated) weights
-                s, z = qparams(W1[i : i + g].t(), scheme.bits, scheme.symmetric, scheme.clip)
-                scaleT[grp], zeroT[grp] = s, z
-            w = W1[i]
-            q = fake_quant(w, scaleT[grp], zeroT[grp], lo, hi)
-            if maskT is not None:
-                q.masked_fill_(maskT[j], 0.0)
-            err = torch.sub(w, q).mul_(inv_d[j])
-            QT[j] = q
-            Err1[i] = err
-            if i + 1 < i2 - i1:
-                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
+        n1 = i2 - i1
+        # slice starts: every SUBBLOCK columns and, for on-the-fly groups, every group start (a group's
+        # parameters need its columns to have received the errors of every earlier column)
+        starts = set(range(0, n1, SUBBLOCK)) | (set(range(0, n1, g)) if on_the_fly else set())
+        bounds = [*sorted(starts), n1]
+        for s1, s2 in zip(bounds[:-1], bounds[1:], strict=True):
+            for i in range(s1, s2):
+                j = i1 + i
+                grp = groups_p[j]
+                if on_the_fly and j % g == 0:  # group's parameters from its current (error-updated) weights
+                    s, z = qparams(W1[i : i + g].t(), scheme.bits, scheme.symmetric, scheme.clip)
+                    scaleT[grp], zeroT[grp] = s, z
+                w, q, scale = W1[i], QT[j], scaleT[grp]
+                torch.div(w, scale, out=q).round_()  # q = fake_quant(w): (clamp(round(w/s) + z) - z) * s
+                if zero_point:
+                    q.add_(zeroT[grp]).clamp_(lo, hi).sub_(zeroT[grp])
+                else:
+                    q.clamp_(lo, hi)
+                q.mul_(scale)
+                if maskT is not None:
+                    q.masked_fill_(maskT[j], 0.0)
+                err = torch.sub(w, q, out=Err1[i]).mul_(inv_d[j])
+                if i + 1 < s2:
+                    W1[i + 1 : s2].addr_(U1[i, i + 1 : s2], err, alpha=-1.0)
+            if s2 < n1:
+                W1[s2:].addmm_(U1[s1:s2, s2:].t(), Err1[s1:s2], alpha=-1.0)
         if i2 < cols:
             WpT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
 

@@ -118,9 +118,10 @@ def _workspace() -> Workspace:
 # ---------------------------------------------------------------- one run
 def execute_task(task: Task, workspace: Workspace | None = None) -> dict[str, Any]:
     """Compress and evaluate one run; never raises for a failure of the run itself (it is returned)."""
-    from calibrant.engine import compress, release_freed_memory
+    from calibrant.engine import compress
     from calibrant.evaluate.perplexity import perplexity
     from calibrant.evaluate.zeroshot import evaluate_tasks
+    from calibrant.heap import release_freed_memory
     from calibrant.methods import make_recipe
 
     ws = workspace or _workspace()
