@@ -28,11 +28,14 @@ def main() -> None:
     p.add_argument("--grans", default="channel,g128,g64,g32")
     p.add_argument("--methods", default="rtn,gptq")
     p.add_argument("--act", default="w8a8,w4a8g64", help="weight+activation schemes (empty to skip)")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ with act-order (static groups for group-wise schemes), as llm-compressor's default")
     args = p.parse_args()
 
     from calibrant.api import evaluate_perplexity, resolve_calibration
     from calibrant.engine import compress
     from calibrant.methods import make_method
+    from calibrant.methods.quant import parse_scheme
     from calibrant.models import Adapter, load_model
 
     def fresh():
@@ -56,7 +59,10 @@ def main() -> None:
     for scheme in schemes:
         for method in args.methods.split(","):
             lm = fresh()
-            m = make_method(method, scheme=scheme)
+            order = {}
+            if method == "gptq" and args.act_order:
+                order = {"act_order": True, "static_groups": parse_scheme(scheme).granularity == "group"}
+            m = make_method(method, scheme=scheme, **order)
             t0 = time.perf_counter()
             rep = compress(lm.model, calib if m.needs != "none" else None, m, progress=False)
             wall = time.perf_counter() - t0
@@ -70,6 +76,8 @@ def main() -> None:
           f"One dense forward over the calibration tokens (with LM head): {fwd:.1f} s.\n")
     print("SmolLM2-135M's weights already carry Q4_1 rounding (4-bit, blocks of 32, scale + min) from its GGUF "
           "source: 4-bit schemes with group size 32 can look artificially good here.\n")
+    if args.act_order:
+        print("GPTQ runs with act-order (descending Hessian diagonal; static groups for group-wise schemes).\n")
     print("| scheme | effective bits | RTN ppl | GPTQ ppl | GPTQ wall s | GPTQ × fwd |")
     print("|---|---|---|---|---|---|")
     by = {(s, m): (b, q, w) for s, m, b, q, w in rows}
