@@ -29,27 +29,24 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("db")
-    p.add_argument("--study", default=None)
-    args = p.parse_args()
-    with ResultStore(args.db, create=False) as store:
-        frame = store.frame(args.study)
+def summarize(db: str, study: str | None = None) -> str:
+    """The Markdown summary of a study database (see the module docstring)."""
+    with ResultStore(db, create=False) as store:
+        frame = store.frame(study)
     ok = frame[frame["status"] == "done"]
     metrics = sorted(c for c in ok.columns if c.startswith("ppl:"))
     dense = ok[ok["method"] == "dense"]
-    print("| method | calibration | n runs | " + " | ".join(f"{m} mean ± std" for m in metrics) + " |")
-    print("|---|---|---:|" + "---:|" * len(metrics))
+    out = ["| method | calibration | n runs | " + " | ".join(f"{m} mean ± std" for m in metrics) + " |",
+           "|---|---|---:|" + "---:|" * len(metrics)]
     if not dense.empty:
-        print("| dense | – | 1 | " + " | ".join(f"{dense[m].iloc[0]:.2f}" for m in metrics) + " |")
+        out.append("| dense | – | 1 | " + " | ".join(f"{dense[m].iloc[0]:.2f}" for m in metrics) + " |")
     verdicts = []
     for label, cframe in ok[ok["method"] != "dense"].groupby("label", sort=True):
         sources = sorted(cframe["calib_source"].dropna().unique(), key=lambda s: (s not in REAL, s))
         for source in sources:
             sframe = cframe[cframe["calib_source"] == source]
             cells = [_ms(sframe[m].dropna().tolist()) for m in metrics]
-            print(f"| {label} | {source} | {len(sframe)} | " + " | ".join(cells) + " |")
+            out.append(f"| {label} | {source} | {len(sframe)} | " + " | ".join(cells) + " |")
         for m in metrics:
             means = {s: cframe[cframe["calib_source"] == s][m].mean() for s in sources}
             real = [v for s, v in means.items() if s in REAL]
@@ -59,9 +56,8 @@ def main() -> None:
                                 f"{max(real):.2f} → {'within' if inside else 'outside'} the real spread"
                                 + ("" if inside else f" ({'below' if means['self'] < min(real) else 'above'})"))
     if verdicts:
-        print("\nDoes self-calibration land within the spread of the real sources (means over seeds)?")
-        for v in verdicts:
-            print(f"- {v}")
+        out.append("\nDoes self-calibration land within the spread of the real sources (means over seeds)?")
+        out += [f"- {v}" for v in verdicts]
     rates = []
     for details in frame["details"].dropna():
         cal = json.loads(details).get("calibration") or {}
@@ -70,9 +66,19 @@ def main() -> None:
             rates.append((cal.get("seed"), cal.get("n"), cal.get("seq_len"), timing["tokens_per_second"],
                           timing["seconds"], timing.get("threads")))
     if rates:
-        print("\nSelf-calibration generation (recorded when each set was made; cached sets keep their first timing):")
-        for seed, n, length, tps, secs, threads in sorted(set(rates)):
-            print(f"- seed {seed}: {n}x{length} tokens in {secs:.1f}s = {tps:.0f} tok/s ({threads} threads)")
+        out.append("\nSelf-calibration generation (recorded when each set was made; cached sets keep their first "
+                   "timing):")
+        out += [f"- seed {seed}: {n}x{length} tokens in {secs:.1f}s = {tps:.0f} tok/s ({threads} threads)"
+                for seed, n, length, tps, secs, threads in sorted(set(rates))]
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("db")
+    p.add_argument("--study", default=None)
+    args = p.parse_args()
+    print(summarize(args.db, args.study))
 
 
 if __name__ == "__main__":
