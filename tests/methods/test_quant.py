@@ -95,6 +95,56 @@ def test_gptq_matches_explicit_obs_reference_with_lazy_blocks():
     torch.testing.assert_close(ours.double(), _gptq_reference(W, H, scheme), atol=1e-4, rtol=1e-4)
 
 
+def _gptq_grouped_reference(W, H, scheme):
+    """Sequential OBS in float64 with on-the-fly groups: a group's grid comes from its columns as they are
+    when the group's first column is reached (after every earlier column's error has been spread)."""
+    from calibrant.methods.quant import qparams
+
+    W = W.double().clone()
+    lo, hi = qrange(scheme.bits, scheme.symmetric)
+    g = scheme.group_size
+    for i in range(W.shape[1]):
+        if i % g == 0:
+            scale, zero = qparams(W[:, i : i + g].float(), scheme.bits, scheme.symmetric)
+            scale, zero = scale.double(), zero.double()
+        Hinv = torch.linalg.inv(H[i:, i:])
+        q = (torch.clamp(torch.round(W[:, i] / scale) + zero, lo, hi) - zero) * scale
+        W[:, i:] -= ((W[:, i] - q) / Hinv[0, 0]).unsqueeze(1) * Hinv[0].unsqueeze(0)
+        W[:, i] = q
+    return W
+
+
+@pytest.mark.parametrize("scheme, blocksize", [("w4g20-asym", 64), ("w3g24", 48), ("w4g100", 128)])
+def test_gptq_grouped_matches_reference_across_slices_and_blocks(scheme, blocksize):
+    """100 columns: several lazy blocks, 32-column rank-1 slices, and groups that start inside a slice."""
+    W, X = _layer(rows=5, cols=100, tokens=600, seed=3)
+    H = X.double().T @ X.double() / 600
+    H += 0.01 * torch.diagonal(H).mean() * torch.eye(100, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True).float()
+    parsed = parse_scheme(scheme)
+    ours, *_ = gptq_quantize(W, U, parsed, blocksize=blocksize)
+    torch.testing.assert_close(ours.double(), _gptq_grouped_reference(W, H, parsed), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_inverse_cholesky_factor_matches_explicit_inverse(act_order):
+    from calibrant.methods.hessian import damped_inverse_cholesky
+
+    _, X = _layer(cols=40, tokens=300, seed=5)
+    X[:, 7] = 0.0  # a dead input
+    stats = _stats(X)
+    perm = torch.argsort(torch.diagonal(stats.hessian), descending=True) if act_order else None
+    U, dead, damp = damped_inverse_cholesky(stats, 0.01, "layer", perm)
+    H = stats.hessian.double() / stats.tokens
+    H[7, 7] = 1.0
+    if perm is not None:
+        H = H[perm][:, perm]
+    H += 0.01 * torch.diagonal(H).mean() * torch.eye(40, dtype=torch.float64)
+    assert dead.nonzero().flatten().tolist() == [7] and damp == 0.01
+    assert torch.equal(U, torch.triu(U)) and bool((torch.diagonal(U) > 0).all())
+    torch.testing.assert_close(U.double().T @ U.double(), torch.linalg.inv(H), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("scheme, static", [("w4-channel", False), ("w4g8", True)])
 def test_act_order_permutation_is_undone(scheme, static):
     """On a diagonal Hessian no error propagates, so act-order must give exactly the in-order result."""
