@@ -25,8 +25,9 @@ REAL = ("wiki", "news", "wikihow", "dialogue", "austen", "pydocs")
 def _ms(values: list[float]) -> str:
     if not values:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def summarize(db: str, study: str | None = None) -> str:
