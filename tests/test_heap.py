@@ -29,3 +29,13 @@ def test_bound_heap_sets_the_threshold_once(monkeypatch):
     assert heap.bound_heap() == heap.DEFAULT_MMAP_THRESHOLD
     assert heap.bound_heap() == heap.DEFAULT_MMAP_THRESHOLD  # idempotent
     heap.release_freed_memory()
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_relax_heap_ends_the_bound(monkeypatch):
+    monkeypatch.delenv("CALIBRANT_MMAP_THRESHOLD", raising=False)
+    assert heap.bound_heap() == heap.DEFAULT_MMAP_THRESHOLD
+    heap.relax_heap()
+    assert heap._BOUND is None
+    assert heap.bound_heap() == heap.DEFAULT_MMAP_THRESHOLD  # a later compression bounds it again
+    heap.relax_heap()

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibrant.errors import CalibrationError, NumericalError, RecipeError
-from calibrant.heap import bound_heap, release_freed_memory
+from calibrant.heap import bound_heap, relax_heap, release_freed_memory
 from calibrant.methods.base import LayerContext, LayerStats, Method, max_need
 from calibrant.methods.quant import fake_quant_activations
 from calibrant.models.adapter import Adapter, is_linear, set_weight, weight_of
@@ -233,7 +233,6 @@ def compress(
         names = ", ".join(m.name for m in methods if m.needs != "none")
         raise CalibrationError(f"{names} needs calibration data; pass --calibration (e.g. wiki:128x512)")
 
-    bound_heap()
     runner = BlockwiseRunner(model, device=device, batch_size=batch_size)
     adapter = runner.adapter
     context = adapter.context_length()
@@ -260,6 +259,7 @@ def compress(
     was_training = model.training
     model.eval()
     start = time.perf_counter()
+    bounded = bound_heap()  # for the compression only: see calibrant.heap
     try:
         if ids is None:  # data-free: no activations needed at all
             for layer_map in tqdm(targets, desc=f"compress {methods[0].name}", disable=not progress):
@@ -314,6 +314,8 @@ def compress(
             release_freed_memory()
         return report
     finally:
+        if bounded is not None:
+            relax_heap()
         timings["total_s"] = time.perf_counter() - start
         report.timings = timings
         model.config.use_cache = use_cache
