@@ -17,6 +17,7 @@ from calibrant.methods.base import LayerContext, LayerStats, Method, single_thre
 from calibrant.methods.hessian import damped_inverse_cholesky
 from calibrant.methods.quant import (
     QuantScheme,
+    fake_quant,
     lorc,
     parse_scheme,
     qparams,
@@ -119,13 +120,8 @@ def _gptq_loop(
                 if on_the_fly and j % g == 0:  # group's parameters from its current (error-updated) weights
                     s, z = qparams(W1[i : i + g].t(), scheme.bits, scheme.symmetric, scheme.clip)
                     scaleT[grp], zeroT[grp] = s, z
-                w, q, scale = W1[i], QT[j], scaleT[grp]
-                torch.div(w, scale, out=q).round_()  # q = fake_quant(w): (clamp(round(w/s) + z) - z) * s
-                if zero_point:
-                    q.add_(zeroT[grp]).clamp_(lo, hi).sub_(zeroT[grp])
-                else:
-                    q.clamp_(lo, hi)
-                q.mul_(scale)
+                w = W1[i]
+                q = fake_quant(w, scaleT[grp], zeroT[grp] if zero_point else None, lo, hi, out=QT[j])
                 if maskT is not None:
                     q.masked_fill_(maskT[j], 0.0)
                 err = torch.sub(w, q, out=Err1[i]).mul_(inv_d[j])

@@ -142,8 +142,17 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, 
     return torch.clamp(torch.round(w / scale) + zero, lo, hi)
 
 
-def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    return (quantize(w, scale, zero, lo, hi) - zero) * scale
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, lo: int, hi: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(clamp(round(w / s) + z, lo, hi) - z) · s``, computed in place in ``out`` when given (GPTQ's column
+    loop); ``zero=None`` is a grid whose zero points are all 0 (symmetric), skipping the two additions."""
+    q = torch.div(w, scale, out=out).round_()
+    if zero is not None:
+        q.add_(zero)
+    q.clamp_(lo, hi)
+    if zero is not None:
+        q.sub_(zero)
+    return q.mul_(scale)
 
 
 def group_slices(cols: int, scheme: QuantScheme) -> list[tuple[int, int]]:
