@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,16 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from study_summary import summarize  # noqa: E402
+from study_summary import _ms, summarize  # noqa: E402
 
 from calibrant.studies import ResultStore  # noqa: E402
-
-
-def _ms(values: list[float], digits: int = 3) -> str:
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
 
 
 def main() -> None:
@@ -97,8 +89,8 @@ def main() -> None:
     print("| " + " | ".join(head) + " |")
     print("|---|---|" + "---:|" * (len(head) - 2))
     for source, entry in sorted(diag.items()):
-        cells = [_ms(entry.get(f"js_{e}", [])) for e in evals]
-        cells += [_ms(entry["distinct4"]), _ms([float(x) for x in entry["distinct_tokens"]], 0),
+        cells = [_ms(entry.get(f"js_{e}", []), 3) for e in evals]
+        cells += [_ms(entry["distinct4"], 3), _ms([float(x) for x in entry["distinct_tokens"]], 0),
                   _ms(entry.get("dense_ppl", []), 2)]
         print(f"| {source} | {','.join(map(str, entry['seeds']))} | " + " | ".join(cells) + " |")
     if mismatched:

@@ -22,12 +22,13 @@ from calibrant.studies import ResultStore  # noqa: E402
 REAL = ("wiki", "news", "wikihow", "dialogue", "austen", "pydocs")
 
 
-def _ms(values: list[float]) -> str:
+def _ms(values: list[float], digits: int = 2) -> str:
+    """``mean ± std`` over seeds; one value alone when there is a single seed."""
     if not values:
         return "-"
-    if len(values) == 1:  # one seed: no spread to show
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def summarize(db: str, study: str | None = None) -> str:
