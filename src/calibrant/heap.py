@@ -13,7 +13,8 @@ glibc's warmed-up values (32 MiB / 64 MiB) when it ends; :func:`release_freed_me
 between blocks. All are no-ops where glibc's ``mallopt`` / ``malloc_trim`` do not exist (macOS, musl).
 
 The bound costs time: memory given back is zeroed again by the kernel when reused. On SmolLM2-135M it
-cut GPTQ's peak RSS from 2.07 to 1.35 GB (one-pass) and made the run 4 % slower (two-pass: 22 %; see bench/heap_policy.py); a
+cut GPTQ's peak RSS from 2.07 to 1.35 GB (one-pass) and made the run 4 % slower (two-pass: 22 %; bench/gptq_vs_llmcompressor.py, and bench/heap_policy.py
+for each allocator setting); a
 forward-bound Wanda run at 128x512 took 26 % longer to compress, and the perplexity evaluation after
 it 45 % longer while the bound stayed on, hence the relaxing at the end of each compression.
 """
