@@ -10,7 +10,9 @@ GPTQ run's peak RSS, and more with one heap per batch thread in the one-pass pip
 :func:`bound_heap` fixes the mmap and trim thresholds at ``CALIBRANT_MMAP_THRESHOLD`` bytes (default
 1 MiB; ``0`` leaves the allocator alone) when a compression starts, and :func:`relax_heap` sets them to
 glibc's warmed-up values (32 MiB / 64 MiB) when it ends; :func:`release_freed_memory` trims the heaps
-between blocks. All are no-ops where glibc's ``mallopt`` / ``malloc_trim`` do not exist (macOS, musl).
+between blocks. The bound only decides where *new* memory comes from: free chunks a heap already holds
+(after earlier work in a long-lived process) are still reused first, so the bound helps most in a
+fresh process such as one `calibrant compress` run. All are no-ops where glibc's ``mallopt`` / ``malloc_trim`` do not exist (macOS, musl).
 
 The bound costs time: memory given back is zeroed again by the kernel when reused. On SmolLM2-135M it
 cut GPTQ's peak RSS from 2.07 to 1.35 GB (one-pass) and made the run 4 % slower (two-pass: 22 %; bench/gptq_vs_llmcompressor.py, and bench/heap_policy.py
