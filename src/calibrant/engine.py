@@ -269,7 +269,7 @@ def compress(
             return report
         t0 = time.perf_counter()
         inps = runner.capture(ids)
-        outs = torch.empty_like(inps)
+        outs: torch.Tensor | None = None  # two-pass blocks' outputs; one-pass blocks write over inps
         timings["capture_s"] = time.perf_counter() - t0
         bar = tqdm(range(len(adapter.blocks)), desc=f"compress {'+'.join(m.name for m in methods)}",
                    disable=not progress, unit="block")
@@ -285,16 +285,17 @@ def compress(
                 groups = _groups_for(order, targets[i], adapter.block_prefix, i)
                 if groups is not None:
                     t0 = time.perf_counter()
-                    records, spent = _one_pass(runner, i, targets[i], groups, methods, need, inps, outs)
+                    records, spent = _one_pass(runner, i, targets[i], groups, methods, need, inps)
                     report.layers += records
                     timings["stats_s"] += spent["stats"]
                     timings["compress_s"] += spent["compress"]
                     timings["forward_s"] += time.perf_counter() - t0 - spent["stats"] - spent["compress"]
                     if moved:
                         block.to(runner.model_device)
-                    inps, outs = outs, inps
                     release_freed_memory()
                     continue
+            if outs is None:
+                outs = torch.empty_like(inps)
             if need != "none" and targets[i]:
                 t0 = time.perf_counter()
                 stats_time = _observe(runner, i, targets[i], need, inps, outs if propagate == "dense" else None, stats)
@@ -413,10 +414,10 @@ def _one_pass(
     methods: list[Method],
     need: str,
     inps: torch.Tensor,
-    outs: torch.Tensor,
 ) -> tuple[list[LayerRecord], dict[str, float]]:
     """Run block ``index`` once over all batches, compressing each group of linears when every batch has
-    reached it (see :func:`compress`); writes the block's outputs into ``outs``.
+    reached it (see :func:`compress`); each batch's outputs replace its inputs in ``inps`` (a batch's
+    input is dead once its forward returns), so no second ``[n, L, hidden]`` buffer is held.
 
     Each batch runs in its own thread and waits at each group's first linear; the last batch to arrive
     compresses the group, then all go on through the compressed weights."""
@@ -460,7 +461,7 @@ def _one_pass(
             args, kwargs = runner.block_kwargs[index][b1 - b0]
             with torch.no_grad():  # grad mode is per thread
                 out = block(inps[b0:b1], *args, **kwargs)
-            outs[b0:b1] = out[0] if isinstance(out, tuple | list) else out
+            inps[b0:b1] = out[0] if isinstance(out, tuple | list) else out
             turns.done(b)
         except _Abort:
             pass
