@@ -551,7 +551,8 @@ def _compress_block(
     for names in groups.values():
         t0 = time.perf_counter()
         st = stats.get(names[0])
-        originals = [weight_of(layers[n]).to(device=device, dtype=torch.float32, copy=True) for n in names]
+        # the module's own storage when it is float32 on ``device`` already: read-only until set_weight
+        originals = [weight_of(layers[n]).to(device=device, dtype=torch.float32) for n in names]
         weights = [w.clone() for w in originals]
         ctxs = [LayerContext(n) for n in names]
         for method in methods:
@@ -565,15 +566,14 @@ def _compress_block(
         seconds = (time.perf_counter() - t0) / len(names)
         for n, original, weight, ctx in zip(names, originals, weights, ctxs, strict=True):
             module = layers[n]
+            rel_error = _rel_error(original, weight, st)  # before set_weight overwrites ``original``
+            zeros = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
             set_weight(module, weight)
             if ctx.quant is not None:
                 attach_quant_state(module, ctx.quant)
                 ctx.info["scheme"] = ctx.quant["scheme"].name
                 ctx.info["effective_bits"] = ctx.quant["scheme"].effective_bits(tuple(weight.shape))
-            zeros = float((weight == 0).float().mean())
-            records.append(
-                LayerRecord(n, tuple(weight.shape), zeros, seconds, _rel_error(original, weight, st), ctx.info)
-            )
+            records.append(LayerRecord(n, tuple(weight.shape), zeros, seconds, rel_error, ctx.info))
     return records
 
 
