@@ -89,18 +89,3 @@ def test_bounded_heap_gives_freed_tensors_back():
     unbounded = _probe("0")
     assert unbounded["grown"] > 150
     assert unbounded["left"] > 0.5 * unbounded["grown"]
-
-
-def _thp_setting(env: dict) -> str:
-    code = "import calibrant, torch, os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
-    base = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "CALIBRANT_HUGE_PAGES")}
-    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
-
-
-@pytest.mark.skipif(platform.system() != "Linux", reason="torch reads THP_MEM_ALLOC_ENABLE on Linux only")
-def test_import_calibrant_asks_torch_for_huge_pages_unless_told_not_to():
-    assert _thp_setting({}) == "1"
-    assert _thp_setting({"CALIBRANT_HUGE_PAGES": "0"}) == "0"
-    assert _thp_setting({"CALIBRANT_HUGE_PAGES": "0", "THP_MEM_ALLOC_ENABLE": "1"}) == "0"  # e.g. inherited
-    assert _thp_setting({"THP_MEM_ALLOC_ENABLE": "0"}) == "0"  # the user's own choice stays

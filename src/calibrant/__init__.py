@@ -2,10 +2,6 @@
 
 __version__ = "0.1.0"
 
-from calibrant.heap import prefer_huge_pages  # noqa: E402
-
-prefer_huge_pages()  # before anything imports torch: see calibrant.heap
-
 from calibrant.errors import CalibrantError  # noqa: E402
 
 __all__ = ["CalibrantError", "__version__"]

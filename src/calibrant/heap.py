@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import sys
 from typing import Any
 
 from calibrant.errors import CalibrantError
@@ -87,23 +86,6 @@ def relax_heap() -> None:
         _libc().mallopt(_M_MMAP_THRESHOLD, RELAXED_MMAP_THRESHOLD)
         _libc().mallopt(_M_TRIM_THRESHOLD, 2 * RELAXED_MMAP_THRESHOLD)
         _BOUND = None
-
-
-def prefer_huge_pages() -> bool:
-    """Ask torch to back CPU tensors of 2 MB and more with transparent huge pages (its
-    ``THP_MEM_ALLOC_ENABLE``): a fresh 25 MB activation then costs a dozen page faults instead of
-    six thousand, which is most of what the bound above costs in time. torch reads the variable once,
-    at its first allocation, so this only acts when called before ``import torch``; ``import
-    calibrant`` calls it. ``CALIBRANT_HUGE_PAGES=0`` turns it off; otherwise a value the user set is kept.
-    Returns whether torch will use huge pages. Linux only (elsewhere torch ignores the variable)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    if "torch" not in sys.modules:
-        if os.environ.get("CALIBRANT_HUGE_PAGES", "1").strip() == "0":
-            os.environ["THP_MEM_ALLOC_ENABLE"] = "0"  # also for children that inherited our "1"
-        else:
-            os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
 
 
 def release_freed_memory() -> None:
