@@ -1,7 +1,6 @@
 """Where a one-pass GPTQ run's time goes, against one plain dense forward over the same tokens.
 
     .venv/bin/python bench/forward_overhead.py                   # SmolLM2-135M, wiki 32x512, batch 8
-    THP_MEM_ALLOC_ENABLE=1 .venv/bin/python bench/forward_overhead.py    # torch's huge pages for ≥ 2 MB tensors
 
 One process, one model load; each line is the best of ``--repeats`` runs, in this order:
 
