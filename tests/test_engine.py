@@ -153,11 +153,11 @@ def test_w8a8_simulates_activation_quantization_and_survives_save(tmp_path):
         assert torch.equal(reloaded(ids).logits, b)
 
 
-def _one_block_llama(seed: int = 0) -> torch.nn.Module:
+def _one_block_llama(seed: int = 0, blocks: int = 1) -> torch.nn.Module:
     import transformers as T
 
     torch.manual_seed(seed)
-    cfg = T.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    cfg = T.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=blocks,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     return T.LlamaForCausalLM(cfg).eval()
 
@@ -174,6 +174,21 @@ def test_one_pass_is_true_sequential(method, params):
     for group in (["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]):
         compress(reference, ids, make_method(method, **params), batch_size=4, progress=False, pipeline="two-pass",
                  include=group)
+    for (name, a), b in zip(fused.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_one_pass_outputs_written_over_inputs_feed_the_next_block_exactly():
+    """One-pass blocks write each batch's outputs over its inputs: over three blocks the result must
+    still equal compressing one group at a time, every call re-capturing all inputs from scratch."""
+    ids = token_batch(n=10, length=32)
+    fused, reference = _one_block_llama(blocks=3), _one_block_llama(blocks=3)
+    report = compress(fused, ids, make_method("gptq", scheme="w4g16"), batch_size=4, progress=False)
+    assert report.pipeline == "one-pass" and len(report.layers) == 21
+    for i in range(3):
+        for group in (["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]):
+            compress(reference, ids, make_method("gptq", scheme="w4g16"), batch_size=4, progress=False,
+                     pipeline="two-pass", include=[f"*layers.{i}.*{g}" for g in group])
     for (name, a), b in zip(fused.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b), name
 

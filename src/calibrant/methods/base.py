@@ -65,8 +65,8 @@ class LayerStats:
     @property
     def hessian(self) -> torch.Tensor | None:
         if self._h is not None and self._lower_stale:
-            upper = torch.triu(self._h)
-            self._h.copy_(upper + torch.triu(self._h, 1).t())
+            lower = torch.triu(self._h, 1).t()  # the only temporary: this runs at the peak of a one-pass block
+            self._h.triu_().add_(lower)
             self._lower_stale = False
         return self._h
 

@@ -103,32 +103,35 @@ def _gptq_loop(
     cols = WpT.shape[0]
     inv_d = (1.0 / torch.diagonal(U)).tolist()
     zero_point = not scheme.symmetric  # symmetric grids have zero points of 0: skip adding/subtracting them
+    # per-column views made once (indexing a tensor in the loop costs as much as the arithmetic)
+    wrows, qrows, urows = WpT.unbind(0), QT.unbind(0), U.unbind(0)
+    srows, zrows = scaleT.unbind(0), zeroT.unbind(0)  # on-the-fly groups write into scaleT/zeroT: views see it
+    mrows = maskT.unbind(0) if maskT is not None else None
+    Err = torch.empty(min(blocksize, cols), WpT.shape[1], dtype=WpT.dtype, device=WpT.device)
+    erows = Err.unbind(0)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = WpT[i1:i2]  # a view: updated in place
-        U1 = U[i1:i2, i1:i2]
-        Err1 = torch.empty_like(W1)
         n1 = i2 - i1
+        Err1 = Err[:n1]
         # slice starts: every SUBBLOCK columns and, for on-the-fly groups, every group start (a group's
         # parameters need its columns to have received the errors of every earlier column)
         starts = set(range(0, n1, SUBBLOCK)) | (set(range(0, n1, g)) if on_the_fly else set())
-        bounds = [*sorted(starts), n1]
+        bounds = [i1 + b for b in sorted(starts)] + [i2]
         for s1, s2 in zip(bounds[:-1], bounds[1:], strict=True):
-            for i in range(s1, s2):
-                j = i1 + i
+            for j in range(s1, s2):
                 grp = groups_p[j]
                 if on_the_fly and j % g == 0:  # group's parameters from its current (error-updated) weights
-                    s, z = qparams(W1[i : i + g].t(), scheme.bits, scheme.symmetric, scheme.clip)
+                    s, z = qparams(WpT[j : j + g].t(), scheme.bits, scheme.symmetric, scheme.clip)
                     scaleT[grp], zeroT[grp] = s, z
-                w = W1[i]
-                q = fake_quant(w, scaleT[grp], zeroT[grp] if zero_point else None, lo, hi, out=QT[j])
-                if maskT is not None:
-                    q.masked_fill_(maskT[j], 0.0)
-                err = torch.sub(w, q, out=Err1[i]).mul_(inv_d[j])
-                if i + 1 < s2:
-                    W1[i + 1 : s2].addr_(U1[i, i + 1 : s2], err, alpha=-1.0)
-            if s2 < n1:
-                W1[s2:].addmm_(U1[s1:s2, s2:].t(), Err1[s1:s2], alpha=-1.0)
+                w = wrows[j]
+                q = fake_quant(w, srows[grp], zrows[grp] if zero_point else None, lo, hi, out=qrows[j])
+                if mrows is not None:
+                    q.masked_fill_(mrows[j], 0.0)
+                err = torch.sub(w, q, out=erows[j - i1]).mul_(inv_d[j])
+                if j + 1 < s2:
+                    WpT[j + 1 : s2].addr_(urows[j][j + 1 : s2], err, alpha=-1.0)
+            if s2 < i2:
+                WpT[s2:i2].addmm_(U[s1:s2, s2:i2].t(), Err[s1 - i1 : s2 - i1], alpha=-1.0)
         if i2 < cols:
             WpT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
 

@@ -168,8 +168,16 @@ def weight_qparams(W: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, 
     if scheme.granularity == "tensor":
         s, z = qparams(W.reshape(1, -1), scheme.bits, scheme.symmetric, scheme.clip)
         return s.expand(W.shape[0]).unsqueeze(1).clone(), z.expand(W.shape[0]).unsqueeze(1).clone()
-    parts = [qparams(W[:, a:b], scheme.bits, scheme.symmetric, scheme.clip) for a, b in group_slices(W.shape[1], scheme)]
-    return torch.stack([p[0] for p in parts], 1), torch.stack([p[1] for p in parts], 1)
+    rows, cols = W.shape
+    g = scheme.group_size if scheme.granularity == "group" else cols
+    full = cols // g * g  # the full groups as the rows of one [rows·G, g] matrix (qparams is row-wise), then
+    s, z = qparams(W[:, :full].reshape(rows * (full // g), g), scheme.bits, scheme.symmetric, scheme.clip)
+    scales, zeros = [s.reshape(rows, -1)], [z.reshape(rows, -1)]
+    if full < cols:  # the short last group
+        s, z = qparams(W[:, full:], scheme.bits, scheme.symmetric, scheme.clip)
+        scales.append(s[:, None])
+        zeros.append(z[:, None])
+    return torch.cat(scales, 1), torch.cat(zeros, 1)
 
 
 def expand_groups(t: torch.Tensor, cols: int, scheme: QuantScheme) -> torch.Tensor:
