@@ -8,6 +8,8 @@ One process, one model load; each line is the best of ``--repeats`` runs, in thi
 2. the decoder alone (no LM head): the part of (1) any layer-wise method must redo;
 3. block by block: capture block 0's inputs, then every block over all batches (the two-pass engine's
    propagation pass, no hooks);
+3a. the same with each batch's block forward in a new thread (what the one-pass engine did before it
+   kept its batch threads), and 3b. in one thread per batch reused for every block;
 4. the one-pass engine with a method that changes nothing and needs only activation norms: (3) plus
    the batch threads, hooks and per-group hand-offs;
 5. the same with a method that needs XᵀX: (4) plus Hessian accumulation and the per-layer
@@ -21,6 +23,8 @@ changes them. Times are in seconds and as a multiple of row 1.
 from __future__ import annotations
 
 import argparse
+import queue
+import threading
 import time
 
 import torch
@@ -74,6 +78,44 @@ def main() -> None:
             runner.run_block(i, inps, outs)
             inps, outs = outs, inps
 
+    @torch.no_grad()
+    def blockwise_threads(reuse: bool) -> None:
+        runner = BlockwiseRunner(lm.model, batch_size=bs)
+        state = [runner.capture(ids)]
+        state.append(torch.empty_like(state[0]))
+        spans = runner.batches(ids.shape[0])
+
+        def one(i: int, b: int) -> None:
+            with torch.no_grad():  # grad mode is per thread
+                b0, b1 = spans[b]
+                args, kwargs = runner.block_kwargs[i][b1 - b0]
+                out = runner.adapter.blocks[i](state[0][b0:b1], *args, **kwargs)
+                state[1][b0:b1] = out[0] if isinstance(out, tuple | list) else out
+
+        jobs = [queue.SimpleQueue() for _ in spans]
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+
+        def serve(b: int) -> None:
+            while (i := jobs[b].get()) is not None:
+                one(i, b)
+                finished.put(b)
+
+        workers = [threading.Thread(target=serve, args=(b,), daemon=True) for b in range(len(spans))] if reuse else []
+        for t in workers:
+            t.start()
+        for i in range(len(runner.adapter.blocks)):
+            for b in range(len(spans)):
+                if reuse:
+                    jobs[b].put(i)
+                    finished.get()
+                else:
+                    t = threading.Thread(target=one, args=(i, b))
+                    t.start()
+                    t.join()
+            state.reverse()
+        for q in jobs:
+            q.put(None)
+
     timings: dict[str, dict] = {}
 
     def engine(method: Method, label: str) -> None:
@@ -84,6 +126,8 @@ def main() -> None:
     rows = [("dense forward, LM head", best(lambda: dense(lm.model))),
             ("decoder only", best(lambda: dense(lm.model.model))),
             ("block by block, no hooks", best(blockwise)),
+            ("  each batch in a new thread", best(lambda: blockwise_threads(False))),
+            ("  one reused thread per batch", best(lambda: blockwise_threads(True))),
             ("one-pass, unchanged, norms", best(lambda: engine(Unchanged("norms"), "norms"))),
             ("one-pass, unchanged, XᵀX", best(lambda: engine(Unchanged("hessian"), "hessian")))]
     gptq = make_method("gptq", scheme="w4g64", act_order=True, static_groups=True)

@@ -2,7 +2,7 @@
 page faults and CPU time for the first ``--blocks`` blocks of SmolLM2-135M (W4 g64, act-order, 32x512
 wiki calibration, one-pass engine), one fresh process per setting.
 
-    .venv/bin/python bench/heap_policy.py            # thresholds 0 (glibc's own), 8 MiB, 1 MiB; one arena
+    .venv/bin/python bench/heap_policy.py   # thresholds 0 (glibc's own), 8 MiB, 1 MiB; one arena; torch's THP
 
 Peak RSS and page faults do not depend on machine load; CPU seconds do, a little (run it quiet).
 """
@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = [("glibc defaults", {"CALIBRANT_MMAP_THRESHOLD": "0"}),
             ("one arena, glibc thresholds", {"CALIBRANT_MMAP_THRESHOLD": "0", "BENCH_ARENA_MAX": "1"}),
             ("threshold 8 MiB", {"CALIBRANT_MMAP_THRESHOLD": str(8 << 20)}),
-            ("threshold 1 MiB (default)", {"CALIBRANT_MMAP_THRESHOLD": str(1 << 20)})]
+            ("threshold 1 MiB (default)", {"CALIBRANT_MMAP_THRESHOLD": str(1 << 20)}),
+            ("threshold 1 MiB, torch huge pages", {"CALIBRANT_MMAP_THRESHOLD": str(1 << 20),
+                                                   "THP_MEM_ALLOC_ENABLE": "1"})]
 
 
 def child(blocks: int) -> dict:
@@ -90,7 +92,7 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for label, env in SETTINGS:
         done = subprocess.run([sys.executable, __file__, "--child", "--blocks", str(args.blocks)], capture_output=True,
-                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env}, cwd=ROOT)
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "THP_MEM_ALLOC_ENABLE": "0", **env}, cwd=ROOT)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{label}: the child failed:\n{done.stderr[-2000:]}")
