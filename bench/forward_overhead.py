@@ -23,7 +23,6 @@ changes them. Times are in seconds and as a multiple of row 1.
 from __future__ import annotations
 
 import argparse
-import queue
 import threading
 import time
 
@@ -39,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
 
     from calibrant.api import resolve_calibration
-    from calibrant.engine import BlockwiseRunner, compress
+    from calibrant.engine import BlockwiseRunner, _BatchThreads, compress
     from calibrant.methods import make_method
     from calibrant.methods.base import Method
     from calibrant.models import load_model
@@ -80,6 +79,7 @@ def main() -> None:
 
     @torch.no_grad()
     def blockwise_threads(reuse: bool) -> None:
+        """(3) with each batch's block forward run in another thread, one batch at a time."""
         runner = BlockwiseRunner(lm.model, batch_size=bs)
         state = [runner.capture(ids)]
         state.append(torch.empty_like(state[0]))
@@ -88,33 +88,22 @@ def main() -> None:
         def one(i: int, b: int) -> None:
             with torch.no_grad():  # grad mode is per thread
                 b0, b1 = spans[b]
-                args, kwargs = runner.block_kwargs[i][b1 - b0]
-                out = runner.adapter.blocks[i](state[0][b0:b1], *args, **kwargs)
-                state[1][b0:b1] = out[0] if isinstance(out, tuple | list) else out
+                runner.run_block(i, state[0][b0:b1], state[1][b0:b1])
 
-        jobs = [queue.SimpleQueue() for _ in spans]
-        finished: queue.SimpleQueue = queue.SimpleQueue()
-
-        def serve(b: int) -> None:
-            while (i := jobs[b].get()) is not None:
-                one(i, b)
-                finished.put(b)
-
-        workers = [threading.Thread(target=serve, args=(b,), daemon=True) for b in range(len(spans))] if reuse else []
-        for t in workers:
-            t.start()
-        for i in range(len(runner.adapter.blocks)):
-            for b in range(len(spans)):
-                if reuse:
-                    jobs[b].put(i)
-                    finished.get()
-                else:
-                    t = threading.Thread(target=one, args=(i, b))
-                    t.start()
-                    t.join()
-            state.reverse()
-        for q in jobs:
-            q.put(None)
+        pool = _BatchThreads(len(spans)) if reuse else None  # the engine's own pool
+        try:
+            for i in range(len(runner.adapter.blocks)):
+                for k in range(len(spans)):
+                    if pool is not None:
+                        pool.run(lambda b, i=i, k=k: one(i, b) if b == k else None)
+                    else:
+                        t = threading.Thread(target=one, args=(i, k))
+                        t.start()
+                        t.join()
+                state.reverse()
+        finally:
+            if pool is not None:
+                pool.close()
 
     timings: dict[str, dict] = {}
 

@@ -413,8 +413,8 @@ class _Turns:
 class _BatchThreads:
     """One thread per calibration batch, kept for every one-pass block of a compression: a new thread
     costs about 20 ms before its first op runs at full speed (its own OpenMP team and BLAS buffers), and
-    the same block forwards of SmolLM2-135M at 32x512 took 21.4 s in four new threads per block and
-    19.2 s in reused ones (bench/forward_overhead.py)."""
+    the same block forwards of SmolLM2-135M at 32x512 took 23.0 s in four new threads per block and
+    21.0 s in reused ones (bench/forward_overhead.py)."""
 
     def __init__(self, n: int):
         self.jobs: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n)]
