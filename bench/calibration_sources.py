@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from study_summary import _ms, summarize  # noqa: E402
+from study_summary import mean_std, summarize  # noqa: E402
 
 from calibrant.studies import ResultStore  # noqa: E402
 
@@ -89,9 +89,9 @@ def main() -> None:
     print("| " + " | ".join(head) + " |")
     print("|---|---|" + "---:|" * (len(head) - 2))
     for source, entry in sorted(diag.items()):
-        cells = [_ms(entry.get(f"js_{e}", []), 3) for e in evals]
-        cells += [_ms(entry["distinct4"], 3), _ms([float(x) for x in entry["distinct_tokens"]], 0),
-                  _ms(entry.get("dense_ppl", []), 2)]
+        cells = [mean_std(entry.get(f"js_{e}", []), 3) for e in evals]
+        cells += [mean_std(entry["distinct4"], 3), mean_std([float(x) for x in entry["distinct_tokens"]], 0),
+                  mean_std(entry.get("dense_ppl", []), 2)]
         print(f"| {source} | {','.join(map(str, entry['seeds']))} | " + " | ".join(cells) + " |")
     if mismatched:
         print("\n**Calibration sets differ from the ones the study used:** " + "; ".join(mismatched))

@@ -22,7 +22,7 @@ from calibrant.studies import ResultStore  # noqa: E402
 REAL = ("wiki", "news", "wikihow", "dialogue", "austen", "pydocs")
 
 
-def _ms(values: list[float], digits: int = 2) -> str:
+def mean_std(values: list[float], digits: int = 2) -> str:
     """``mean ± std`` over seeds; one value alone when there is a single seed."""
     if not values:
         return "-"
@@ -47,7 +47,7 @@ def summarize(db: str, study: str | None = None) -> str:
         sources = sorted(cframe["calib_source"].dropna().unique(), key=lambda s: (s not in REAL, s))
         for source in sources:
             sframe = cframe[cframe["calib_source"] == source]
-            cells = [_ms(sframe[m].dropna().tolist()) for m in metrics]
+            cells = [mean_std(sframe[m].dropna().tolist()) for m in metrics]
             out.append(f"| {label} | {source} | {len(sframe)} | " + " | ".join(cells) + " |")
         for m in metrics:
             means = {s: cframe[cframe["calib_source"] == s][m].mean() for s in sources}

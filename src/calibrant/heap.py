@@ -12,13 +12,14 @@ GPTQ run's peak RSS, and more with one heap per batch thread in the one-pass pip
 glibc's warmed-up values (32 MiB / 64 MiB) when it ends; :func:`release_freed_memory` trims the heaps
 between blocks. The bound only decides where *new* memory comes from: free chunks a heap already holds
 (after earlier work in a long-lived process) are still reused first, so the bound helps most in a
-fresh process such as one `calibrant compress` run. All are no-ops where glibc's ``mallopt`` / ``malloc_trim`` do not exist (macOS, musl).
+fresh process such as one `calibrant compress` run. All are no-ops where glibc's ``mallopt`` /
+``malloc_trim`` do not exist (macOS, musl).
 
-The bound costs time: memory given back is zeroed again by the kernel when reused. On SmolLM2-135M it
-cut GPTQ's peak RSS from 2.07 to 1.35 GB (one-pass) and made the run 4 % slower (two-pass: 22 %; bench/gptq_vs_llmcompressor.py, and bench/heap_policy.py
-for each allocator setting); a
-forward-bound Wanda run at 128x512 took 26 % longer to compress, and the perplexity evaluation after
-it 45 % longer while the bound stayed on, hence the relaxing at the end of each compression.
+The bound costs time: memory given back is zeroed again by the kernel when it is reused. The
+trade-off, measured by bench/gptq_vs_llmcompressor.py and bench/heap_policy.py, is in BENCHMARKS.md
+(GPTQ on SmolLM2-135M: one arena without the bound was 2.5 s faster per run and held 0.18 GB more).
+The bound is lifted at the end of each compression because forward-bound work (perplexity
+evaluation) paid for it most.
 """
 
 from __future__ import annotations
