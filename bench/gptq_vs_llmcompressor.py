@@ -279,7 +279,7 @@ def _compare(args: argparse.Namespace, model_dir: Path, calib: Any, work: Path) 
     for key, label in labels:
         r = results.get(key)
         if r:
-            rows.append([label, f"{r['wall_s']:.1f}", f"{r['wall_s'] / fwd:.2f}", f"{r['peak_rss_gb']:.2f}",
+            rows.append([label, f"{r['wall_s']:.1f}", f"{r['wall_s'] / fwd:.2f}", f"{r['peak_rss_gb']:.3f}",
                          f"{r['ppl']:.3f}"])
     header = ["W4 sym g64, lm_head dense", "wall s", "x dense fwd", "peak RSS GB", "ppl wiki (held-out)"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

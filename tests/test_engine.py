@@ -8,6 +8,7 @@ import torch
 from calibrant.engine import BlockwiseRunner, compress
 from calibrant.errors import CalibrationError, ModelError, RecipeError
 from calibrant.methods import make_method
+from calibrant.methods.base import LayerStats
 from calibrant.models.adapter import Adapter, weight_of
 from tests.conftest import FAMILIES, tiny_model, token_batch
 
@@ -224,10 +225,8 @@ def test_one_pass_error_in_a_group_stops_every_batch_thread():
     assert threading.active_count() == before  # no batch thread left waiting
 
 
-def test_triangular_hessian_accumulation_matches_float64():
-    from calibrant.methods.base import LayerStats
-
-    dim = LayerStats.TRIANGULAR_MIN_DIM + 37  # chunks of unequal width
+@pytest.mark.parametrize("dim", [LayerStats.TRIANGULAR_MIN_DIM + 37, 1024 + 37])  # 4 and 6 unequal chunks
+def test_triangular_hessian_accumulation_matches_float64(dim):
     st = LayerStats(dim, "hessian")
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(300, dim, generator=g) for _ in range(3)]

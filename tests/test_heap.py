@@ -89,3 +89,41 @@ def test_bounded_heap_gives_freed_tensors_back():
     unbounded = _probe("0")
     assert unbounded["grown"] > 150
     assert unbounded["left"] > 0.5 * unbounded["grown"]
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_prefault_makes_a_private_file_mapping_writable_without_faults(tmp_path):
+    import mmap
+    import resource
+
+    import torch
+
+    data = torch.arange(1 << 20, dtype=torch.float32)  # 4 MiB: 1024 pages
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data.numpy().tobytes())
+
+    def mapped() -> tuple[mmap.mmap, torch.Tensor]:
+        with open(path, "r+b") as f:  # copy-on-write, as transformers maps safetensors
+            m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        t = torch.frombuffer(m, dtype=torch.float32)
+        assert float(t.sum()) == float(data.sum())  # read: the pages are mapped, still shared with the file
+        return m, t
+
+    def faults_writing(t: torch.Tensor) -> int:
+        src = torch.full_like(t, 2.0)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t.copy_(src)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    m1, plain = mapped()
+    assert faults_writing(plain) >= 1000  # one copy-on-write fault per page
+    m2, weights = mapped()
+    heap.prefault_for_write([weights[100:]])  # a view: its pages, from the one holding element 100
+    if not heap._POPULATE_WORKS:
+        pytest.skip("MADV_POPULATE_WRITE is not available on this kernel")
+    assert torch.equal(weights, data)  # contents unchanged
+    assert faults_writing(weights) < 50
+    assert path.read_bytes() == data.numpy().tobytes()  # private: the file is untouched
+    del plain, weights
+    m1.close()
+    m2.close()

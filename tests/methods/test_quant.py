@@ -233,3 +233,33 @@ def test_option_it_cannot_serve():
         make_method("gptq", scheme="w4-channel", static_groups=True)
     with pytest.raises(RecipeError, match="act_order is not a parameter of rtn"):
         make_recipe("rtn", scheme="w4g128", act_order=True)
+
+
+@pytest.mark.parametrize("scheme, act_order, static, masked", [
+    ("w4g8", False, False, False), ("w3g8-asym", True, False, False), ("w4g8", True, True, True),
+    ("w4-channel", True, False, False), ("w2-tensor", False, False, True),
+])
+def test_gptq_obs_loss_is_the_layer_error(scheme, act_order, static, masked):
+    """The error GPTQ reports from its own loop equals ‖(W − Ŵ)X‖² computed from scratch in float64,
+    with a dead input column and damping taken out."""
+    W, X = _layer(rows=12, cols=48, tokens=400, seed=7)
+    X[:, 5] = 0.0  # a dead input: its weights are zeroed, and its H_jj = 1 must not leak into the error
+    ctx = LayerContext("l")
+    if masked:
+        ctx.mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(2)) < 0.5
+        W = W.masked_fill(ctx.mask, 0.0)
+    method = make_method("gptq", scheme=scheme, act_order=act_order, static_groups=static, damp=0.05)
+    out = method.compress(W.clone(), _stats(X), ctx)
+    exact = ((W.double() - out.double()) @ X.double().T).square().sum()
+    assert ctx.sq_error == pytest.approx(float(exact), rel=1e-5)  # without the λ term: 17–28 % off
+
+
+def test_engine_rel_error_from_the_obs_loss_matches_the_gemm():
+    from calibrant.engine import _rel_error
+
+    W, X = _layer(rows=10, cols=40, tokens=300, seed=9)
+    stats, ctx = _stats(X), LayerContext("l")
+    out = make_method("gptq", scheme="w3g8").compress(W.clone(), stats, ctx)
+    assert ctx.sq_error is not None
+    assert _rel_error(W, out, stats, ctx.sq_error) == pytest.approx(_rel_error(W, out, stats), rel=1e-4)
+

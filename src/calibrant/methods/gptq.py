@@ -17,7 +17,6 @@ from calibrant.methods.base import LayerContext, LayerStats, Method, single_thre
 from calibrant.methods.hessian import damped_inverse_cholesky
 from calibrant.methods.quant import (
     QuantScheme,
-    fake_quant,
     lorc,
     parse_scheme,
     qparams,
@@ -37,11 +36,14 @@ def gptq_quantize(
     perm: torch.Tensor | None = None,
     static_groups: bool = False,
     mask: torch.Tensor | None = None,
+    loss: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``W`` [out, in] given ``U`` (``UᵀU = H⁻¹``, already permuted if ``perm``).
 
     Returns ``(Ŵ, scales [out, G], zeros [out, G], g_idx [in])`` in the original column order;
-    ``g_idx[c]`` is the group whose parameters column ``c`` uses.
+    ``g_idx[c]`` is the group whose parameters column ``c`` uses. ``loss`` ([out], float64), when given,
+    receives each row's ``Σ_j (w_j − q_j)² / U_jj²`` over the columns as quantized: the sum of the OBS
+    steps' error increases, which is ``(w − ŵ) H (w − ŵ)ᵀ`` for the Hessian that ``U`` factors.
     """
     rows, cols = W.shape
     lo, hi = qrange(scheme.bits, scheme.symmetric)
@@ -70,9 +72,11 @@ def gptq_quantize(
     maskT = mask.t().contiguous().index_select(0, order) if mask is not None else None
     scaleT, zeroT = scale.t().contiguous(), zero.t().contiguous()
     QT = torch.empty_like(WpT)
-    groups_p = g_idx[order].tolist()
+    groups_p = g_idx[order]
     with single_threaded():
-        _gptq_loop(WpT, U, QT, scaleT, zeroT, groups_p, maskT, scheme, lo, hi, g, blocksize, on_the_fly)
+        _gptq_loop(WpT, U, QT, scaleT, zeroT, groups_p.tolist(), maskT, scheme, lo, hi, g, blocksize, on_the_fly,
+                   loss)
+    QT.mul_(scaleT.index_select(0, groups_p))  # integer codes (zero point taken off) → values
     out = QT.index_select(0, torch.argsort(order)).t().contiguous()
     return out, scaleT.t().contiguous(), zeroT.t().contiguous(), g_idx
 
@@ -91,22 +95,32 @@ def _gptq_loop(
     g: int,
     blocksize: int,
     on_the_fly: bool,
+    loss: torch.Tensor | None = None,
 ) -> None:
     """The column loop of :func:`gptq_quantize` on the transposed, permuted weight ``WpT`` [in, out]
-    (updated in place); fills ``QT`` and, for on-the-fly groups, the rows of ``scaleT``/``zeroT`` [G, out].
+    (updated in place); fills ``QT`` with each column's integer codes minus its zero point (the caller
+    scales them) and, for on-the-fly groups, the rows of ``scaleT``/``zeroT`` [G, out].
 
     Row j of ``WpT`` is column j of the weight, so every per-column step reads and writes contiguous
     memory. Updates are lazy at two levels: the error of column j goes to the next columns of its
     ``SUBBLOCK``-column slice with one rank-1 ``addr_``, a finished slice updates the rest of its block
     with one GEMM, and a finished block the columns after it (GPTQ's lazy batch). This is the same sum
-    as column-by-column updates, with 4x less memory traffic in the rank-1 step than slices of 128."""
+    as column-by-column updates, with 4x less memory traffic in the rank-1 step than slices of 128.
+
+    Five ops per column: the code ``t = clamp(round(w / s), lo − z, hi − z)`` (three, into ``QT``), the
+    rounding error ``w − t·s`` (one ``addcmul``) and its update. GPTQ's error is that difference over
+    ``U_jj``; the division is folded into the rows of ``V = U / diag(U)``, which carry every update."""
     cols = WpT.shape[0]
-    inv_d = (1.0 / torch.diagonal(U)).tolist()
-    zero_point = not scheme.symmetric  # symmetric grids have zero points of 0: skip adding/subtracting them
+    inv_d = 1.0 / torch.diagonal(U)
+    V = U * inv_d[:, None]
+    zero_point = not scheme.symmetric
     # per-column views made once (indexing a tensor in the loop costs as much as the arithmetic)
-    wrows, qrows, urows = WpT.unbind(0), QT.unbind(0), U.unbind(0)
-    srows, zrows = scaleT.unbind(0), zeroT.unbind(0)  # on-the-fly groups write into scaleT/zeroT: views see it
+    wrows, qrows, vrows = WpT.unbind(0), QT.unbind(0), V.unbind(0)
+    srows = scaleT.unbind(0)  # on-the-fly groups write into scaleT (and the bounds below): the views see it
     mrows = maskT.unbind(0) if maskT is not None else None
+    if zero_point:  # per-row code bounds lo − z, hi − z: the zero point never needs adding or taking off
+        lowT, highT = lo - zeroT, hi - zeroT
+        lrows, hrows = lowT.unbind(0), highT.unbind(0)
     Err = torch.empty(min(blocksize, cols), WpT.shape[1], dtype=WpT.dtype, device=WpT.device)
     erows = Err.unbind(0)
     for i1 in range(0, cols, blocksize):
@@ -121,19 +135,28 @@ def _gptq_loop(
             for j in range(s1, s2):
                 grp = groups_p[j]
                 if on_the_fly and j % g == 0:  # group's parameters from its current (error-updated) weights
-                    s, z = qparams(WpT[j : j + g].t(), scheme.bits, scheme.symmetric, scheme.clip)
-                    scaleT[grp], zeroT[grp] = s, z
-                w = wrows[j]
-                q = fake_quant(w, srows[grp], zrows[grp] if zero_point else None, lo, hi, out=qrows[j])
+                    sc, z = qparams(WpT[j : j + g].t(), scheme.bits, scheme.symmetric, scheme.clip)
+                    scaleT[grp], zeroT[grp] = sc, z
+                    if zero_point:
+                        torch.sub(lo, z, out=lowT[grp])
+                        torch.sub(hi, z, out=highT[grp])
+                w, scale = wrows[j], srows[grp]
+                t = torch.div(w, scale, out=qrows[j]).round_()
+                if zero_point:
+                    t.clamp_(lrows[grp], hrows[grp])
+                else:
+                    t.clamp_(lo, hi)
                 if mrows is not None:
-                    q.masked_fill_(mrows[j], 0.0)
-                err = torch.sub(w, q, out=erows[j - i1]).mul_(inv_d[j])
+                    t.masked_fill_(mrows[j], 0.0)
+                err = torch.addcmul(w, t, scale, value=-1.0, out=erows[j - i1])
                 if j + 1 < s2:
-                    WpT[j + 1 : s2].addr_(urows[j][j + 1 : s2], err, alpha=-1.0)
+                    WpT[j + 1 : s2].addr_(vrows[j][j + 1 : s2], err, alpha=-1.0)
             if s2 < i2:
-                WpT[s2:i2].addmm_(U[s1:s2, s2:i2].t(), Err[s1 - i1 : s2 - i1], alpha=-1.0)
+                WpT[s2:i2].addmm_(V[s1:s2, s2:i2].t(), Err[s1 - i1 : s2 - i1], alpha=-1.0)
+        if loss is not None:  # the OBS steps' error increases: ((w − q) / U_jj)²
+            loss.add_(Err1.mul(inv_d[i1:i2, None]).square_().sum(0))
         if i2 < cols:
-            WpT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
+            WpT[i2:].addmm_(V[i1:i2, i2:].t(), Err1, alpha=-1.0)
 
 
 class GPTQ(Method):
@@ -176,12 +199,19 @@ class GPTQ(Method):
         U, dead, damp_used = damped_inverse_cholesky(stats, self.damp, ctxs[0].name, perm)
         W = torch.cat(weights, 0)
         W[:, dead] = 0.0
-        masks = [c.mask if c.mask is not None else torch.zeros_like(w, dtype=torch.bool) for w, c in zip(weights, ctxs, strict=True)]
-        mask = torch.cat(masks, 0) if any(c.mask is not None for c in ctxs) else None
+        mask = None
+        if any(c.mask is not None for c in ctxs):
+            mask = torch.cat([c.mask if c.mask is not None else torch.zeros_like(w, dtype=torch.bool)
+                              for w, c in zip(weights, ctxs, strict=True)], 0)
+        loss = None if scheme.lorc_rank else torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
         Q, scale, zero, g_idx = gptq_quantize(
             W, U.to(W.device), scheme, blocksize=self.blocksize, perm=None if perm is None else perm.to(W.device),
-            static_groups=self.static_groups, mask=mask,
+            static_groups=self.static_groups, mask=mask, loss=loss,
         )
+        if loss is not None:  # the OBS loss is for H + λI: take λ‖W − Ŵ‖² off for the error on H alone
+            diag = torch.diagonal(stats.hessian).to(torch.float64) / stats.tokens
+            lam = damp_used * float(torch.where(dead, 1.0, diag).mean())
+            loss -= lam * (W - Q).square().sum(1).to(torch.float64)
         outs, r0 = [], 0
         for w, ctx in zip(weights, ctxs, strict=True):
             r1 = r0 + w.shape[0]
@@ -193,6 +223,8 @@ class GPTQ(Method):
                          "lorc": bool(scheme.lorc_rank)}
             if damp_used != self.damp:
                 ctx.info["damp_used"] = damp_used
+            if loss is not None:
+                ctx.sq_error = float(loss[r0:r1].sum()) * stats.tokens
             outs.append(q)
             r0 = r1
         return outs
