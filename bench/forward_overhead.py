@@ -8,10 +8,8 @@ One process, one model load; each line is the best of ``--repeats`` runs, in thi
 2. the decoder alone (no LM head): the part of (1) any layer-wise method must redo;
 3. block by block: capture block 0's inputs, then every block over all batches (the two-pass engine's
    propagation pass, no hooks);
-3a. the same with each batch's block forward in a new thread (what the one-pass engine did before it
-   kept its batch threads), and 3b. in one thread per batch reused for every block;
 4. the one-pass engine with a method that changes nothing and needs only activation norms: (3) plus
-   the batch threads, hooks and per-group hand-offs;
+   the batch greenlets, hooks and per-group hand-offs;
 5. the same with a method that needs XᵀX: (4) plus Hessian accumulation and the per-layer
    relative-error report;
 6. GPTQ W4 g64 act-order, the llm-compressor bench's calibrant setting.
@@ -23,7 +21,6 @@ changes them. Times are in seconds and as a multiple of row 1.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import torch
@@ -38,7 +35,7 @@ def main() -> None:
     args = p.parse_args()
 
     from calibrant.api import resolve_calibration
-    from calibrant.engine import BlockwiseRunner, _BatchThreads, compress
+    from calibrant.engine import BlockwiseRunner, compress
     from calibrant.methods import make_method
     from calibrant.methods.base import Method
     from calibrant.models import load_model
@@ -77,34 +74,6 @@ def main() -> None:
             runner.run_block(i, inps, outs)
             inps, outs = outs, inps
 
-    @torch.no_grad()
-    def blockwise_threads(reuse: bool) -> None:
-        """(3) with each batch's block forward run in another thread, one batch at a time."""
-        runner = BlockwiseRunner(lm.model, batch_size=bs)
-        state = [runner.capture(ids)]
-        state.append(torch.empty_like(state[0]))
-        spans = runner.batches(ids.shape[0])
-
-        def one(i: int, b: int) -> None:
-            with torch.no_grad():  # grad mode is per thread
-                b0, b1 = spans[b]
-                runner.run_block(i, state[0][b0:b1], state[1][b0:b1])
-
-        pool = _BatchThreads(len(spans)) if reuse else None  # the engine's own pool
-        try:
-            for i in range(len(runner.adapter.blocks)):
-                for k in range(len(spans)):
-                    if pool is not None:
-                        pool.run(lambda b, i=i, k=k: one(i, b) if b == k else None)
-                    else:
-                        t = threading.Thread(target=one, args=(i, k))
-                        t.start()
-                        t.join()
-                state.reverse()
-        finally:
-            if pool is not None:
-                pool.close()
-
     timings: dict[str, dict] = {}
 
     def engine(method: Method, label: str) -> None:
@@ -115,8 +84,6 @@ def main() -> None:
     rows = [("dense forward, LM head", best(lambda: dense(lm.model))),
             ("decoder only", best(lambda: dense(lm.model.model))),
             ("block by block, no hooks", best(blockwise)),
-            ("  each batch in a new thread", best(lambda: blockwise_threads(False))),
-            ("  one reused thread per batch", best(lambda: blockwise_threads(True))),
             ("one-pass, unchanged, norms", best(lambda: engine(Unchanged("norms"), "norms"))),
             ("one-pass, unchanged, XᵀX", best(lambda: engine(Unchanged("hessian"), "hessian")))]
     gptq = make_method("gptq", scheme="w4g64", act_order=True, static_groups=True)

@@ -204,9 +204,23 @@ def test_one_pass_is_deterministic_and_differs_from_two_pass():
     assert any(not torch.equal(x, y) for x, y in zip(a, c, strict=True))  # o/down see compressed inputs
 
 
-def test_one_pass_error_in_a_group_stops_every_batch_thread():
-    import threading
+def _count_live_forwards(model):
+    """Wrap block 0's forward: live[0] is how many of its calls have not returned or unwound."""
+    block = Adapter(model).blocks[0]
+    original, live = block.forward, [0]
 
+    def counted(*args, **kwargs):
+        live[0] += 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            live[0] -= 1
+
+    block.forward = counted
+    return live
+
+
+def test_one_pass_error_in_a_group_unwinds_every_parked_batch():
     from calibrant.errors import NumericalError
     from calibrant.methods.base import Method
 
@@ -219,10 +233,29 @@ def test_one_pass_error_in_a_group_stops_every_batch_thread():
                 return weight * float("nan")
             return weight
 
-    before = threading.active_count()
+    model = tiny_model("llama")
+    live = _count_live_forwards(model)
     with pytest.raises(NumericalError, match="o_proj"):
-        compress(tiny_model("llama"), token_batch(n=6, length=16), Exploding(), batch_size=2, progress=False)
-    assert threading.active_count() == before  # no batch thread left waiting
+        compress(model, token_batch(n=6, length=16), Exploding(), batch_size=2, progress=False)
+    assert live[0] == 0  # the batches parked at o_proj were unwound, not left suspended
+
+
+def test_one_pass_error_in_one_batch_forward_is_raised_and_unwinds_the_others():
+    model = tiny_model("llama")
+    live = _count_live_forwards(model)
+    calls = [0]
+
+    def fail_second_batch(module, args):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise ValueError("a batch broke")
+
+    Adapter(model).blocks[0].mlp.down_proj.register_forward_pre_hook(fail_second_batch)
+    with pytest.raises(ValueError, match="a batch broke"):
+        compress(model, token_batch(n=6, length=16), make_method("gptq", scheme="w4g16"), batch_size=2,
+                 progress=False)
+    assert live[0] == 0
+    assert calls[0] == 2  # batch 2 never ran past the failure
 
 
 @pytest.mark.parametrize("dim", [LayerStats.TRIANGULAR_MIN_DIM + 37, 1024 + 37])  # 4 and 6 unequal chunks

@@ -9,13 +9,13 @@ block to produce the next block's inputs. Only one block's inputs and outputs ar
 from __future__ import annotations
 
 import fnmatch
-import queue
-import threading
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import greenlet
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -266,7 +266,6 @@ def compress(
     model.eval()
     start = time.perf_counter()
     bounded = bound_heap()  # for the compression only: see calibrant.heap
-    pool: _BatchThreads | None = None  # the one-pass blocks' batch threads, made once
     try:
         if ids is None:  # data-free: no activations needed at all
             for layer_map in tqdm(targets, desc=f"compress {methods[0].name}", disable=not progress):
@@ -296,8 +295,7 @@ def compress(
                 groups = _groups_for(order, targets[i], adapter.block_prefix, i)
                 if groups is not None:
                     t0 = time.perf_counter()
-                    pool = pool or _BatchThreads(len(runner.batches(inps.shape[0])))
-                    records, spent = _one_pass(runner, i, targets[i], groups, methods, need, inps, pool)
+                    records, spent = _one_pass(runner, i, targets[i], groups, methods, need, inps)
                     report.layers += records
                     timings["stats_s"] += spent["stats"]
                     timings["compress_s"] += spent["compress"]
@@ -327,8 +325,6 @@ def compress(
             release_freed_memory()
         return report
     finally:
-        if pool is not None:
-            pool.close()
         if bounded is not None:
             relax_heap()
         timings["total_s"] = time.perf_counter() - start
@@ -386,74 +382,6 @@ def _groups_for(
     return list(groups.values())
 
 
-class _Abort(Exception):
-    """Raised in the batch threads of a one-pass block when another thread failed."""
-
-
-class _Turns:
-    """Round-robin among the batch threads of a one-pass block: exactly one runs at a time, in batch
-    order, so statistics accumulate in the same order as in the two-pass pipeline (deterministic), and
-    every op gets all intra-op threads."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.turn = 0
-        self.error: BaseException | None = None
-        self.cond = threading.Condition()
-
-    def wait(self, b: int) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.turn == b or self.error is not None)
-            if self.error is not None:
-                raise _Abort
-
-    def done(self, b: int) -> None:
-        with self.cond:
-            self.turn = (b + 1) % self.n
-            self.cond.notify_all()
-
-    def fail(self, exc: BaseException) -> None:
-        with self.cond:
-            if self.error is None:
-                self.error = exc
-            self.cond.notify_all()
-
-
-class _BatchThreads:
-    """One thread per calibration batch, kept for every one-pass block of a compression: a new thread
-    costs about 20 ms before its first op runs at full speed (its own OpenMP team and BLAS buffers), and
-    the same block forwards of SmolLM2-135M at 32x512 took 23.0 s in four new threads per block and
-    21.0 s in reused ones (bench/forward_overhead.py)."""
-
-    def __init__(self, n: int):
-        self.jobs: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n)]
-        self.finished: queue.SimpleQueue = queue.SimpleQueue()
-        self.threads = [threading.Thread(target=self._serve, args=(b,), daemon=True, name=f"calibrant-batch-{b}")
-                        for b in range(n)]
-        for t in self.threads:
-            t.start()
-
-    def _serve(self, b: int) -> None:
-        while (job := self.jobs[b].get()) is not None:
-            try:
-                job(b)  # jobs report their own errors (see _one_pass); this only keeps the thread alive
-            finally:
-                self.finished.put(b)
-
-    def run(self, job: Callable[[int], None]) -> None:
-        """Call ``job(b)`` in thread b for every batch and wait for all of them."""
-        for q in self.jobs:
-            q.put(job)
-        for _ in self.jobs:
-            self.finished.get()
-
-    def close(self) -> None:
-        for q in self.jobs:
-            q.put(None)
-        for t in self.threads:
-            t.join()
-
-
 @torch.no_grad()
 def _one_pass(
     runner: BlockwiseRunner,
@@ -463,18 +391,21 @@ def _one_pass(
     methods: list[Method],
     need: str,
     inps: torch.Tensor,
-    pool: _BatchThreads,
 ) -> tuple[list[LayerRecord], dict[str, float]]:
     """Run block ``index`` once over all batches, compressing each group of linears when every batch has
     reached it (see :func:`compress`); each batch's outputs replace its inputs in ``inps`` (a batch's
     input is dead once its forward returns), so no second ``[n, L, hidden]`` buffer is held.
 
-    Each batch runs in its own thread of ``pool`` and waits at each group's first linear; the last batch
-    to arrive compresses the group, then all go on through the compressed weights."""
+    Each batch's forward is a greenlet: a coroutine on this thread that parks at each group's first
+    linear and hands over to the next batch, round-robin in batch order (statistics accumulate in the
+    same order as in the two-pass pipeline). The last batch to arrive compresses the group, then all go
+    on through the compressed weights. Every op runs on this one thread, with its OpenMP team, BLAS
+    buffers and malloc arena: one OS thread per batch, as before, cost 1.5–2.5 s per SmolLM2-135M run
+    and 30–40 MB of peak RSS (BENCHMARKS.md)."""
     block = runner.adapter.blocks[index]
     spans = runner.batches(inps.shape[0])
-    turns = _Turns(len(spans))
-    local = threading.local()
+    scheduler = greenlet.getcurrent()
+    running = [0]  # the batch whose greenlet runs now
     records: list[LayerRecord] = []
     spent = {"stats": 0.0, "compress": 0.0}
     handles = []
@@ -484,18 +415,16 @@ def _one_pass(
         st = LayerStats(weight_of(leader).shape[1], need, device=runner.device)  # type: ignore[arg-type]
 
         def hook(module: nn.Module, args: tuple) -> tuple | None:
-            b = local.batch
             t = time.perf_counter()
             st.add(args[0])
             spent["stats"] += time.perf_counter() - t
-            if b == len(spans) - 1:  # every batch has contributed: compress the group now
+            if running[0] == len(spans) - 1:  # every batch has contributed: compress the group now
                 t = time.perf_counter()
                 records.extend(_compress_block({n: layers[n] for n in names}, methods, dict.fromkeys(names, st),
                                                runner.device))
                 st.release()  # its Hessian and factor would otherwise live until the block ends
                 spent["compress"] += time.perf_counter() - t
-            turns.done(b)
-            turns.wait(b)
+            scheduler.switch()  # park; resumed once every batch has reached this group and it is compressed
             quant = getattr(module, "calibrant_quant", None)
             if quant is not None and quant["scheme"].act_bits:  # its hook was added during this very call
                 scheme = quant["scheme"]
@@ -504,33 +433,28 @@ def _one_pass(
 
         return hook
 
-    def worker(b: int) -> None:
+    def forward(b: int) -> None:
         b0, b1 = spans[b]
-        local.batch = b
-        try:
-            turns.wait(b)
-            args, kwargs = runner.block_kwargs[index][b1 - b0]
-            with torch.no_grad():  # grad mode is per thread
-                out = block(inps[b0:b1], *args, **kwargs)
-            inps[b0:b1] = out[0] if isinstance(out, tuple | list) else out
-            turns.done(b)
-        except _Abort:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-            turns.fail(exc)
+        args, kwargs = runner.block_kwargs[index][b1 - b0]
+        out = block(inps[b0:b1], *args, **kwargs)
+        inps[b0:b1] = out[0] if isinstance(out, tuple | list) else out
 
     for names in groups:
         handles.append(layers[names[0]].register_forward_pre_hook(make_hook(names)))
+    batches = [greenlet.greenlet(functools.partial(forward, b)) for b in range(len(spans))]
     try:
-        pool.run(worker)
-    except BaseException as exc:  # e.g. KeyboardInterrupt while waiting: release the waiting threads
-        turns.fail(exc)
-        raise
+        while not batches[-1].dead:  # one round per group, and a last one to finish the block
+            for b, g in enumerate(batches):
+                running[0] = b
+                g.switch()  # an error inside a batch's forward is raised here
+        if not all(g.dead for g in batches):
+            raise RuntimeError(f"block {index}: the batches did not all reach the same layers")
     finally:
         for h in handles:
             h.remove()
-    if turns.error is not None:
-        raise turns.error
+        for g in batches:  # after an error: unwind the parked forwards now, not at garbage collection
+            if not g.dead:
+                g.throw()
     by_name = {r.name: r for r in records}
     return [by_name[n] for n in layers if n in by_name], spent
 
