@@ -399,9 +399,9 @@ def _one_pass(
     Each batch's forward is a greenlet: a coroutine on this thread that parks at each group's first
     linear and hands over to the next batch, round-robin in batch order (statistics accumulate in the
     same order as in the two-pass pipeline). The last batch to arrive compresses the group, then all go
-    on through the compressed weights. Every op runs on this one thread, with its OpenMP team, BLAS
-    buffers and malloc arena: one OS thread per batch, as before, cost 1.5–2.5 s per SmolLM2-135M run
-    and 30–40 MB of peak RSS (BENCHMARKS.md)."""
+    on through the compressed weights. Every op runs on this one thread, with its one OpenMP team, BLAS
+    buffers and malloc arena; an OS thread per batch (the previous design) cost time and peak RSS
+    (BENCHMARKS.md, GPTQ against llm-compressor)."""
     block = runner.adapter.blocks[index]
     spans = runner.batches(inps.shape[0])
     scheduler = greenlet.getcurrent()

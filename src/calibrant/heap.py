@@ -5,7 +5,7 @@ activations, weight copies, Hessians). glibc serves allocations above its mmap t
 own mappings, returned to the OS on free, and everything below from heaps that keep freed memory for
 reuse; the threshold grows on its own (up to 32 MB) after large frees, so most of these temporaries
 end up in heaps. The freed-but-kept memory counts as resident: on SmolLM2-135M it was a third of a
-GPTQ run's peak RSS, and more with one heap per batch thread in the one-pass pipeline.
+GPTQ run's peak RSS.
 
 :func:`bound_heap` fixes the mmap and trim thresholds at ``CALIBRANT_MMAP_THRESHOLD`` bytes (default
 1 MiB; ``0`` leaves the allocator alone) when a compression starts, and :func:`relax_heap` sets them to
@@ -104,10 +104,10 @@ def prefault_for_write(tensors: list[Any]) -> None:
     """Make the pages of CPU ``tensors`` writable now, in one ``madvise`` call per tensor.
 
     Weights loaded from safetensors are a private, copy-on-write mapping of the file: the first write
-    to each 4 KiB page (compression writing its weights back) faults and copies it. One fault per page
-    cost SmolLM2-135M's decoder weights 1.46 s in this VM, and one ``MADV_POPULATE_WRITE`` per tensor
-    0.22 s for the same pages (bench/forward_overhead.py times a compression with both). Contents are
-    unchanged; a no-op for pages already private, on other devices, and where the call does not exist.
+    to each 4 KiB page (compression writing its weights back) faults and copies it, one trap per page.
+    One ``MADV_POPULATE_WRITE`` per tensor does the same copies in the kernel at once, several times
+    faster here (bench/weight_writes.py, figures in BENCHMARKS.md). Contents are unchanged; a no-op
+    for pages already private, on other devices, and where the call does not exist.
     """
     global _POPULATE_WORKS
     lib = _libc()

@@ -67,8 +67,8 @@ class LayerStats:
         self.cache: dict[str, Any] = {}
 
     # XᵀX is symmetric: for wide inputs only the tiles on and above the diagonal are accumulated (k column
-    # chunks: k(k+1)/2 of k² products) and mirrored once when read. Timed on 4096 tokens per batch (2 CPU
-    # threads): at 576 columns one GEMM took 8.7 ms and k=4 6.1 ms; at 1536, 60.4 ms and k=6 40.9 ms.
+    # chunks: k(k+1)/2 of k² products) and mirrored once when read; faster than one GEMM from 576 columns
+    # on (bench/gptq_kernels.py). GPUs run the one GEMM.
     TRIANGULAR_MIN_DIM = 512
 
     @property
