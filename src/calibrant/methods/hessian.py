@@ -62,12 +62,14 @@ def damped_inverse_cholesky(
 
 
 def _inverse_factor(
-    hessian: torch.Tensor, order: torch.Tensor, undamped: torch.Tensor, lam: float, tokens: int, dtype: torch.dtype
+    hessian: torch.Tensor, order: torch.Tensor, undamped: torch.Tensor, damping: float, tokens: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor | None:
-    """U (float32) for ``order`` (reversal composed with act-order's), or None if ``dtype`` is not enough."""
+    """U (float32) for ``order`` (reversal composed with act-order's) and the absolute ``damping`` added
+    to the diagonal, or None if ``dtype`` is not enough."""
     H = hessian.index_select(0, order).index_select(1, order).to(dtype)  # JHJ (of the permuted H)
     H /= tokens
-    torch.add(undamped, lam, out=torch.diagonal(H))
+    torch.add(undamped, damping, out=torch.diagonal(H))
     info = torch.empty((), dtype=torch.int32, device=H.device)
     torch.linalg.cholesky_ex(H, out=(H, info))  # H now holds L (its upper triangle is zeroed)
     if info != 0:
@@ -78,4 +80,3 @@ def _inverse_factor(
     if not all_finite(inv):
         return None
     return inv.to(torch.float32).flip(0, 1)
-
