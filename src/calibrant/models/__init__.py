@@ -1,9 +1,10 @@
 """Model loading (aliases, HF dirs, GGUF, hub ids) and per-family adapters."""
 
-from calibrant.models.adapter import FAMILIES, Adapter, set_weight, weight_of
+from calibrant.models.adapter import FAMILIES, Adapter, context_length_of, inference_mode, set_weight, weight_of
 from calibrant.models.loader import ALIASES, DEFAULT_MODEL, LoadedModel, load_model, resolve_model_dir
 
 __all__ = [
-    "ALIASES", "DEFAULT_MODEL", "FAMILIES", "Adapter", "LoadedModel", "load_model", "resolve_model_dir",
+    "ALIASES", "DEFAULT_MODEL", "FAMILIES", "Adapter", "LoadedModel", "context_length_of", "inference_mode", "load_model",
+    "resolve_model_dir",
     "set_weight", "weight_of",
 ]

@@ -7,6 +7,8 @@ layers of a block, and the embeddings / final norm / LM head that stay dense by 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,35 @@ FAMILIES: dict[str, Family] = {
 
 # families whose checkpoint stores block linears as [in, out] (transformers' Conv1D)
 TRANSPOSED_WEIGHTS: dict[str, tuple[str, ...]] = {"gpt2": ("c_attn.weight", "c_proj.weight", "c_fc.weight")}
+
+
+def context_length_of(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows (None when it states none)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@contextlib.contextmanager
+def inference_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, no KV cache (``config.use_cache = False``) and no autograd while inside; the model's
+    training flag and ``use_cache`` are restored on the way out, also after an error."""
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    was_training = model.training
+    if config is not None:
+        config.use_cache = False
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        if config is not None:
+            config.use_cache = use_cache
+        model.train(was_training)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -122,9 +153,4 @@ class Adapter:
         return _get(self.model, self.family.final_norm) if self.family.final_norm else None
 
     def context_length(self) -> int | None:
-        cfg = self.model.config
-        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        return context_length_of(self.model)

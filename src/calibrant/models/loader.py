@@ -19,6 +19,7 @@ import transformers
 
 from calibrant.cache import cache_dir, sha256_file, write_json_atomic
 from calibrant.errors import ModelError, suggest
+from calibrant.models.adapter import context_length_of
 from calibrant.models.assets import (
     ALIASES,
     GGUF_MAGIC,
@@ -52,6 +53,11 @@ class LoadedModel:
     spec: str  # what the user typed
     path: Path | None  # the local HF directory it came from (None for an in-memory model)
     model_hash: str  # 16 hex: sha256 over the weight files' contents
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model accepts (from its config), None when unstated."""
+        return context_length_of(self.model)
 
 
 def load_model(
