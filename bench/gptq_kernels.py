@@ -59,7 +59,7 @@ def main() -> None:
             hessian.damped_inverse_cholesky(st, 0.01, "bench")
 
         for dtype in (torch.float32, torch.float64):
-            hessian.PRECISIONS = (dtype,)
+            hessian.FLOAT32_FACTOR_DTYPES = (dtype,)
             label = f"U in {str(dtype).removeprefix('torch.')} (damped_inverse_cholesky)"
             rows.setdefault(label, []).append(best_ms(factor))
         H = st.hessian
@@ -68,7 +68,7 @@ def main() -> None:
 
     for dim in (576, 1536):
         time_kernels(dim)
-    hessian.PRECISIONS = (torch.float32, torch.float64)
+    hessian.FLOAT32_FACTOR_DTYPES = (torch.float32, torch.float64)
     for label, (a, b) in rows.items():
         print(f"| {label} | {a:.2f} | {b:.2f} |")
 
@@ -97,14 +97,14 @@ def main() -> None:
         inv = torch.linalg.inv(damped)
         cells = []
         for dtype in (torch.float32, torch.float64):
-            hessian.PRECISIONS = (dtype,)
+            hessian.FLOAT32_FACTOR_DTYPES = (dtype,)
             st.cache.clear()
             U, _, _ = hessian.damped_inverse_cholesky(st, 0.01, name, perm)
             Q, *_ = gptq_quantize(W.clone(), U, scheme, perm=perm, static_groups=True)
             d = (W - Q).double()
             err = float(torch.sum((d @ H) * d) / torch.sum((W.double() @ H) * W.double()))
             cells.append((float((U.double().T @ U.double() - inv).norm() / inv.norm()), err))
-        hessian.PRECISIONS = (torch.float32, torch.float64)
+        hessian.FLOAT32_FACTOR_DTYPES = (torch.float32, torch.float64)
         cond = float(torch.linalg.cond(damped))
         print(f"| {i}.{name} | {cond:.3g} | {cells[0][0]:.1e} | {cells[1][0]:.1e} | {cells[0][1]:.6f} | "
               f"{cells[1][1]:.6f} |")

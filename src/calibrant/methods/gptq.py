@@ -14,7 +14,7 @@ import torch
 
 from calibrant.errors import RecipeError
 from calibrant.methods.base import LayerContext, LayerStats, Method, single_threaded
-from calibrant.methods.hessian import damped_inverse_cholesky
+from calibrant.methods.hessian import damped_inverse_cholesky, solve_dtype
 from calibrant.methods.quant import (
     QuantScheme,
     lorc,
@@ -37,6 +37,7 @@ def gptq_quantize(
     static_groups: bool = False,
     mask: torch.Tensor | None = None,
     loss: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``W`` [out, in] given ``U`` (``UᵀU = H⁻¹``, already permuted if ``perm``).
 
@@ -44,6 +45,9 @@ def gptq_quantize(
     ``g_idx[c]`` is the group whose parameters column ``c`` uses. ``loss`` ([out], float64), when given,
     receives each row's ``Σ_j (w_j − q_j)² / U_jj²`` over the columns as quantized: the sum of the OBS
     steps' error increases, which is ``(w − ŵ) H (w − ŵ)ᵀ`` for the Hessian that ``U`` factors.
+    The solve runs in ``W``'s dtype; ``out_dtype`` (default: the same) is the dtype of ``Ŵ`` and the
+    scales, which are rounded to it before the integer codes are scaled, so ``Ŵ`` lies exactly on the
+    grid it reports.
     """
     rows, cols = W.shape
     lo, hi = qrange(scheme.bits, scheme.symmetric)
@@ -76,6 +80,8 @@ def gptq_quantize(
     with single_threaded():
         _gptq_loop(WpT, U, QT, scaleT, zeroT, groups_p.tolist(), maskT, scheme, lo, hi, g, blocksize, on_the_fly,
                    loss)
+    out_dtype = out_dtype or W.dtype
+    QT, scaleT, zeroT = QT.to(out_dtype), scaleT.to(out_dtype), zeroT.to(out_dtype)  # no copies at W's dtype
     QT.mul_(scaleT.index_select(0, groups_p))  # integer codes (zero point taken off) → values
     out = QT.index_select(0, torch.argsort(order)).t().contiguous()
     return out, scaleT.t().contiguous(), zeroT.t().contiguous(), g_idx
@@ -170,8 +176,10 @@ class GPTQ(Method):
         damp: float = 0.01,
         act_order: bool = False,
         static_groups: bool = False,
+        precision: str = "float32",
     ):
         parsed = parse_scheme(scheme)
+        self._dtype = solve_dtype(precision)
         if blocksize < 1 or not 0 <= damp < 1:
             raise RecipeError(f"GPTQ needs blocksize ≥ 1 and damp in [0, 1), got {blocksize} and {damp}")
         if static_groups and parsed.granularity != "group":
@@ -181,6 +189,7 @@ class GPTQ(Method):
         self.damp = float(damp)
         self.act_order = bool(act_order)
         self.static_groups = bool(static_groups)
+        self.precision = precision
         self._scheme = parsed
 
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
@@ -196,8 +205,8 @@ class GPTQ(Method):
         if scheme.granularity == "tensor" and len(weights) > 1:  # one scale per layer: solve them one by one
             return [self.compress_group([w], stats, [c])[0] for w, c in zip(weights, ctxs, strict=True)]
         perm = torch.argsort(torch.diagonal(stats.hessian), descending=True) if self.act_order else None
-        U, dead, damp_used = damped_inverse_cholesky(stats, self.damp, ctxs[0].name, perm)
-        W = torch.cat(weights, 0)
+        U, dead, damp_used = damped_inverse_cholesky(stats, self.damp, ctxs[0].name, perm, self._dtype)
+        W = torch.cat(weights, 0).to(self._dtype)
         W[:, dead] = 0.0
         mask = None
         if any(c.mask is not None for c in ctxs):
@@ -206,7 +215,7 @@ class GPTQ(Method):
         loss = None if scheme.lorc_rank else torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
         Q, scale, zero, g_idx = gptq_quantize(
             W, U.to(W.device), scheme, blocksize=self.blocksize, perm=None if perm is None else perm.to(W.device),
-            static_groups=self.static_groups, mask=mask, loss=loss,
+            static_groups=self.static_groups, mask=mask, loss=loss, out_dtype=weights[0].dtype,
         )
         if loss is not None:  # the OBS loss is for H + λI: take λ‖W − Ŵ‖² off for the error on H alone
             diag = torch.diagonal(stats.hessian).to(torch.float64) / stats.tokens

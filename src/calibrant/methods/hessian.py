@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import torch
 
-from calibrant.errors import NumericalError
+from calibrant.errors import NumericalError, RecipeError
 from calibrant.methods.base import LayerStats, all_finite
 
 DAMP_RETRIES = 3  # each retry multiplies the damping by 10
-PRECISIONS = (torch.float32, torch.float64)  # tried in this order at each damping
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}  # a solver's ``precision`` option
+FLOAT32_FACTOR_DTYPES = (torch.float32, torch.float64)  # a float32 factor: tried in this order at each damping
+
+
+def solve_dtype(precision: str) -> torch.dtype:
+    """The dtype of a ``precision`` option ("float32" | "float64"); anything else is refused."""
+    if precision not in PRECISIONS:
+        raise RecipeError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    return PRECISIONS[precision]
 
 
 def damped_inverse_cholesky(
-    stats: LayerStats, damp: float, where: str, perm: torch.Tensor | None = None
+    stats: LayerStats, damp: float, where: str, perm: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Return ``(U, dead, damp_used)`` with ``Uᵀ U = (H + λI)⁻¹`` for ``H = XᵀX / tokens``.
 
     With ``perm`` the inverse is of the permuted Hessian ``H[perm][:, perm]`` (GPTQ's act-order);
-    ``dead`` is always in the original column order.
+    ``dead`` is always in the original column order. ``U`` is returned in ``dtype``: float32 factorises
+    in float32 first and falls back to float64 at each damping; float64 factorises in float64 only.
     ``λ = damp · mean(diag H)``. Columns whose input is always zero ("dead") get ``H_jj = 1`` so the
     matrix stays invertible; their weights carry no signal and the caller zeroes them. If the
     Cholesky factorisation fails, the damping is raised tenfold up to ``DAMP_RETRIES`` times; if it
     still fails a NumericalError names the layer and the fix. Cached per input group in
     ``stats.cache`` so q/k/v (and gate/up) share one factorisation.
     """
-    key = f"inv_chol:{damp}:{'perm' if perm is not None else ''}"
+    key = f"inv_chol:{damp}:{'perm' if perm is not None else ''}:{dtype}"
     if key in stats.cache:
         return stats.cache[key]
     if stats.hessian is None or stats.tokens == 0:
@@ -48,8 +58,8 @@ def damped_inverse_cholesky(
     mean_diag = float(torch.mean(undamped))
     lam = damp
     for _ in range(DAMP_RETRIES + 1 if damp > 0 else 1):  # damp=0 is an explicit request for none
-        for dtype in PRECISIONS:
-            U = _inverse_factor(hessian, order, undamped, lam * mean_diag, stats.tokens, dtype)
+        for factor_dtype in FLOAT32_FACTOR_DTYPES if dtype == torch.float32 else (dtype,):
+            U = _inverse_factor(hessian, order, undamped, lam * mean_diag, stats.tokens, factor_dtype, dtype)
             if U is not None:
                 result = (U, dead, lam)
                 stats.cache[key] = result
@@ -63,10 +73,10 @@ def damped_inverse_cholesky(
 
 def _inverse_factor(
     hessian: torch.Tensor, order: torch.Tensor, undamped: torch.Tensor, damping: float, tokens: int,
-    dtype: torch.dtype,
+    dtype: torch.dtype, out_dtype: torch.dtype,
 ) -> torch.Tensor | None:
-    """U (float32) for ``order`` (reversal composed with act-order's) and the absolute ``damping`` added
-    to the diagonal, or None if ``dtype`` is not enough."""
+    """U (in ``out_dtype``) for ``order`` (reversal composed with act-order's) and the absolute ``damping``
+    added to the diagonal, factorised in ``dtype``; None if ``dtype`` is not enough."""
     H = hessian.index_select(0, order).index_select(1, order).to(dtype)  # JHJ (of the permuted H)
     H /= tokens
     torch.add(undamped, damping, out=torch.diagonal(H))
@@ -79,4 +89,4 @@ def _inverse_factor(
     del H
     if not all_finite(inv):
         return None
-    return inv.to(torch.float32).flip(0, 1)
+    return inv.to(out_dtype).flip(0, 1)

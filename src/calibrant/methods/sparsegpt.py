@@ -12,7 +12,7 @@ import torch
 
 from calibrant.errors import RecipeError
 from calibrant.methods.base import LayerContext, LayerStats, single_threaded
-from calibrant.methods.hessian import damped_inverse_cholesky
+from calibrant.methods.hessian import damped_inverse_cholesky, solve_dtype
 from calibrant.methods.sparsity import PruningMethod, lowest_k_mask
 
 
@@ -24,7 +24,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` [out, in] given ``U`` with ``UᵀU = H⁻¹``. Returns (new weight, prune mask)."""
-    W = weight.clone().float()
+    W = weight.clone()
     rows, cols = W.shape
     U = hinv_upper
     mask = torch.zeros_like(W, dtype=torch.bool)
@@ -66,9 +66,12 @@ class SparseGPT(PruningMethod):
     needs = "hessian"
 
     def __init__(
-        self, sparsity: float = 0.5, pattern: str | None = None, blocksize: int = 128, damp: float = 0.01
+        self, sparsity: float = 0.5, pattern: str | None = None, blocksize: int = 128, damp: float = 0.01,
+        precision: str = "float32",
     ):
         super().__init__(sparsity, pattern)
+        self._dtype = solve_dtype(precision)
+        self.precision = precision
         if blocksize < 1 or not 0 <= damp < 1:
             raise RecipeError(f"SparseGPT needs blocksize ≥ 1 and damp in [0, 1), got {blocksize} and {damp}")
         m = self._nm[1] if self._nm else 1
@@ -77,11 +80,12 @@ class SparseGPT(PruningMethod):
 
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         assert stats is not None
-        U, dead, damp_used = damped_inverse_cholesky(stats, self.damp, ctx.name)
-        W = weight.clone()
+        U, dead, damp_used = damped_inverse_cholesky(stats, self.damp, ctx.name, dtype=self._dtype)
+        W = weight.to(self._dtype, copy=True)
         W[:, dead] = 0.0
         with single_threaded():
             W, mask = sparsegpt_prune(W, U.to(W.device), self.sparsity, self._nm, self.blocksize)
+        W = W.to(weight.dtype)
         ctx.mask = mask
         if damp_used != self.damp:
             ctx.info["damp_used"] = damp_used
