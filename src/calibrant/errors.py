@@ -34,6 +34,13 @@ class OutputExistsError(CalibrantError):
     """Refusing to overwrite an existing output."""
 
 
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """``exc``'s message on one line (runs of whitespace, newlines included, become one space), cut to
+    ``limit`` characters with a trailing ``…`` when longer: for quoting a library's error inside ours."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """' Did you mean X?' when a close match exists, else ''."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)

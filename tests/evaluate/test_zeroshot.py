@@ -21,6 +21,9 @@ from transformers import PreTrainedTokenizerFast
 from calibrant.errors import CalibrantError
 from calibrant.evaluate import zeroshot as zs
 from calibrant.evaluate.zeroshot import TaskDataError, TaskError, check_tasks, evaluate_tasks
+from calibrant.evaluate.zeroshot import data as zs_data
+from calibrant.evaluate.zeroshot import scorer as zs_scorer
+from calibrant.evaluate.zeroshot import tasks as zs_tasks
 from tests.conftest import tiny_config
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +123,7 @@ def synthetic_store(tmp_path, monkeypatch) -> dict[str, list[dict]]:
     docs = synthetic_docs()
     for name, rows in docs.items():
         datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / zs.OFFLINE_TASKS[name].data))
-    monkeypatch.setattr(zs, "ensure_task_data", lambda *a, **k: tmp_path)
+    monkeypatch.setattr(zs_scorer, "ensure_task_data", lambda *a, **k: tmp_path)
     return docs
 
 
@@ -136,7 +139,7 @@ def test_unknown_offline_task_lists_available_and_suggests():
 
 
 def test_unknown_task_checks_lm_eval_names_before_giving_up(monkeypatch):
-    monkeypatch.setattr(zs, "_lm_eval_index", lambda: ("lambada_standard", "anli_r1", "truthfulqa_mc2", "arc_easy"))
+    monkeypatch.setattr(zs_tasks, "_lm_eval_index", lambda: ("lambada_standard", "anli_r1", "truthfulqa_mc2", "arc_easy"))
     assert check_tasks(["anli_r1", "arc_easy"]) == [("anli_r1", "hub"), ("arc_easy", "offline")]
     assert check_tasks(["arc_easy"], hub=True) == [("arc_easy", "hub")]  # lm-eval's own arc_easy, online
     with pytest.raises(TaskError, match="Did you mean 'truthfulqa_mc2'"):
@@ -198,7 +201,7 @@ def test_api_refuses_bad_tasks_before_loading_the_model():
 def test_cli_eval_errors_are_one_line(capsys, monkeypatch):
     from calibrant.cli import main
 
-    monkeypatch.setattr(zs, "_lm_eval_index", lambda: ("anli_r1",))
+    monkeypatch.setattr(zs_tasks, "_lm_eval_index", lambda: ("anli_r1",))
     for argv, needle in [
         (["eval", "--model", "/nonexistent", "--quiet"], "--tasks"),
         (["eval", "--model", "/nonexistent", "--tasks", "arc_easy", "--limit", "0", "--quiet"], "--limit"),
@@ -333,7 +336,7 @@ def test_prompts_mirror_lm_evals_builtin_tasks(real_root):
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    index = zs._hub_manager().task_index  # lm-eval's own task definitions
+    index = zs_tasks.hub_manager().task_index  # lm-eval's own task definitions
     data_keys = ("dataset_path", "dataset_name", "dataset_kwargs", "training_split", "validation_split", "test_split",
                  "fewshot_split", "tag", "group", "task_list", "task_alias")
     names = [zs.ALIASES.get(t, t) for t in ALL_OFFLINE] + ["mmlu_anatomy", "mmlu_high_school_us_history"]
@@ -364,7 +367,7 @@ def test_corrupt_task_data_is_detected_and_reacquired(real_root, tmp_path, monke
     blob[len(blob) // 2] ^= 0xFF
     arc.write_bytes(bytes(blob))
     tasks = [zs.OFFLINE_TASKS["arc_easy"], zs.OFFLINE_TASKS["piqa"]]
-    assert not zs._verified(copy_root, tasks[:1]) and zs._verified(copy_root, tasks[1:])
+    assert not zs_data._verified(copy_root, tasks[:1]) and zs_data._verified(copy_root, tasks[1:])
     calls = []
 
     def reacquire(quiet=False):
@@ -373,10 +376,10 @@ def test_corrupt_task_data_is_detected_and_reacquired(real_root, tmp_path, monke
         shutil.copytree(real_root, copy_root)
         return copy_root
 
-    monkeypatch.setattr(zs, "task_data_root", lambda: copy_root)
-    monkeypatch.setattr(zs, "acquire_task_data", reacquire)
+    monkeypatch.setattr(zs_data, "task_data_root", lambda: copy_root)
+    monkeypatch.setattr(zs_data, "acquire_task_data", reacquire)
     assert zs.ensure_task_data(["arc_easy"], quiet=True) == copy_root and calls == [True]
-    assert zs._verified(copy_root, tasks)
+    assert zs_data._verified(copy_root, tasks)
 
 
 @pytest.mark.slow

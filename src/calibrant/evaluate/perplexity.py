@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibrant.errors import CalibrantError, NumericalError
+from calibrant.models.adapter import inference_mode
 
 
 @dataclass
@@ -97,14 +98,10 @@ def perplexity(
             groups[-1].append(span)
         else:
             groups.append([span])
-    use_cache = getattr(model.config, "use_cache", None)
-    model.config.use_cache = False
-    was_training = model.training
-    model.eval()
     total_nll = torch.zeros((), dtype=torch.float64)
     scored = 0
     start = time.perf_counter()
-    try:
+    with inference_mode(model):
         bar = tqdm(groups, desc="perplexity", unit="batch", disable=not progress)
         for group in bar:
             batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
@@ -118,9 +115,6 @@ def perplexity(
             del logits
             if progress:
                 bar.set_postfix(ppl=f"{math.exp(total_nll.item() / scored):.2f}", tok_s=f"{scored / (time.perf_counter() - start):.0f}")
-    finally:
-        model.config.use_cache = use_cache
-        model.train(was_training)
     mean = total_nll.item() / scored
     if not math.isfinite(mean):
         raise NumericalError("perplexity is NaN/Inf: the model produces non-finite logits on this text")
