@@ -17,8 +17,9 @@ from urllib.parse import urlparse
 import torch
 import transformers
 
+from calibrant.acquire import acquire_once
 from calibrant.cache import cache_dir, sha256_file, write_json_atomic
-from calibrant.errors import ModelError, suggest
+from calibrant.errors import ModelError, one_line, suggest
 from calibrant.models.adapter import context_length_of
 from calibrant.models.assets import (
     ALIASES,
@@ -75,14 +76,14 @@ def load_model(
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise ModelError(
-            f"could not load the tokenizer from {path}: {type(exc).__name__}: {_one_line(exc)}. "
+            f"could not load the tokenizer from {path}: {type(exc).__name__}: {one_line(exc)}. "
             f"{_fix_for(path)}"
         ) from exc
     try:
         model = _from_pretrained(path, dtype)
     except Exception as exc:
         raise ModelError(
-            f"could not load the model from {path}: {type(exc).__name__}: {_one_line(exc)}. {_fix_for(path)}"
+            f"could not load the model from {path}: {type(exc).__name__}: {one_line(exc)}. {_fix_for(path)}"
         ) from exc
     model.to(device)
     model.eval()
@@ -146,13 +147,13 @@ def check_model_dir(path: Path) -> None:
     try:
         json.loads(config.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{config} is not valid JSON ({_one_line(exc)}). {_fix_for(path)}") from exc
+        raise ModelError(f"{config} is not valid JSON ({one_line(exc)}). {_fix_for(path)}") from exc
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelError(f"{index} is unreadable ({_one_line(exc)}). {_fix_for(path)}") from exc
+            raise ModelError(f"{index} is unreadable ({one_line(exc)}). {_fix_for(path)}") from exc
         for shard in shards:
             if not (path / shard).is_file():
                 raise ModelError(f"{path / shard} is missing (listed in {index.name}). {_fix_for(path)}")
@@ -237,8 +238,9 @@ def cached_file_digests(files: list[Path], store: Path) -> dict[Path, str]:
 
 def _alias_dir(alias: Alias, quiet: bool = False) -> Path:
     final = cache_dir("models") / alias.name
-    if not is_complete_model_dir(final):
-        acquire_alias(alias, final, quiet=quiet)
+    # one acquisition at a time (under models/.acquire.lock): a second process waits and then loads it
+    acquire_once("models", lambda: final if is_complete_model_dir(final) else None,
+                 lambda: acquire_alias(alias, final, quiet=quiet))
     return final
 
 
@@ -339,7 +341,7 @@ def _check_safetensors(file: Path, model_dir: Path) -> None:
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ModelError(
-            f"{file} is not a valid safetensors file ({_one_line(exc)}). {_fix_for(model_dir)}"
+            f"{file} is not a valid safetensors file ({one_line(exc)}). {_fix_for(model_dir)}"
         ) from exc
     if 8 + n + end > size:
         raise ModelError(
@@ -376,8 +378,3 @@ def _starts_with(path: Path, magic: bytes) -> bool:
             return f.read(len(magic)) == magic
     except OSError:
         return False
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
