@@ -33,7 +33,7 @@ FAMILIES: dict[str, Family] = {
         t: _LLAMA
         for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "phi3")
     },
-    # structurally pruned models with per-block shapes (calibrant.search.structured)
+    # structurally pruned models with per-block shapes (calibrant.models.structured.STRUCTURED_FAMILIES)
     **{f"calibrant_{t}": _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3")},
     "opt": Family(
         "model.decoder",
@@ -142,15 +142,6 @@ class Adapter:
         """Compressible linear layers of block ``index``, keyed by their full module name."""
         prefix = f"{self.family.blocks}.{index}"
         return {f"{prefix}.{n}": m for n, m in self.blocks[index].named_modules() if is_linear(m)}
-
-    def lm_head(self) -> nn.Module | None:
-        return _get(self.model, self.family.lm_head)
-
-    def embeddings(self) -> list[nn.Module]:
-        return [m for p in self.family.embeddings if (m := _get(self.model, p)) is not None]
-
-    def final_norm(self) -> nn.Module | None:
-        return _get(self.model, self.family.final_norm) if self.family.final_norm else None
 
     def context_length(self) -> int | None:
         return context_length_of(self.model)
