@@ -56,16 +56,15 @@ def main() -> None:
     from calibrant.calibration import heldout_token_ids
     from calibrant.evaluate.perplexity import perplexity
     from calibrant.evaluate.zeroshot import evaluate_tasks
-    from calibrant.models import Adapter, load_model
-    from calibrant.search import StructuredConfig, count_params
-    from calibrant.search.search import search_structured
-    from calibrant.search.structured import tokens_per_second
+    from calibrant.models import load_model
+    from calibrant.search import StructuredConfig, count_params, search_structured
+    from calibrant.search.pruner import tokens_per_second
 
     started = time.strftime("%Y-%m-%d %H:%M")
     wall0 = time.perf_counter()
     t0 = time.perf_counter()
     lm = load_model(args.model, quiet=True)
-    calib = resolve_calibration(args.calibration, lm.tokenizer, args.seed, Adapter(lm.model).context_length(),
+    calib = resolve_calibration(args.calibration, lm.tokenizer, args.seed, lm.context_length,
                                 progress=False)
     load_s = time.perf_counter() - t0
 
@@ -79,7 +78,7 @@ def main() -> None:
 
     out_dir = args.out or tempfile.mkdtemp(prefix="structured-search-") + "/run"
     res = search_structured(
-        lm, args.budget, args.samples, calibration=calib, score=args.score, seed=args.seed, out=out_dir,
+        lm, calib, args.budget, args.samples, score=args.score, seed=args.seed, out=out_dir,
         overwrite=True, proxy_tokens=args.proxy_tokens, quantum=args.quantum, top_k=args.top_k, rounds=args.rounds,
         heldout_samples=args.heldout, batch_size=args.batch_size, progress=True,
     )

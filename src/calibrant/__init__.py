@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+import sys  # noqa: E402
+
 from calibrant.errors import CalibrantError  # noqa: E402
 
 __all__ = ["CalibrantError", "__version__"]
@@ -26,3 +28,53 @@ def __getattr__(name: str):
 
     module, attr = _LAZY[name]
     return getattr(importlib.import_module(module), attr)
+
+
+# The structured model types (calibrant_llama, …; calibrant.models.structured) are registered with
+# transformers' Auto classes once transformers has loaded them, not here: importing transformers and
+# torch would make `import calibrant` take seconds. A finder waits for the module that defines
+# AutoModelForCausalLM and registers the types right after it executes (or now, if it already has).
+_AUTO_MODELS = "transformers.models.auto.modeling_auto"
+
+
+def _register_structured_types() -> None:
+    from calibrant.models.structured import register_structured_families
+
+    register_structured_families()
+
+
+class _RegisterAfterAutoModels:
+    """A meta-path finder that never finds a module itself: for ``_AUTO_MODELS`` it returns the normal spec
+    with the loader's ``exec_module`` wrapped to register the structured types afterwards, then retires."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+        if name != _AUTO_MODELS:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_register(module: object) -> None:
+            exec_module(module)
+            try:
+                _register_structured_types()
+            except Exception as exc:  # noqa: BLE001 - never break transformers' own import
+                import warnings
+
+                warnings.warn(f"calibrant could not register its structured model types with transformers "
+                              f"({type(exc).__name__}: {exc}); load such directories with calibrant.models.load_model",
+                              stacklevel=2)
+
+        loader.exec_module = exec_then_register
+        return spec
+
+
+if _AUTO_MODELS in sys.modules:
+    _register_structured_types()
+elif not any(isinstance(f, _RegisterAfterAutoModels) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterAutoModels())

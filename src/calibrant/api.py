@@ -17,9 +17,10 @@ from calibrant.evaluate.zeroshot import STANDARD_SUITE, ZeroShotResult, check_ta
 from calibrant.export.hf import check_output, read_metadata, restore_activation_quant, save_model
 from calibrant.export.packed import check_packable_recipe, normalize_format, save_packed
 from calibrant.methods import Method, make_recipe
-from calibrant.models.adapter import Adapter
 from calibrant.models.loader import LoadedModel, load_model
-from calibrant.search import SearchResult, load_structured, prune_structured, search_structured  # noqa: F401
+from calibrant.models.structured import load_structured  # noqa: F401 - part of the API (README)
+from calibrant.search import SearchResult, StructuredConfig
+from calibrant.search import search as structured_search
 
 DEFAULT_CALIBRATION = "wiki:128x512"
 
@@ -109,7 +110,7 @@ def compress_model(
     loaded = as_loaded(model, quiet=not progress)
     if out is not None and export_format != "hf":
         check_packable_recipe(methods, loaded.model, include, exclude)
-    calib = resolve_calibration(calibration, loaded.tokenizer, seed, Adapter(loaded.model).context_length(),
+    calib = resolve_calibration(calibration, loaded.tokenizer, seed, loaded.context_length,
                                 model=loaded, progress=None if progress else False)
     report = compress(
         loaded.model, calib, methods, batch_size=batch_size, device=device, propagate=propagate, pipeline=pipeline,
@@ -183,3 +184,58 @@ def evaluate_zeroshot(
     loaded = as_loaded(model, quiet=not progress)
     return evaluate_tasks(loaded.model, loaded.tokenizer, names, limit=limit, num_fewshot=num_fewshot,
                           batch_size=batch_size, progress=progress, hub=hub)
+
+
+def search_structured(
+    model: str | Path | LoadedModel,
+    budget: float = 0.8,
+    samples: int = 64,
+    *,
+    calibration: str | Path | CalibrationSet | torch.Tensor | None = "wiki:32x512",
+    score: str = "wanda",
+    seed: int = 0,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> SearchResult:
+    """Predictor-guided search of per-block structured-pruning configurations keeping ``budget`` of the block
+    parameters: loads ``model`` and the calibration set (used by the ``wanda`` score only), then runs
+    :func:`calibrant.search.search_structured` (``options``: its keyword arguments, e.g. ``proxy_tokens``).
+
+    Bad arguments are refused before the model is loaded.
+    """
+    structured_search.check_search(budget, samples, score=score, out=out, overwrite=overwrite,
+                                   **{k: options[k] for k in ("rounds", "top_k", "proxy_tokens") if k in options})
+    loaded = as_loaded(model, quiet=not progress)
+    calib = resolve_calibration(calibration if score == "wanda" else None, loaded.tokenizer, seed,
+                                loaded.context_length, progress=None if progress else False)
+    return structured_search.search_structured(loaded, calib, budget, samples, score=score, seed=seed, out=out,
+                                               overwrite=overwrite, progress=progress, **options)
+
+
+def prune_structured(
+    model: str | Path | LoadedModel,
+    heads: float,
+    mlp: float,
+    *,
+    calibration: str | Path | CalibrationSet | torch.Tensor | None = "wiki:32x512",
+    score: str = "wanda",
+    seed: int = 0,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> tuple[LoadedModel, StructuredConfig, Path | None]:
+    """Prune every block to the same keep ratios (``heads`` of KV groups, ``mlp`` of MLP channels), no search:
+    loads ``model`` and the calibration set, then runs :func:`calibrant.search.prune_structured` (``options``:
+    ``quantum``, ``batch_size``). Returns (loaded model, now pruned; the configuration; the output directory).
+
+    Bad arguments are refused before the model is loaded.
+    """
+    structured_search.check_prune(heads, mlp, score=score, out=out, overwrite=overwrite)
+    loaded = as_loaded(model, quiet=not progress)
+    calib = resolve_calibration(calibration if score == "wanda" else None, loaded.tokenizer, seed,
+                                loaded.context_length, progress=None if progress else False)
+    return structured_search.prune_structured(loaded, calib, heads, mlp, score=score, out=out, overwrite=overwrite,
+                                              progress=progress, **options)

@@ -10,15 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from calibrant.errors import CalibrantError
+from calibrant.tables import table
 
 EXIT_USER_ERROR = 2
-
-
-def _table(rows: list[list[Any]], header: list[str]) -> str:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -102,8 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         zs = evaluate_zeroshot(loaded, tasks, limit=args.limit, num_fewshot=args.fewshot,
                                batch_size=args.batch_size, hub=hub, progress=not args.quiet)
         rows += [[*r[:-1], f"{r[-1]} items/s"] for r in format_table(zs)]
-    print(_table(rows, ["evaluation", "data", "n", "perplexity | acc ± stderr", "acc_norm ± stderr", "seconds",
-                        "rate"]))
+    print(table(rows, ["evaluation", "data", "n", "perplexity | acc ± stderr", "acc_norm ± stderr", "seconds",
+                       "rate"]))
     if zs is not None:
         shots = f"{zs.num_fewshot}-shot" if zs.num_fewshot else "zero-shot"
         print(f"{shots} via lm-eval {zs.lm_eval_version}, data {zs.protocol.get('data')}; "
@@ -134,7 +128,7 @@ def cmd_info(args: argparse.Namespace) -> int:
              quant.get(lay["name"], {}).get("scheme", lay["dtype"]),
              f"{quant[lay['name']]['effective_bits']:.3f}" if lay["name"] in quant else "32" if lay["dtype"] == "float32" else "16"]
             for lay in layers]
-    print(_table(rows, ["tensor", "shape", "sparsity", "N:M", "format", "bits/weight"]))
+    print(table(rows, ["tensor", "shape", "sparsity", "N:M", "format", "bits/weight"]))
     sparse = [lay for lay in w["layers"] if lay["sparsity"] > 0]
     print(f"\n{path}: {w['parameters']:,} parameters, {w['nonzero_parameters']:,} non-zero "
           f"({1 - w['nonzero_parameters'] / w['parameters']:.2%} zeros overall), {w['bytes_on_disk'] / 1e6:.1f} MB on disk")
@@ -174,7 +168,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rows.append(["", "wanda 50%", f"{result.report.sparsity:.4f}", f"{pruned[name].ppl:.3f}"])
     print(f"\nmodel {args.model} (hash {loaded.model_hash}); calibration {args.calibration} seed 0 "
           f"(hash {result.calibration.hash if result.calibration else '-'})")
-    print(_table(rows, ["perplexity on", "model", "sparsity", "perplexity"]))
+    print(table(rows, ["perplexity on", "model", "sparsity", "perplexity"]))
     print(f"compression {result.report.timings['total_s']:.1f}s, whole demo {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -182,7 +176,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_calib_make(args: argparse.Namespace) -> int:
     from calibrant.api import as_loaded
     from calibrant.calibration import make_calibration
-    from calibrant.models.adapter import Adapter
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -191,7 +184,7 @@ def cmd_calib_make(args: argparse.Namespace) -> int:
         raise CalibrantError(f"--out {out} must end in .safetensors (the calibration set is saved as safetensors)")
     loaded = as_loaded(args.model, quiet=args.quiet)
     calib = make_calibration(args.spec, loaded.tokenizer, seed=args.seed, progress=not args.quiet, model=loaded,
-                             max_length=Adapter(loaded.model).context_length())
+                             max_length=loaded.context_length)
     calib.save(out)
     prov = calib.provenance
     timing = prov.get("generation_timing")
@@ -213,7 +206,7 @@ def cmd_calib_inspect(args: argparse.Namespace) -> int:
         loaded = as_loaded(args.model, quiet=args.quiet)
     diag = inspect_calibration(calib, against=_csv(args.against) or [], model=loaded, batch_size=args.batch_size,
                                progress=not args.quiet)
-    print(_table(diag.rows(), ["metric", "value"]))
+    print(table(diag.rows(), ["metric", "value"]))
     if args.json:
         Path(args.json).write_text(json.dumps(diag.to_dict(), indent=2, default=str))
     return 0

@@ -11,18 +11,15 @@ import torch
 import transformers as T
 from search_helpers import gqa_model, run_cli, tokens, word_tokenizer
 
+from calibrant.calibration import CalibrationSet
 from calibrant.errors import CalibrantError
+from calibrant.models.structured import load_structured
+from calibrant.search.importance import compute_importance
 from calibrant.search.predictor import Featurizer, Predictor, cross_validate, quality
+from calibrant.search.pruner import StructuredPruner, count_block_params
 from calibrant.search.search import evolve, search_structured
 from calibrant.search.space import SearchSpace
-from calibrant.search.structured import (
-    ModelShape,
-    StructuredConfig,
-    StructuredPruner,
-    compute_importance,
-    count_block_params,
-    load_structured,
-)
+from calibrant.search.structured import ModelShape, StructuredConfig
 
 SYNTH = ModelShape("llama", n_blocks=12, hidden=64, head_dim=16, n_heads=8, n_kv=4, intermediate=256,
                    per_group=64 * 16 * 2 * 2 + 2 * 64 * 16, per_channel=3 * 64, fixed=128)
@@ -107,15 +104,16 @@ def test_search_end_to_end_writes_pairs_and_a_reloadable_model(tmp_path, monkeyp
     from calibrant.models.loader import LoadedModel
 
     stream = torch.randint(3, 96, (6000,), generator=torch.Generator().manual_seed(0))
-    import calibrant.calibration
+    import calibrant.search.search
 
-    monkeypatch.setattr(calibrant.calibration, "heldout_token_ids",
+    monkeypatch.setattr(calibrant.search.search, "heldout_token_ids",
                         lambda name, tok, progress=None: (stream, {"checksum": "synthetic"}))
     model = gqa_model("llama", layers=4)
     loaded = LoadedModel(model, word_tokenizer(), "tiny", None, "0123456789abcdef")
     out = tmp_path / "search"
-    res = search_structured(loaded, 0.7, 16, calibration=tokens(8, 32), proxy_tokens=256, seq_len=64, quantum=16,
-                            top_k=3, population=16, generations=5, heldout_samples=4, progress=False, out=out)
+    res = search_structured(loaded, CalibrationSet.from_tensor(tokens(8, 32)), 0.7, 16, proxy_tokens=256, seq_len=64,
+                            quantum=16, top_k=3, population=16, generations=5, heldout_samples=4, progress=False,
+                            out=out)
     space = SearchSpace(ModelShape.of(gqa_model("llama", layers=4)), quantum=16)
     assert all(space.within(p.config, 0.7) for p in res.pairs)
     assert res.best.nll == min(p.nll for p in res.pairs if p.origin != "heldout")

@@ -10,15 +10,10 @@ import transformers as T
 from search_helpers import gqa_model, tokens, word_tokenizer
 
 from calibrant.errors import CalibrantError
-from calibrant.search.structured import (
-    ModelShape,
-    StructuredConfig,
-    StructuredPruner,
-    compute_importance,
-    count_block_params,
-    load_structured,
-    save_structured,
-)
+from calibrant.models.structured import load_structured, save_structured
+from calibrant.search.importance import compute_importance
+from calibrant.search.pruner import StructuredPruner, count_block_params
+from calibrant.search.structured import ModelShape, StructuredConfig
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -108,7 +103,7 @@ def test_heterogeneous_save_reload_identical(tmp_path):
     loaded = load_structured(out)
     assert isinstance(loaded, type(model))
     assert torch.equal(logits(loaded, ids), expected)
-    plain = T.AutoModelForCausalLM.from_pretrained(out)  # registered on import of calibrant.search
+    plain = T.AutoModelForCausalLM.from_pretrained(out)  # registered by import calibrant
     assert torch.equal(logits(plain.eval(), ids), expected)
     from calibrant.models.loader import load_model
 

@@ -8,10 +8,10 @@ import sqlite3
 import subprocess
 
 import pytest
-from conftest import write_spec
 
 from calibrant.errors import CalibrantError
 from calibrant.studies import load_study, run_study, write_report
+from conftest import write_spec
 
 
 @pytest.fixture

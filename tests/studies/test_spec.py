@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import write_spec
 
 from calibrant.studies.runner import run_key
 from calibrant.studies.spec import StudySpecError, load_study, presets
+from conftest import write_spec
 
 
 def test_expansion_counts(tmp_path):

@@ -93,7 +93,7 @@ def load_model(
 def _from_pretrained(path: Path, dtype: torch.dtype) -> transformers.PreTrainedModel:
     """``from_pretrained``; structurally pruned directories (model type ``calibrant_*``) register their classes first."""
     if json.loads((path / "config.json").read_text()).get("model_type", "").startswith("calibrant_"):
-        from calibrant.search.structured import register_structured_families
+        from calibrant.models.structured import register_structured_families
 
         register_structured_families()
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from calibrant.errors import CalibrantError
+from calibrant.tables import table
 
 
 def _keep(value: str) -> tuple[float, float]:
@@ -21,7 +22,7 @@ def _keep(value: str) -> tuple[float, float]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from calibrant.search.search import prune_structured, search_structured
+    from calibrant.api import prune_structured, search_structured
 
     if args.keep is not None:
         heads, mlp = _keep(args.keep)
@@ -41,13 +42,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         quantum=args.quantum, allow_removal=args.allow_removal, predictor=args.predictor, rounds=args.rounds,
         top_k=args.top_k, heldout_samples=args.heldout, batch_size=args.batch_size, progress=not args.quiet,
     )
-    from calibrant.cli import _table
-
     rows: list[list[Any]] = []
     for label, p in (("dense", res.dense), ("uniform (best)", res.uniform), ("searched", res.best)):
         if p is not None:
             rows.append([label, f"{p.kept_fraction:.4f}", f"{p.ppl:.3f}", f"{p.tokens_per_second:.0f}", p.origin])
-    print(_table(rows, ["configuration", "kept block params", "proxy ppl", "tok/s", "found by"]))
+    print(table(rows, ["configuration", "kept block params", "proxy ppl", "tok/s", "found by"]))
     cv = res.cv
     ho = f"; held-out configurations ρ {res.heldout.spearman:.3f}" if res.heldout else ""
     print(f"predictor ({args.predictor}): {cv.n} pairs, K-fold Spearman ρ {cv.spearman:.3f}, MAE(log ppl) "

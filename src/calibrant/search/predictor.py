@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from calibrant.errors import CalibrantError
+from calibrant.search.importance import Importance
 from calibrant.search.space import SearchSpace
-from calibrant.search.structured import Importance, StructuredConfig
+from calibrant.search.structured import StructuredConfig
 
 PREDICTORS = ("lightgbm", "forest")
 

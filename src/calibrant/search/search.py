@@ -26,19 +26,17 @@ from tqdm.auto import tqdm
 
 from calibrant import __version__
 from calibrant.cache import atomic_path
+from calibrant.calibration import CalibrationSet, heldout_token_ids
 from calibrant.errors import CalibrantError
 from calibrant.evaluate.perplexity import perplexity
+from calibrant.export.hf import check_output
+from calibrant.models.loader import LoadedModel
+from calibrant.models.structured import save_structured
+from calibrant.search.importance import SCORES, Importance, compute_importance
 from calibrant.search.predictor import Featurizer, Predictor, Quality, cross_validate, quality
-from calibrant.search.space import Bounds, SearchSpace
-from calibrant.search.structured import (
-    Importance,
-    ModelShape,
-    StructuredConfig,
-    StructuredPruner,
-    compute_importance,
-    count_params,
-    save_structured,
-)
+from calibrant.search.pruner import StructuredPruner, count_params
+from calibrant.search.space import Bounds, SearchSpace, check_ratio
+from calibrant.search.structured import ModelShape, StructuredConfig
 
 PAIRS_FILE = "pairs.sqlite"
 RESULT_FILE = "search.json"
@@ -221,12 +219,38 @@ def evolve(space: SearchSpace, score: Callable[[list[StructuredConfig]], np.ndar
     return out
 
 
+def check_search(budget: float, samples: int, *, score: str = "wanda", rounds: int = 1, top_k: int = 6,
+                 proxy_tokens: int = 4096, out: str | Path | None = None, overwrite: bool = False) -> None:
+    """Refuse bad :func:`search_structured` arguments (cheap: nothing is loaded)."""
+    if not isinstance(samples, int) or samples < 8:
+        raise CalibrantError(f"--samples must be at least 8 measured configurations, got {samples}")
+    if rounds < 1 or top_k < 1:
+        raise CalibrantError("--rounds and --top-k must be at least 1")
+    if not 0 < budget <= 1:
+        raise CalibrantError(f"the budget must be a keep ratio in (0, 1], got {budget}; e.g. 0.8 keeps 80 % of the "
+                             "block parameters")
+    if proxy_tokens < 64:
+        raise CalibrantError(f"--proxy-tokens {proxy_tokens} is too few; use at least 64 (e.g. 4096)")
+    if score not in SCORES:
+        raise CalibrantError(f"unknown importance score '{score}'; use {' or '.join(SCORES)}")
+    if out is not None:
+        check_output(out, overwrite)
+
+
+def _importance(loaded: LoadedModel, calibration: CalibrationSet | None, score: str, batch_size: int,
+                progress: bool) -> Importance:
+    return compute_importance(
+        loaded.model, calibration.input_ids if calibration is not None else None, score, batch_size=batch_size,
+        progress=progress, model_hash=loaded.model_hash,
+        calibration_hash=calibration.hash if calibration is not None else None)
+
+
 def search_structured(
-    model: Any,
+    loaded: LoadedModel,
+    calibration: CalibrationSet | None,
     budget: float = 0.8,
     samples: int = 64,
     *,
-    calibration: Any = "wiki:32x512",
     score: str = "wanda",
     seed: int = 0,
     out: str | Path | None = None,
@@ -246,48 +270,29 @@ def search_structured(
     progress: bool = True,
     save_model: bool = True,
 ) -> SearchResult:
-    """Search per-block structured-pruning configurations of ``model`` keeping ``budget`` of block parameters.
+    """Search per-block structured-pruning configurations of ``loaded`` keeping ``budget`` of block parameters.
 
-    ``model``: alias, HF directory, hub id or a LoadedModel. The proxy is perplexity on the *last*
-    ``proxy_tokens`` tokens of ``proxy_corpus``'s held-out split (so the usual evaluation on its first
-    tokens stays separate). With ``out``, writes ``pairs.sqlite``, ``search.json`` and the pruned
+    ``calibration`` feeds the ``wanda`` importance score (``magnitude`` needs none; :func:`calibrant.api.
+    search_structured` loads the model and builds the set from a spec). The proxy is perplexity on the
+    *last* ``proxy_tokens`` tokens of ``proxy_corpus``'s held-out split (so the usual evaluation on its
+    first tokens stays separate). With ``out``, writes ``pairs.sqlite``, ``search.json`` and the pruned
     model (``model/``) atomically. The returned model is left pruned to the best configuration.
     """
-    from calibrant.api import as_loaded, resolve_calibration
-    from calibrant.calibration import heldout_token_ids
-    from calibrant.export.hf import check_output
-    from calibrant.models.adapter import Adapter
-
-    if not isinstance(samples, int) or samples < 8:
-        raise CalibrantError(f"--samples must be at least 8 measured configurations, got {samples}")
-    if rounds < 1 or top_k < 1:
-        raise CalibrantError("--rounds and --top-k must be at least 1")
-    if not 0 < budget <= 1:
-        raise CalibrantError(f"the budget must be a keep ratio in (0, 1], got {budget}; e.g. 0.8 keeps 80 % of the "
-                             "block parameters")
-    if proxy_tokens < 64:
-        raise CalibrantError(f"--proxy-tokens {proxy_tokens} is too few; use at least 64 (e.g. 4096)")
-    if out is not None:
-        check_output(out, overwrite)
+    check_search(budget, samples, score=score, rounds=rounds, top_k=top_k, proxy_tokens=proxy_tokens, out=out,
+                 overwrite=overwrite)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    loaded = as_loaded(model, quiet=not progress)
     torch_model = loaded.model
     shape = ModelShape.of(torch_model)  # refuses unsupported families before any work
     space = SearchSpace(shape, quantum=quantum, allow_removal=allow_removal)
     budget = space.check_budget(budget)
-    if score not in ("wanda", "magnitude"):
-        raise CalibrantError(f"unknown importance score '{score}'; use wanda or magnitude")
-    calib = resolve_calibration(calibration if score == "wanda" else None, loaded.tokenizer, seed,
-                                Adapter(torch_model).context_length(), progress=None if progress else False)
+    calib = calibration if score == "wanda" else None
     proxy_all, proxy_meta = heldout_token_ids(proxy_corpus, loaded.tokenizer, progress=None if progress else False)
     proxy = proxy_all[-proxy_tokens:]
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    importance: Importance = compute_importance(
-        torch_model, calib.input_ids if calib is not None else None, score, batch_size=batch_size,
-        progress=progress, model_hash=loaded.model_hash, calibration_hash=calib.hash if calib is not None else None)
+    importance = _importance(loaded, calib, score, batch_size, progress)
     timings["importance_s"] = time.perf_counter() - t0
 
     pruner = StructuredPruner(torch_model, importance)
@@ -421,42 +426,40 @@ def _sample_plan(space: SearchSpace, budget: float, samples: int,
     return plan
 
 
+def check_prune(heads: float, mlp: float, *, score: str = "wanda", out: str | Path | None = None,
+                overwrite: bool = False) -> None:
+    """Refuse bad :func:`prune_structured` arguments (cheap: nothing is loaded)."""
+    check_ratio("--keep heads", heads)
+    check_ratio("--keep mlp", mlp)
+    if score not in SCORES:
+        raise CalibrantError(f"unknown importance score '{score}'; use {' or '.join(SCORES)}")
+    if out is not None:
+        check_output(out, overwrite)
+
+
 def prune_structured(
-    model: Any,
+    loaded: LoadedModel,
+    calibration: CalibrationSet | None,
     heads: float,
     mlp: float,
     *,
-    calibration: Any = "wiki:32x512",
     score: str = "wanda",
-    seed: int = 0,
     quantum: int = 64,
     out: str | Path | None = None,
     overwrite: bool = False,
     batch_size: int = 4,
     progress: bool = True,
-) -> tuple[Any, StructuredConfig, Path | None]:
-    """Prune every block to the same keep ratios (``heads`` of KV groups, ``mlp`` of channels), no search.
+) -> tuple[LoadedModel, StructuredConfig, Path | None]:
+    """Prune every block of ``loaded`` to the same keep ratios (``heads`` of KV groups, ``mlp`` of channels),
+    no search; ``calibration`` feeds the ``wanda`` score.
 
-    Returns (loaded model, now pruned; the configuration; the output directory if ``out``).
+    Returns (the loaded model, now pruned; the configuration; the output directory if ``out``).
     """
-    from calibrant.api import as_loaded, resolve_calibration
-    from calibrant.export.hf import check_output
-    from calibrant.models.adapter import Adapter
-    from calibrant.search.space import check_ratio
-
-    check_ratio("--keep heads", heads)
-    check_ratio("--keep mlp", mlp)
-    if out is not None:
-        check_output(out, overwrite)
-    loaded = as_loaded(model, quiet=not progress)
+    check_prune(heads, mlp, score=score, out=out, overwrite=overwrite)
     shape = ModelShape.of(loaded.model)
     space = SearchSpace(shape, quantum=quantum)
     cfg = space.from_ratios(heads, mlp)
-    calib = resolve_calibration(calibration if score == "wanda" else None, loaded.tokenizer, seed,
-                                Adapter(loaded.model).context_length(), progress=None if progress else False)
-    importance = compute_importance(loaded.model, calib.input_ids if calib is not None else None, score,
-                                    batch_size=batch_size, progress=progress, model_hash=loaded.model_hash,
-                                    calibration_hash=calib.hash if calib is not None else None)
+    importance = _importance(loaded, calibration if score == "wanda" else None, score, batch_size, progress)
     StructuredPruner(loaded.model, importance).apply(cfg)
     path = None
     if out is not None:

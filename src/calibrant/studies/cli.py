@@ -7,12 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from calibrant.errors import CalibrantError
-
-
-def _table(rows: list[list[Any]], header: list[str]) -> str:
-    from calibrant.cli import _table as table
-
-    return table(rows, header)
+from calibrant.tables import table
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -24,7 +19,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rows, per_token = estimate(spec, progress=not args.quiet)
     store = ResultStore(args.db, create=False) if args.db and Path(args.db).exists() else None
     try:
-        print(_table(plan_table(rows, store, spec.name), ["#", "model", "method", "calibration", "seed", "estimate",
+        print(table(plan_table(rows, store, spec.name), ["#", "model", "method", "calibration", "seed", "estimate",
                                                           "in db"]))
     finally:
         if store is not None:
@@ -55,7 +50,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for study in store.studies():
             c = store.counts(study)
             rows.append([study, c.get("done", 0), c.get("failed", 0), len(store.interrupted(study))])
-        print(_table(rows, ["study", "done", "failed", "interrupted (redone on next run)"]) if rows
+        print(table(rows, ["study", "done", "failed", "interrupted (redone on next run)"]) if rows
               else f"{args.db}: no runs yet")
         if args.spec:
             from calibrant.studies.spec import load_study
