@@ -90,11 +90,9 @@ class Workspace:
     def calibration(self, model_spec: str, calib_spec: str, seed: int) -> CalibrationSet:
         key = (model_spec, calib_spec, seed)
         if key not in self._calib:
-            from calibrant.models.adapter import Adapter
-
             loaded = self.model(model_spec)
             self._calib[key] = make_calibration(calib_spec, loaded.tokenizer, seed=seed,
-                                                max_length=Adapter(loaded.model).context_length(),
+                                                max_length=loaded.context_length,
                                                 model=loaded, progress=None if self.progress else False)
         return self._calib[key]
 
@@ -195,11 +193,6 @@ def _row_for(run: PlannedRun) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- executors
-def _local(tasks: list[Task], workers: int, address: str | None, ws: Workspace) -> Iterator[tuple[Task, Any]]:
-    for task in tasks:
-        yield task, execute_task(task, ws)
-
-
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -265,8 +258,9 @@ def _ray(tasks: list[Task], workers: int, address: str | None, ws: Workspace) ->
                                "command to resume")
 
 
+# the local executor is _local_with_attempts: it records each attempt as the run starts
 _EXECUTORS: dict[str, Callable[[list[Task], int, str | None, Workspace], Iterable[tuple[Task, Any]]]] = {
-    "local": _local, "processes": _processes, "ray": _ray,
+    "processes": _processes, "ray": _ray,
 }
 
 

@@ -147,11 +147,6 @@ class PlannedRun:
                             "calibration": self.calibration, "seed": self.seed, "evaluation": self.eval_dict,
                             "options": self.options_dict})
 
-    def describe(self) -> dict[str, Any]:
-        return {"model": self.model, "method": self.method, "params": self.params_dict, "label": self.label,
-                "calibration": self.calibration, "seed": self.seed, "evaluation": self.eval_dict,
-                "options": self.options_dict}
-
 
 @dataclass
 class StudySpec:

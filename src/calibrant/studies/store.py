@@ -195,10 +195,6 @@ class ResultStore:
         row = self.conn.execute("SELECT status FROM runs WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
-    def finished_keys(self, include_failed: bool = True) -> set[str]:
-        q = "SELECT key FROM runs" + ("" if include_failed else " WHERE status='done'")
-        return {r[0] for r in self.conn.execute(q)}
-
     _IN_STUDY = " WHERE key IN (SELECT run_key FROM study_runs WHERE study=?)"
 
     def counts(self, study: str | None = None) -> dict[str, int]:
