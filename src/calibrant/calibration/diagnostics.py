@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from calibrant.calibration.calibset import CalibrationSet, heldout_token_ids, tokenizer_hash
 from calibrant.errors import CalibrationError
+from calibrant.models.adapter import inference_mode
 
 NGRAM_ORDERS = (1, 2, 3, 4)
 REPETITION_N = 4
@@ -112,27 +113,22 @@ def js_divergence(p_counts: np.ndarray, q_counts: np.ndarray) -> float:
     return max(0.0, 0.5 * kl(p) + 0.5 * kl(q))
 
 
-@torch.no_grad()
 def set_perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8,
                    progress: bool | None = None) -> float:
     """Perplexity of ``model`` on the rows of ``ids``, each row scored on its own (tokens 2..L)."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with inference_mode(model):
         for b in tqdm(range(0, ids.shape[0], batch_size), desc="perplexity on the set", unit="batch",
                       disable=(None if progress is None else not progress), leave=False):
             batch = ids[b:b + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
+            logits = model(input_ids=batch).logits
             nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                   reduction="sum")
             total += float(nll)
             count += batch[:, 1:].numel()
-    finally:
-        model.train(was_training)
     return math.exp(total / max(count, 1))
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from calibrant.errors import CalibrationError, suggest
+from calibrant.models.adapter import inference_mode
 
 DEFAULT_T_START = 1.0
 DEFAULT_T_END = 0.6
@@ -148,7 +149,6 @@ def start_token(tokenizer: Any) -> tuple[str, int]:
                            "this tokenizer has neither; set tokenizer.bos_token first")
 
 
-@torch.no_grad()
 def generate_self_calibration(model: torch.nn.Module, tokenizer: Any, n: int, seq_len: int, config: SelfGenConfig,
                               seed: int, progress: bool | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """``n`` rows of ``seq_len`` ids sampled from ``model`` (see the module docstring); returns (ids, info)
@@ -167,13 +167,11 @@ def generate_self_calibration(model: torch.nn.Module, tokenizer: Any, n: int, se
     gen = torch.Generator().manual_seed(seed)
     ids = torch.empty((n, seq_len), dtype=torch.long)
     ids[:, 0] = start_id
-    was_training = model.training
-    model.eval()
     generated = 0
     t0 = time.perf_counter()
     bar = tqdm(total=n * (seq_len - 1), desc="self-calibration", unit="tok", unit_scale=True, leave=False,
                disable=(None if progress is None else not progress))
-    try:
+    with inference_mode(model, kv_cache=True):  # generation keeps its own KV cache (past_key_values)
         with bar:
             for b0 in range(0, n, config.batch_size):
                 b = min(config.batch_size, n - b0)
@@ -193,8 +191,6 @@ def generate_self_calibration(model: torch.nn.Module, tokenizer: Any, n: int, se
                     if step % 16 == 0:
                         bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - t0, 1e-9):.0f}")
                 del past
-    finally:
-        model.train(was_training)
     seconds = time.perf_counter() - t0
     info = {
         "start_token": role, "start_token_id": start_id, **config.to_dict(),

@@ -61,10 +61,13 @@ def context_length_of(model: nn.Module) -> int | None:
 
 
 @contextlib.contextmanager
-def inference_mode(model: nn.Module) -> Iterator[nn.Module]:
+def inference_mode(model: nn.Module, *, kv_cache: bool = False) -> Iterator[nn.Module]:
     """Eval mode, no KV cache (``config.use_cache = False``) and no autograd while inside; the model's
-    training flag and ``use_cache`` are restored on the way out, also after an error."""
-    config = getattr(model, "config", None)
+    training flag and ``use_cache`` are restored on the way out, also after an error.
+
+    ``kv_cache=True`` leaves ``config.use_cache`` as it is, for callers that decode step by step with
+    ``past_key_values`` themselves."""
+    config = getattr(model, "config", None) if not kv_cache else None
     use_cache = getattr(config, "use_cache", None)
     was_training = model.training
     if config is not None:
