@@ -9,6 +9,12 @@ order ("packed-documents"); see :mod:`calibrant.calibration.sampling`. Tokenized
 ``$CALIBRANT_CACHE/tokens`` keyed by (corpus checksum, tokenizer hash), so only the first call pays
 for tokenization. ``self:128x512`` is self-calibration (:mod:`calibrant.calibration.selfgen`) and needs
 the model.
+
+One module (over 500 lines) because its parts share the rules that decide whether two calibration
+sets are the same: the tokenizer fingerprint and joiner that key the token cache, the provenance
+every source fills in, and which provenance keys the content hash leaves out (``COSMETIC_KEYS``).
+The tokenizer fingerprint and token cache (its first two sections) are the part that could stand
+alone, as ``calibration/tokens.py``.
 """
 
 from __future__ import annotations
