@@ -1,7 +1,8 @@
 """The package's import graph has no cycles, counting function-level (lazy) imports too.
 
-Every ``import`` / ``from … import`` statement anywhere in ``src/calibrant/**/*.py`` is an edge from the
-module it is written in to the module it names: ``from calibrant.x import y`` points at
+Every ``import`` / ``from … import`` statement anywhere in ``src/calibrant/**/*.py`` (and every
+``__import__`` / ``importlib.import_module`` of a literal name) is an edge from the module it is written
+in to the module it names: ``from calibrant.x import y`` points at
 ``calibrant.x.y`` when that is a module, else at ``calibrant.x``; a package's ``__init__`` is the
 package's module. Relative imports are resolved against the importing module's package.
 """
@@ -28,6 +29,15 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
 
 
+def _dynamic_import(call: ast.Call) -> bool:
+    """``__import__("calibrant.x")`` or ``importlib.import_module("calibrant.x")`` with a literal name."""
+    func = call.func
+    named = (isinstance(func, ast.Name) and func.id in ("__import__", "import_module")) or \
+        (isinstance(func, ast.Attribute) and func.attr == "import_module")
+    return named and bool(call.args) and isinstance(call.args[0], ast.Constant) and \
+        isinstance(call.args[0].value, str)
+
+
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """Modules of the package that ``name`` (at ``path``) imports, anywhere in its source."""
     is_package = path.name == "__init__.py"
@@ -43,6 +53,8 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             else:
                 module = node.module or ""
             targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names]
+        elif isinstance(node, ast.Call) and _dynamic_import(node):
+            targets = [node.args[0].value]
         else:
             continue
         for target in targets:
@@ -121,6 +133,7 @@ def test_graph_sees_lazy_and_relative_imports():
     assert "calibrant.cli" in graph and "calibrant.models" in graph
     # cli imports its subcommands inside functions: those edges must be counted
     assert "calibrant.api" in graph["calibrant.cli"]
+    assert "calibrant.search.cli" in graph["calibrant.cli"]  # through __import__("calibrant.search.cli", …)
 
 
 def test_cycle_finder_reports_a_cycle():
