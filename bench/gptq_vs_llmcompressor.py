@@ -28,47 +28,40 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-REQUIREMENTS = ROOT / "bench" / "requirements-llmcompressor.txt"
+from _llmc import (
+    DEFAULT_VENV,
+    dense_forward_passes,
+    emit,
+    ensure_llmc_venv,
+    llmc_load,
+    llmc_oneshot,
+    llmc_version,
+    peak_rss_gb,
+    prepare_ids,
+    print_table,
+)
+from _llmc import run_child as _run
+
 GROUP_SIZE = 64
-
-
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-
-
-def _emit(result: dict) -> None:
-    print("RESULT " + json.dumps(result), flush=True)
 
 
 # --------------------------------------------------------------------------------------- children
 def child_dense(args: argparse.Namespace) -> dict:
     """One plain dense forward (with LM head, batch ``--batch-size``) over the calibration ids + dense perplexity."""
-    import torch
-
     from calibrant.api import evaluate_perplexity
     from calibrant.calibration import CalibrationSet
     from calibrant.models import load_model
 
     lm = load_model(args.model, quiet=True)
     ids = CalibrationSet.load(args.ids).input_ids
-    passes = []
-    with torch.no_grad():
-        lm.model(input_ids=ids[: min(2, ids.shape[0]), :16], use_cache=False)  # warm-up, not timed
-        for _ in range(2):  # a shared machine's speed drifts: the faster of two back-to-back passes
-            t0 = time.perf_counter()
-            for b in range(0, ids.shape[0], args.batch_size):
-                lm.model(input_ids=ids[b : b + args.batch_size], use_cache=False)
-            passes.append(time.perf_counter() - t0)
+    passes = dense_forward_passes(lm.model, ids, args.batch_size)
     if args.no_eval:
         return {"dense_forward_s": min(passes), "passes": passes}
     ppl = evaluate_perplexity(lm, "wiki", max_tokens=args.max_eval_tokens, progress=False)["wiki"]
@@ -89,7 +82,7 @@ def child_calibrant(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     report = compress(lm.model, calib, method, batch_size=args.batch_size, progress=False, pipeline=args.pipeline)
     wall = time.perf_counter() - t0
-    rss = _peak_rss_gb()
+    rss = peak_rss_gb()
     ppl = evaluate_perplexity(lm, "wiki", max_tokens=args.max_eval_tokens, progress=False)["wiki"]
     return {"wall_s": wall, "peak_rss_gb": rss, "timings": report.timings, "ppl": ppl.ppl, "ppl_tokens": ppl.tokens,
             "settings": {**method.params(), "pipeline": report.pipeline}}
@@ -97,34 +90,21 @@ def child_calibrant(args: argparse.Namespace) -> dict:
 
 def child_llmcompressor(args: argparse.Namespace) -> dict:
     """Runs inside the llm-compressor venv: no calibrant import here (its pins differ)."""
-    import llmcompressor
-    import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    ids = load_file(args.ids)["input_ids"].long()
-    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    model, tokenizer = llmc_load(args.model_dir)
     modifier = GPTQModifier(
         targets="Linear",
         ignore=["lm_head"],
         config_groups={"group_0": {"targets": ["Linear"], "weights": {
             "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": GROUP_SIZE}}},
     )
-    t0 = time.perf_counter()
-    oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=modifier,
-            num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
-    wall = time.perf_counter() - t0
-    rss = _peak_rss_gb()
+    res = llmc_oneshot(model, tokenizer, args.ids, modifier)
     model.save_pretrained(args.out, save_compressed=True)
     tokenizer.save_pretrained(args.out)
     settings = {k: str(v) for k, v in modifier.model_dump().items()
                 if k in ("block_size", "dampening_frac", "actorder", "offload_hessians", "sequential_targets")}
-    return {"wall_s": wall, "peak_rss_gb": rss, "version": llmcompressor.__version__, "settings": settings}
+    return {**res, "version": llmc_version(), "settings": settings}
 
 
 def child_eval_dir(args: argparse.Namespace) -> dict:
@@ -139,56 +119,17 @@ CHILDREN = {"dense": child_dense, "calibrant": child_calibrant, "llmcompressor":
 
 
 # --------------------------------------------------------------------------------------- parent
-def _venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def ensure_llmc_venv(venv: Path) -> tuple[Path | None, str]:
-    """The llm-compressor venv's python (created on first use), or None and why not."""
-    py = _venv_python(venv)
-    probe = [str(py), "-c", "import llmcompressor, torch; print(llmcompressor.__version__, torch.__version__)"]
-    if py.exists():
-        done = subprocess.run(probe, capture_output=True, text=True)
-        if done.returncode == 0:
-            return py, done.stdout.strip().splitlines()[-1]
-    import torch  # calibrant's venv: reuse exactly its torch build, so nothing pulls a CUDA wheel
-
-    print(f"creating {venv} for llm-compressor (one-off, a few minutes) …", flush=True)
-    steps = [
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"],
-        [str(py), "-m", "pip", "install", "-q", f"torch=={torch.__version__}", "-r", str(REQUIREMENTS)],
-    ]
-    for cmd in steps:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            return None, f"`{' '.join(cmd[-3:])}` failed: {' | '.join(tail)}"
-    done = subprocess.run(probe, capture_output=True, text=True)
-    if done.returncode != 0:
-        return None, f"llm-compressor installed but does not import: {done.stderr.strip().splitlines()[-1:]}"
-    return py, done.stdout.strip().splitlines()[-1]
-
-
 def run_child(python: Path | str, name: str, args: argparse.Namespace, **extra: str) -> dict:
-    cmd = [str(python), str(Path(__file__).resolve()), "--child", name, "--ids", args.ids, "--model", args.model,
-           "--batch-size", str(args.batch_size)]
+    argv = ["--child", name, "--ids", args.ids, "--model", args.model, "--batch-size", str(args.batch_size)]
     if args.max_eval_tokens:
-        cmd += ["--max-eval-tokens", str(args.max_eval_tokens)]
+        argv += ["--max-eval-tokens", str(args.max_eval_tokens)]
     if args.calibrant_act_order:
-        cmd += ["--calibrant-act-order"]
+        argv += ["--calibrant-act-order"]
     if args.no_eval:
-        cmd += ["--no-eval"]
+        argv += ["--no-eval"]
     for k, v in extra.items():
-        cmd += [f"--{k.replace('_', '-')}", v]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return {**json.loads(line[7:]), "child_s": time.perf_counter() - t0}
-    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-    raise RuntimeError(f"child '{name}' failed (exit {done.returncode}):\n{tail}")
+        argv += [f"--{k.replace('_', '-')}", v]
+    return _run(python, __file__, argv)
 
 
 def main() -> None:
@@ -198,7 +139,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="batch of the dense forward and of calibrant's GPTQ")
     p.add_argument("--max-eval-tokens", type=int, default=None, help="held-out wiki tokens for perplexity (all)")
-    p.add_argument("--llmc-venv", default=str(ROOT / ".venv-llmc"), help="virtual env with llm-compressor")
+    p.add_argument("--llmc-venv", default=str(DEFAULT_VENV), help="virtual env with llm-compressor")
     p.add_argument("--skip-llmc", action="store_true", help="run calibrant's side only")
     p.add_argument("--calibrant-act-order", action="store_true",
                    help="calibrant with act-order + static groups, the ordering llm-compressor 0.14 uses by default "
@@ -217,20 +158,13 @@ def main() -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        _emit(CHILDREN[args.child](args))
+        emit(CHILDREN[args.child](args))
         return
 
-    sys.path.insert(0, str(ROOT / "src"))
-    from calibrant.calibration import make_calibration
-    from calibrant.models import load_model, resolve_model_dir
-
-    model_dir = resolve_model_dir(args.model, quiet=True)
-    loaded = load_model(args.model, quiet=True)  # calibrant's tokenizer, so the ids match its other benchmarks
-    tokenizer = loaded.tokenizer
-    del loaded
-    calib = make_calibration(args.calibration, tokenizer, seed=args.seed)
     work = Path(tempfile.mkdtemp(prefix="gptq-bench-"))  # ids file + llm-compressor's saved model; removed at the end
     try:
+        args.ids = str(work / "calibration.safetensors")
+        model_dir, calib = prepare_ids(args.model, args.calibration, args.seed, Path(args.ids))
         _compare(args, model_dir, calib, work)
     finally:
         if not args.keep:
@@ -238,8 +172,6 @@ def main() -> None:
 
 
 def _compare(args: argparse.Namespace, model_dir: Path, calib: Any, work: Path) -> None:
-    args.ids = str(work / "calibration.safetensors")
-    calib.save(args.ids)
     print(f"model {args.model} ({model_dir}); calibration {args.calibration} seed {args.seed}: "
           f"{calib.n}x{calib.seq_len} ids, hash {calib.hash} → {args.ids}", flush=True)
 
@@ -281,10 +213,7 @@ def _compare(args: argparse.Namespace, model_dir: Path, calib: Any, work: Path) 
         if r:
             rows.append([label, f"{r['wall_s']:.1f}", f"{r['wall_s'] / fwd:.2f}", f"{r['peak_rss_gb']:.3f}",
                          f"{r['ppl']:.3f}"])
-    header = ["W4 sym g64, lm_head dense", "wall s", "x dense fwd", "peak RSS GB", "ppl wiki (held-out)"]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    print_table(["W4 sym g64, lm_head dense", "wall s", "x dense fwd", "peak RSS GB", "ppl wiki (held-out)"], rows)
     print(f"\none dense forward over {calib.n}x{calib.seq_len} tokens (fp32, LM head, batch {args.batch_size}): "
           f"{fwd:.1f}s (mean of the best of two passes before and after the compressions); perplexity on {results['dense']['ppl_tokens']} held-out wiki tokens, seq_len 512; "
           f"calibration hash {calib.hash}; {platform.processor() or platform.machine()}, "
