@@ -64,7 +64,7 @@ def main() -> None:
                 order = {"act_order": True, "static_groups": parse_scheme(scheme).granularity == "group"}
             m = make_method(method, scheme=scheme, **order)
             t0 = time.perf_counter()
-            rep = compress(lm.model, calib if m.needs != "none" else None, m, progress=False)
+            rep = compress(lm.model, calib if m.reads_data() else None, m, progress=False)
             wall = time.perf_counter() - t0
             rows.append((scheme, method, rep.effective_bits, ppl(lm), wall))
             print(f"# {scheme} {method}: ppl {rows[-1][3]:.3f} in {wall:.1f}s", flush=True)

@@ -45,7 +45,8 @@ def test_w8_rtn_within_one_percent_of_fp32(dense_ppl):
 
 def test_gptq_beats_rtn_on_real_layers():
     from calibrant.calibration import make_calibration
-    from calibrant.engine import BlockwiseRunner, _observe
+    from calibrant.engine import BlockwiseRunner
+    from calibrant.engine.pipelines import observe
     from calibrant.methods import LayerContext, make_method
     from calibrant.models import Adapter, weight_of
 
@@ -54,8 +55,7 @@ def test_gptq_beats_rtn_on_real_layers():
     runner = BlockwiseRunner(lm.model)
     inputs = runner.capture(calib.input_ids)
     layers = Adapter(lm.model).block_linears(0)
-    stats: dict = {}
-    _observe(runner, 0, layers, "hessian", inputs, None, stats)
+    stats = observe(runner, 0, layers, ("hessian",), inputs, None)
     for name, module in layers.items():
         W = weight_of(module).float().clone()
         H = stats[name].hessian

@@ -9,6 +9,7 @@ from calibrant.engine import BlockwiseRunner, compress
 from calibrant.errors import CalibrationError, ModelError, RecipeError
 from calibrant.methods import make_method
 from calibrant.methods.base import LayerStats
+from calibrant.methods.stats import Hessian
 from calibrant.models.adapter import Adapter, weight_of
 from tests.conftest import FAMILIES, tiny_model, token_batch
 
@@ -126,8 +127,8 @@ def test_gptq_in_engine_puts_every_weight_on_its_grid(family):
         for module in adapter.block_linears(i).values():
             W = weight_of(module).float()
             q = module.calibrant_quant
-            assert q["scale"].shape == (W.shape[0], -(-W.shape[1] // 16))
-            scale = expand_groups(q["scale"], W.shape[1], parse_scheme("w4g16"))
+            assert q.scale.shape == (W.shape[0], -(-W.shape[1] // 16))
+            scale = expand_groups(q.scale, W.shape[1], parse_scheme("w4g16"))
             ints = W / scale  # symmetric: zero point 0
             assert torch.allclose(ints, ints.round(), atol=1e-3) and ints.abs().max() <= 8
     assert report.effective_bits == pytest.approx(4 + 16 / 16)
@@ -226,7 +227,7 @@ def test_one_pass_error_in_a_group_unwinds_every_parked_batch():
 
     class Exploding(Method):
         name = "exploding"
-        needs = "norms"
+        statistics = ("sq_norms",)
 
         def compress(self, weight, stats, ctx):
             if "o_proj" in ctx.name:
@@ -258,7 +259,7 @@ def test_one_pass_error_in_one_batch_forward_is_raised_and_unwinds_the_others():
     assert calls[0] == 3  # batch 2 never reached down_proj
 
 
-@pytest.mark.parametrize("dim", [LayerStats.TRIANGULAR_MIN_DIM + 37, 1024 + 37])  # 4 and 6 unequal chunks
+@pytest.mark.parametrize("dim", [Hessian.TRIANGULAR_MIN_DIM + 37, 1024 + 37])  # 4 and 6 unequal chunks
 def test_triangular_hessian_accumulation_matches_float64(dim):
     st = LayerStats(dim, "hessian")
     g = torch.Generator().manual_seed(0)

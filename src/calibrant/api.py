@@ -103,8 +103,8 @@ def compress_model(
         methods = make_recipe(method, sparsity=sparsity, pattern=pattern, **method_params)
     else:
         methods = [method] if isinstance(method, Method) else list(method)
-    if all(m.needs == "none" for m in methods) and isinstance(calibration, str) and calibration == DEFAULT_CALIBRATION:
-        calibration = None  # data-free methods need no calibration unless one is asked for
+    if not any(m.reads_data() for m in methods):
+        calibration = None  # a data-free recipe reads no activations: no set is drawn, none is recorded
     if out is not None and export_format != "hf":
         check_packable_recipe(methods)
     loaded = as_loaded(model, quiet=not progress)
@@ -124,6 +124,7 @@ def compress_model(
         "calibration": report.calibration,
         "propagate": report.propagate,
         "pipeline": report.pipeline,
+        **({"plans": report.plans} if report.plans else {}),
         "overall_sparsity": report.sparsity,
         "layers": [
             {"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity, "rel_error": r.rel_error, **r.info}

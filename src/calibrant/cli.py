@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from calibrant.errors import CalibrantError
 from calibrant.tables import table
@@ -19,31 +23,65 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One option per parameter of any registered method, derived from the methods' signatures (so a new
+    method with a new parameter needs no CLI code), plus ``--param key=value`` for anything else."""
+    from calibrant.methods import METHODS, parameters
+
+    seen: dict[str, list[str]] = {}
+    kinds: dict[str, Any] = {}
+    helps: dict[str, list[str]] = {}
+    for name, cls in METHODS.items():
+        hints = typing.get_type_hints(cls.__init__)
+        for key, param in parameters(cls).items():
+            seen.setdefault(key, []).append(name)
+            kinds.setdefault(key, _option_type(hints.get(key), param.default))
+            text = cls.param_help.get(key)
+            if text and text not in helps.setdefault(key, []):
+                helps[key].append(text)
+    group = parser.add_argument_group("method parameters (from each method's signature; each goes to the methods "
+                                      "of the recipe that take it)")
+    for key, methods in seen.items():
+        what = "; ".join(helps.get(key, [])) or key.replace("_", " ")
+        text = f"{what} [{', '.join(methods)}]"
+        flag = f"--{key.replace('_', '-')}"
+        if kinds[key] is bool:
+            group.add_argument(flag, dest=f"method_{key}", action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+        else:
+            group.add_argument(flag, dest=f"method_{key}", type=kinds[key], default=None, metavar=key.upper(),
+                               help=text)
+    group.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other method parameter (repeatable), e.g. --param damp=0.05")
+
+
+def _option_type(hint: Any, default: Any) -> Any:
+    """``float | None`` → float; ``bool`` → bool; unannotated: the default's type (str when None)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
+    kind = args[0] if args and isinstance(args[0], type) else type(default) if default is not None else str
+    return kind if kind in (bool, int, float, str) else str
+
+
 def _method_params(args: argparse.Namespace) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    if args.blocksize is not None:
-        params["blocksize"] = args.blocksize
-    if args.damp is not None:
-        params["damp"] = args.damp
-    if args.per_layer:
-        params["per_layer"] = True
-    if args.scheme is not None:
-        params["scheme"] = args.scheme
-    if args.act_order:
-        params["act_order"] = True
-    if args.static_groups:
-        params["static_groups"] = True
+    params = {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_") and v is not None}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CalibrantError(f"--param {item!r} is not KEY=VALUE; write it like --param damp=0.05")
+        params[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else None
     return params
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from calibrant.api import compress_model, evaluate_perplexity
 
+    params = _method_params(args)
     result = compress_model(
-        args.model, args.method, sparsity=args.sparsity, pattern=args.pattern, calibration=args.calibration,
+        args.model, args.method, sparsity=params.pop("sparsity", None), pattern=params.pop("pattern", None),
+        calibration=args.calibration,
         seed=args.seed, out=args.out, overwrite=args.overwrite, batch_size=args.batch_size,
         propagate=args.propagate, pipeline=args.pipeline, include=_csv(args.include), exclude=_csv(args.exclude), device=args.device,
-        progress=not args.quiet, export_format=args.export_format, **_method_params(args),
+        progress=not args.quiet, export_format=args.export_format, **params,
     )
     rep = result.report
     t = rep.timings
@@ -214,6 +252,7 @@ def cmd_calib_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from calibrant import __version__
+    from calibrant.methods import METHODS
     from calibrant.studies.cli import add_study_parser
 
     p = argparse.ArgumentParser(prog="calibrant", description=__doc__)
@@ -223,9 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a model (pruning) with calibration data")
     c.add_argument("--model", default="smollm2-135m", help="alias, HF directory, .gguf file or hub id")
     c.add_argument("--method", required=True,
-                   help="magnitude | wanda | sparsegpt | rtn | gptq, or a chain such as sparsegpt+gptq")
-    c.add_argument("--sparsity", type=float, default=None, help="fraction of weights to prune, in [0, 1) (0.5)")
-    c.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (at most N non-zeros per M)")
+                   help=f"{' | '.join(METHODS)}, or a chain such as sparsegpt+gptq")
     c.add_argument("--calibration", default="wiki:128x512", help="SOURCE[:options]:NxL or a saved calibration file")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=None, help="output directory (Hugging Face format)")
@@ -243,17 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the reference order; holds one batch's intermediates instead of all batches')")
     c.add_argument("--include", default=None, help="comma-separated name patterns of linears to compress")
     c.add_argument("--exclude", default=None, help="comma-separated name patterns of linears to leave dense")
-    c.add_argument("--blocksize", type=int, default=None, help="SparseGPT lazy-update block size (128)")
-    c.add_argument("--damp", type=float, default=None, help="SparseGPT/GPTQ Hessian damping, fraction of mean diag (0.01)")
-    c.add_argument("--per-layer", action="store_true", help="Wanda: compare weights across the whole layer")
-    c.add_argument("--scheme", default=None,
-                   help="quantization scheme: w4g128, w4g64-asym, w8-channel, w8a8, w3g64+lorc8, … (rtn/gptq)")
-    c.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
-    c.add_argument("--static-groups", action="store_true", help="GPTQ: fix group scales before any update")
     c.add_argument("--device", default=None, help="where blocks run (cpu, cuda, cuda:1); default: the model's")
     c.add_argument("--eval", default=None, help="after compressing, perplexity on these corpora (e.g. wiki,news)")
     c.add_argument("--max-eval-tokens", type=int, default=None)
     c.add_argument("--quiet", action="store_true")
+    _add_method_options(c)
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("eval", help="perplexity on held-out corpora and zero-shot tasks (lm-eval), offline")
@@ -315,6 +346,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# API parameter names (written `name` in messages) whose CLI spelling differs from --name
+_CLI_NAMES = {"recipe": "--method", "export_format": "--format", "calibration": "--calibration"}
+
+
+def _cli_names(message: str, parser: argparse.ArgumentParser | None = None) -> str:
+    """Messages name API parameters as `name`; on the command line they read as the flag (`damp` → --damp).
+    Only names that are options of some command are mapped."""
+    flags = dict(_CLI_NAMES)
+    for action in _all_actions(parser or build_parser()):
+        for option in action.option_strings:
+            if option.startswith("--"):
+                flags.setdefault(action.dest.removeprefix("method_"), option)
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m[1], m[0]), message)
+
+
+def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    actions = list(parser._actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                actions += _all_actions(sub)
+    return actions
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
@@ -325,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CalibrantError as exc:
-        print(f"calibrant: error: {exc}", file=sys.stderr)
+        print(f"calibrant: error: {_cli_names(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("calibrant: interrupted; nothing was written", file=sys.stderr)

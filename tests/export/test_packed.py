@@ -31,7 +31,7 @@ DEQUANTIZE = {"quantization_config": T.CompressedTensorsConfig(dequantize=True)}
 def _quantized(method: str, scheme: str, **params) -> torch.nn.Module:
     model = tiny_model("llama")
     method_obj = make_method(method, scheme=scheme, **params)
-    compress(model, token_batch() if method_obj.needs != "none" else None, method_obj, progress=False)
+    compress(model, token_batch() if method_obj.reads_data() else None, method_obj, progress=False)
     return model
 
 

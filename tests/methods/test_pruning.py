@@ -11,7 +11,10 @@ from calibrant.methods.sparsegpt import sparsegpt_prune
 from calibrant.methods.sparsity import nm_mask, parse_pattern
 
 
-def _stats(X: torch.Tensor, need: str) -> LayerStats:
+def _stats(X: torch.Tensor, need) -> LayerStats | None:
+    """The statistics a method lists (None for a data-free one), over the rows of X."""
+    if not need:
+        return None
     s = LayerStats(X.shape[1], need)
     s.add(X)
     return s
@@ -31,7 +34,7 @@ def _recon_error(W, W_hat, X):
 
 def test_wanda_mask_equals_brute_force():
     W, X = _layer(rows=8, cols=12)
-    out = make_method("wanda", sparsity=0.5).compress(W.clone(), _stats(X, "norms"), ctx := LayerContext("l"))
+    out = make_method("wanda", sparsity=0.5).compress(W.clone(), _stats(X, "sq_norms"), ctx := LayerContext("l"))
     norms = torch.sqrt((X.double() ** 2).sum(0))
     for r in range(W.shape[0]):
         scores = [(abs(float(W[r, j])) * float(norms[j]), j) for j in range(W.shape[1])]
@@ -43,7 +46,7 @@ def test_wanda_mask_equals_brute_force():
 def test_wanda_per_layer_compares_across_rows():
     W, X = _layer(rows=8, cols=12)
     ctx = LayerContext("l")
-    make_method("wanda", sparsity=0.25, per_layer=True).compress(W, _stats(X, "norms"), ctx)
+    make_method("wanda", sparsity=0.25, per_layer=True).compress(W, _stats(X, "sq_norms"), ctx)
     scores = W.abs() * X.square().sum(0).sqrt()
     assert int(ctx.mask.sum()) == int(0.25 * W.numel())
     assert scores[ctx.mask].max() <= scores[~ctx.mask].min()
@@ -53,8 +56,8 @@ def test_wanda_per_layer_compares_across_rows():
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
 def test_exact_unstructured_sparsity(method, sparsity):
     W, X = _layer(rows=16, cols=64)
-    need = make_method(method).needs
-    out = make_method(method, sparsity=sparsity).compress(W, _stats(X, need) if need != "none" else None, LayerContext("l"))
+    need = make_method(method).statistics
+    out = make_method(method, sparsity=sparsity).compress(W, _stats(X, need), LayerContext("l"))
     zeros = int((out == 0).sum())
     if method == "wanda":  # per output row
         assert zeros == W.shape[0] * int(W.shape[1] * sparsity)
@@ -67,8 +70,8 @@ def test_exact_unstructured_sparsity(method, sparsity):
 def test_nm_groups_have_at_most_n_nonzeros(method, pattern):
     n, m = parse_pattern(pattern)
     W, X = _layer(rows=16, cols=64)
-    need = make_method(method).needs
-    out = make_method(method, pattern=pattern).compress(W, _stats(X, need) if need != "none" else None, LayerContext("l"))
+    need = make_method(method).statistics
+    out = make_method(method, pattern=pattern).compress(W, _stats(X, need), LayerContext("l"))
     nnz = (out.reshape(16, -1, m) != 0).sum(-1)
     assert int(nnz.max()) <= n
     assert int((out == 0).sum()) == W.numel() * (m - n) // m
@@ -84,9 +87,9 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(pattern):
     W, X = _layer(rows=32, cols=64, tokens=512)
     errs = {}
     for name in ("magnitude", "wanda", "sparsegpt"):
-        need = make_method(name).needs
-        out = make_method(name, sparsity=0.5, pattern=pattern).compress(
-            W.clone(), _stats(X, need) if need != "none" else None, LayerContext("l"))
+        need = make_method(name).statistics
+        out = make_method(name, sparsity=None if pattern else 0.5, pattern=pattern).compress(
+            W.clone(), _stats(X, need), LayerContext("l"))
         errs[name] = _recon_error(W, out, X)
     assert errs["sparsegpt"] < errs["wanda"] < errs["magnitude"]
 
@@ -151,7 +154,7 @@ def test_nan_activations_are_refused():
     W, X = _layer(rows=8, cols=16)
     X[0, 0] = float("nan")
     with pytest.raises(NumericalError, match="NaN"):
-        make_method("wanda").compress(W, _stats(X, "norms"), LayerContext("layer.x"))
+        make_method("wanda").compress(W, _stats(X, "sq_norms"), LayerContext("layer.x"))
 
 
 @pytest.mark.parametrize(

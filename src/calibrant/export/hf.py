@@ -53,15 +53,14 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any] | None:
 
 def restore_activation_quant(model: torch.nn.Module, metadata: dict[str, Any] | None) -> int:
     """Re-attach the simulated activation quantization recorded in ``calibrant.json``; returns how many."""
-    from calibrant.engine import attach_quant_state
-    from calibrant.methods.quant import parse_scheme
+    from calibrant.methods.quant import QuantState, attach_quant_state, parse_scheme
 
     count = 0
     modules = dict(model.named_modules())
     for layer in (metadata or {}).get("layers", []):
         scheme = layer.get("scheme")
         if scheme and parse_scheme(scheme).act_bits and layer["name"] in modules:
-            attach_quant_state(modules[layer["name"]], {"scheme": parse_scheme(scheme)})
+            attach_quant_state(modules[layer["name"]], QuantState(parse_scheme(scheme)))
             count += 1
     return count
 

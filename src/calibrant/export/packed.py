@@ -39,7 +39,14 @@ from torch import nn
 from calibrant.cache import atomic_path
 from calibrant.errors import CalibrantError
 from calibrant.export.hf import METADATA_FILE, check_output
-from calibrant.methods.quant import QuantScheme, expand_groups, group_slices, qrange
+from calibrant.methods.quant import (
+    QuantScheme,
+    QuantState,
+    expand_groups,
+    group_slices,
+    qrange,
+    quant_state_of,
+)
 
 FORMAT_NAME = "compressed-tensors"
 _HF_HINT = "use --format hf (dequantized floats), which can store any scheme"
@@ -61,8 +68,8 @@ def _ct() -> Any:
 
 
 def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that carry calibrant's quantization state (``calibrant_quant``), by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(getattr(m, "calibrant_quant", None), dict)}
+    """Modules that carry calibrant's quantization state (:class:`QuantState`), by name."""
+    return {n: m for n, m in model.named_modules() if quant_state_of(m) is not None}
 
 
 def _ct_args(scheme: QuantScheme) -> tuple[Any, Any | None]:
@@ -90,9 +97,9 @@ def _short_group_error(name: str, cols: int, scheme: QuantScheme) -> ExportError
     )
 
 
-def _check_representable(name: str, module: nn.Module, quant: dict[str, Any]) -> QuantScheme:
-    scheme = quant.get("scheme")
-    if not isinstance(scheme, QuantScheme) or quant.get("scale") is None or quant.get("zero") is None:
+def _check_representable(name: str, module: nn.Module, quant: QuantState) -> QuantScheme:
+    scheme = quant.scheme
+    if not quant.has_grid:
         raise ExportError(
             f"{name} has no quantization grid (scales/zero points) in memory — a model loaded from a dequantized "
             f"directory cannot be packed; export right after compression (calibrant compress --format {FORMAT_NAME})"
@@ -101,12 +108,12 @@ def _check_representable(name: str, module: nn.Module, quant: dict[str, Any]) ->
         raise ExportError(
             f"{name} is a {type(module).__name__}, not torch.nn.Linear; {FORMAT_NAME} packs Linear layers only — {_HF_HINT}"
         )
-    if quant.get("lorc") or scheme.lorc_rank:
+    if quant.lorc:
         raise ExportError(
             f"scheme {scheme.name} adds a LoRC low-rank correction, which {FORMAT_NAME} cannot store — {_HF_HINT}, "
             "or quantize without +lorc"
         )
-    if quant.get("act_order"):
+    if quant.act_order:
         raise ExportError(
             f"{name} was quantized with act-order and dynamic groups (a g_idx column→group map), which "
             f"{FORMAT_NAME} ≥ 0.20 no longer stores — rerun GPTQ with --static-groups (or without --act-order), "
@@ -115,7 +122,7 @@ def _check_representable(name: str, module: nn.Module, quant: dict[str, Any]) ->
     cols = module.in_features
     if scheme.granularity == "group" and cols % scheme.group_size:
         raise _short_group_error(name, cols, scheme)
-    g_idx = quant.get("g_idx")
+    g_idx = quant.g_idx
     if g_idx is not None and scheme.granularity == "group":
         contiguous = torch.arange(cols, device=g_idx.device) // scheme.group_size
         if not torch.equal(g_idx.long(), contiguous):
@@ -144,30 +151,28 @@ def check_packable_recipe(methods: Iterable[Any], model: nn.Module | None = None
 
     With ``model``, also checks every selected linear's input width against the group size.
     """
-    from calibrant.methods.quant import parse_scheme
-
-    quantizers = [m for m in methods if getattr(m, "scheme", None) is not None]
-    if not quantizers:
+    planned = [state for m in methods if (state := m.quant_plan()) is not None]
+    if not planned:
         raise ExportError(f"the recipe quantizes nothing, so there is nothing to pack into {FORMAT_NAME}; add a "
                           "quantization method (e.g. --method gptq --scheme w4g64) or save with --format hf")
-    for m in quantizers:
-        scheme = parse_scheme(m.scheme)
-        if scheme.lorc_rank:
+    for state in planned:
+        scheme = state.scheme
+        if state.lorc:
             raise ExportError(f"scheme {scheme.name} adds a LoRC low-rank correction, which {FORMAT_NAME} cannot "
                               f"store — {_HF_HINT}, or quantize without +lorc")
-        if getattr(m, "act_order", False) and not getattr(m, "static_groups", False) and scheme.granularity == "group":
+        if state.act_order:
             raise ExportError(f"GPTQ act-order with dynamic groups needs a g_idx map, which {FORMAT_NAME} ≥ 0.20 no "
                               f"longer stores — add --static-groups (or drop --act-order), or {_HF_HINT}")
         if model is None or scheme.granularity != "group":
             continue
-        from calibrant.engine import _selected
+        from calibrant.engine.plan import selected
         from calibrant.models.adapter import Adapter, in_features
 
         adapter = Adapter(model)
         for i in range(len(adapter.blocks)):
             for name, lin in adapter.block_linears(i).items():
                 cols = in_features(lin)
-                if cols % scheme.group_size and _selected(name, include and list(include), exclude and list(exclude)):
+                if cols % scheme.group_size and selected(name, include and list(include), exclude and list(exclude)):
                     raise _short_group_error(name, cols, scheme)
 
 
@@ -194,12 +199,12 @@ def integer_weight(name: str, weight: torch.Tensor, scheme: QuantScheme, scale: 
     return q
 
 
-def _module_tensors(name: str, module: nn.Linear, quant: dict[str, Any], scheme: QuantScheme, fmt: str,
+def _module_tensors(name: str, module: nn.Linear, quant: QuantState, scheme: QuantScheme, fmt: str,
                     pack_to_int32: Any) -> dict[str, torch.Tensor]:
     """The tensors that replace one quantized linear's ``weight`` in the checkpoint, under their local names."""
     weight = module.weight.data
-    scale = quant["scale"].detach().to(torch.float32).cpu()
-    zero = quant["zero"].detach().to(torch.float32).cpu()
+    scale = quant.scale.detach().to(torch.float32).cpu()
+    zero = quant.zero.detach().to(torch.float32).cpu()
     rows = weight.shape[0]
     if scale.dim() == 1:
         scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)

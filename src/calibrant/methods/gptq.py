@@ -17,6 +17,7 @@ from calibrant.methods.base import LayerContext, LayerStats, Method, single_thre
 from calibrant.methods.hessian import damped_inverse_cholesky, solve_dtype
 from calibrant.methods.quant import (
     QuantScheme,
+    QuantState,
     lorc,
     parse_scheme,
     qparams,
@@ -167,7 +168,15 @@ def _gptq_loop(
 
 class GPTQ(Method):
     name = "gptq"
-    needs = "hessian"
+    statistics = ("hessian",)
+    param_help = {
+        "scheme": "quantization scheme: w4g128, w4g64-asym, w8-channel, w8a8, w3g64+lorc8, ... (default w4g128)",
+        "blocksize": "columns per lazy update block (default 128)",
+        "damp": "Hessian damping, fraction of the mean diagonal (default 0.01)",
+        "act_order": "quantize columns by descending Hessian diagonal",
+        "static_groups": "fix group scales from the original weight before any update",
+        "precision": "float32 (default) or float64 solves; float64 results do not depend on blocksize or BLAS",
+    }
 
     def __init__(
         self,
@@ -191,6 +200,11 @@ class GPTQ(Method):
         self.static_groups = bool(static_groups)
         self.precision = precision
         self._scheme = parsed
+
+    def quant_plan(self) -> QuantState:
+        """Act-order with dynamic groups leaves a non-contiguous g_idx (static groups keep them contiguous)."""
+        dynamic = self.act_order and not self.static_groups and self._scheme.granularity == "group"
+        return QuantState(self._scheme, act_order=dynamic)
 
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         return self.compress_group([weight], stats, [ctx])[0]
@@ -227,9 +241,7 @@ class GPTQ(Method):
             q = Q[r0:r1]
             if scheme.lorc_rank:
                 q = q + lorc(w - q, scheme.lorc_rank)
-            ctx.quant = {"scheme": scheme, "scale": scale[r0:r1], "zero": zero[r0:r1], "g_idx": g_idx,
-                         "act_order": self.act_order and not self.static_groups and scheme.granularity == "group",
-                         "lorc": bool(scheme.lorc_rank)}
+            ctx.quant = QuantState(scheme, scale[r0:r1], zero[r0:r1], g_idx, act_order=self.quant_plan().act_order)
             if damp_used != self.damp:
                 ctx.info["damp_used"] = damp_used
             if loss is not None:

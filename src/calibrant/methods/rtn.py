@@ -6,16 +6,19 @@ import torch
 
 from calibrant.errors import RecipeError
 from calibrant.methods.base import LayerContext, LayerStats, Method
-from calibrant.methods.quant import fake_quant_weight, lorc, parse_scheme
+from calibrant.methods.quant import QuantState, fake_quant_weight, lorc, parse_scheme
 
 
 class RTN(Method):
     name = "rtn"
-    needs = "none"
+    param_help = {"scheme": "quantization scheme: w4g128, w4g64-asym, w8-channel, w8a8, w3g64+lorc8, ... (default w4g128)"}
 
     def __init__(self, scheme: str = "w4g128"):
         self._scheme = parse_scheme(scheme)
         self.scheme = self._scheme.name
+
+    def quant_plan(self) -> QuantState:
+        return QuantState(self._scheme)
 
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         scheme = self._scheme
@@ -29,6 +32,5 @@ class RTN(Method):
         g_idx = None
         if scheme.granularity == "group":
             g_idx = torch.arange(weight.shape[1], device=weight.device) // scheme.group_size
-        ctx.quant = {"scheme": scheme, "scale": scale, "zero": zero, "g_idx": g_idx, "act_order": False,
-                     "lorc": bool(scheme.lorc_rank)}
+        ctx.quant = QuantState(scheme, scale, zero, g_idx)
         return Wq

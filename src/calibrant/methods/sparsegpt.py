@@ -63,10 +63,16 @@ def sparsegpt_prune(
 
 class SparseGPT(PruningMethod):
     name = "sparsegpt"
-    needs = "hessian"
+    statistics = ("hessian",)
+    param_help = {
+        **PruningMethod.param_help,
+        "blocksize": "columns per lazy update block (default 128)",
+        "damp": "Hessian damping, fraction of the mean diagonal (default 0.01)",
+        "precision": "float32 (default) or float64 solves; float64 results do not depend on blocksize or BLAS",
+    }
 
     def __init__(
-        self, sparsity: float = 0.5, pattern: str | None = None, blocksize: int = 128, damp: float = 0.01,
+        self, sparsity: float | None = None, pattern: str | None = None, blocksize: int = 128, damp: float = 0.01,
         precision: str = "float32",
     ):
         super().__init__(sparsity, pattern)
@@ -84,7 +90,7 @@ class SparseGPT(PruningMethod):
         W = weight.to(self._dtype, copy=True)
         W[:, dead] = 0.0
         with single_threaded():
-            W, mask = sparsegpt_prune(W, U.to(W.device), self.sparsity, self._nm, self.blocksize)
+            W, mask = sparsegpt_prune(W, U.to(W.device), self.target_sparsity(ctx), self._nm, self.blocksize)
         W = W.to(weight.dtype)
         ctx.mask = mask
         if damp_used != self.damp:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from calibrant.errors import RecipeError
-from calibrant.methods.base import Method
+from calibrant.methods.base import LayerContext, Method
 
 
 def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -63,13 +65,36 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return lowest_k_mask(groups, m - n).reshape(rows, cols)
 
 
-class PruningMethod(Method):
-    """Shared target handling: an unstructured ``sparsity`` or an N:M ``pattern`` (which then sets it)."""
+DEFAULT_SPARSITY = 0.5
 
-    def __init__(self, sparsity: float = 0.5, pattern: str | None = None):
+
+class PruningMethod(Method):
+    """Shared target handling, the one place that decides what a pruning recipe records: an unstructured
+    ``sparsity`` (default 0.5), or an N:M ``pattern``, which prunes and records 1 − N/M whatever sparsity
+    is also given (a study grid may cross both). A model-level plan may override ``sparsity`` per layer."""
+
+    def __init__(self, sparsity: float | None = None, pattern: str | None = None):
         self._nm = parse_pattern(pattern)
-        self.sparsity = 1 - self._nm[0] / self._nm[1] if self._nm else check_sparsity(sparsity)
+        if self._nm:  # the pattern decides what is pruned, so it decides what is recorded
+            self.sparsity = 1 - self._nm[0] / self._nm[1]
+        else:
+            self.sparsity = check_sparsity(DEFAULT_SPARSITY if sparsity is None else sparsity)
         self.pattern = f"{self._nm[0]}:{self._nm[1]}" if self._nm else None
+
+    param_help: ClassVar[dict[str, str]] = {
+        "sparsity": "fraction of weights to prune, in [0, 1) (default 0.5)",
+        "pattern": "N:M semi-structured pattern, e.g. 2:4 (at most N non-zeros per M inputs); sets the sparsity",
+    }
 
     def validate(self, name: str, shape: tuple[int, int]) -> None:
         check_nm_shape(name, shape, self._nm)
+
+    def target_sparsity(self, ctx: LayerContext) -> float:
+        """This layer's unstructured target: the plan's, where a model-level plan set one."""
+        return float(ctx.plan.get("sparsity", self.sparsity))
+
+    def prune_mask(self, scores: torch.Tensor, ctx: LayerContext, per_row: bool) -> torch.Tensor:
+        """True where a weight is pruned: the N:M pattern's lowest scores, else this layer's target sparsity."""
+        if self._nm:
+            return nm_mask(scores, *self._nm)
+        return unstructured_mask(scores, self.target_sparsity(ctx), per_row=per_row)

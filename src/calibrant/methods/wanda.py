@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from calibrant.methods.base import LayerContext, LayerStats
-from calibrant.methods.sparsity import PruningMethod, nm_mask, unstructured_mask
+from calibrant.methods.sparsity import PruningMethod
 
 
 def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
@@ -15,19 +15,15 @@ def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
 
 class Wanda(PruningMethod):
     name = "wanda"
-    needs = "norms"
+    statistics = ("sq_norms",)
+    param_help = {**PruningMethod.param_help, "per_layer": "compare weights across the whole layer, not per output row"}
 
-    def __init__(self, sparsity: float = 0.5, pattern: str | None = None, per_layer: bool = False):
+    def __init__(self, sparsity: float | None = None, pattern: str | None = None, per_layer: bool = False):
         super().__init__(sparsity, pattern)
         self.per_layer = per_layer
 
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         assert stats is not None
         stats.check_finite(ctx.name)
-        scores = wanda_scores(weight, stats.sq_norms)
-        if self._nm:
-            mask = nm_mask(scores, *self._nm)
-        else:
-            mask = unstructured_mask(scores, self.sparsity, per_row=not self.per_layer)
-        ctx.mask = mask
-        return weight.masked_fill(mask, 0.0)
+        ctx.mask = self.prune_mask(wanda_scores(weight, stats.sq_norms), ctx, per_row=not self.per_layer)
+        return weight.masked_fill(ctx.mask, 0.0)

@@ -162,7 +162,7 @@ class StudySpec:
 
     def expand(self) -> list[PlannedRun]:
         """All runs of the grid, in a stable order, with calibration-free runs collapsed."""
-        from calibrant.methods import METHODS
+        from calibrant.methods import needs_data
 
         evaluation = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.evaluation.items()))
         options = tuple(sorted(self.options.items()))
@@ -173,7 +173,7 @@ class StudySpec:
                 name = entry["name"]
                 grid = {k: _as_list(v) for k, v in entry.items() if k != "name"}
                 keys = sorted(grid)
-                free = name == DENSE or all(METHODS[n].needs == "none" for n in name.split("+"))
+                free = name == DENSE or not needs_data(name)
                 for values in itertools.product(*(grid[k] for k in keys)):
                     params = tuple((k, v) for k, v in zip(keys, values, strict=True) if v is not None)
                     calibs: list[tuple[str | None, int | None]] = [(None, None)] if free else list(self.calibration)
@@ -186,7 +186,10 @@ class StudySpec:
 
 
 def _method_entries(value: Any, spec: Any) -> list[dict[str, Any]]:
-    from calibrant.methods import METHODS, _accepted
+    """Each method entry with its parameter grid; every grid point is built once here (the one validation
+    of method parameters, :func:`calibrant.methods.make_recipe`), so a bad name or value fails at plan time."""
+    from calibrant.errors import RecipeError
+    from calibrant.methods import METHODS, make_recipe, parameters, recipe_classes
 
     if not isinstance(value, list) or not value:
         raise StudySpecError(f"{_at(spec, 'methods')}'methods' must be a non-empty list such as "
@@ -199,13 +202,15 @@ def _method_entries(value: Any, spec: Any) -> list[dict[str, Any]]:
             raise StudySpecError(f"{_at(item) or _at(spec, 'methods')}each method needs a 'name' "
                                  f"(one of dense, {', '.join(METHODS)}, or a chain such as sparsegpt+gptq)")
         name = str(item["name"]).strip().lower()
-        allowed: set[str] = set()
-        if name != DENSE:
-            for part in name.split("+"):
-                if part not in METHODS:
-                    raise StudySpecError(f"{_at(item, 'name')}unknown method '{part}'; choose dense or one of "
-                                         f"{', '.join(METHODS)}.{suggest(part, [DENSE, *METHODS])}")
-                allowed |= _accepted(METHODS[part])
+        if name == DENSE:
+            allowed: set[str] = set()
+        else:
+            try:
+                classes = recipe_classes(name)
+            except RecipeError as exc:
+                raise StudySpecError(f"{_at(item, 'name')}{exc}".replace(f"{', '.join(METHODS)}.",
+                                     f"dense or {', '.join(METHODS)}.")) from None
+            allowed = set().union(*(parameters(c) for c in classes))
         for key, v in item.items():
             if key == "name":
                 continue
@@ -216,6 +221,13 @@ def _method_entries(value: Any, spec: Any) -> list[dict[str, Any]]:
             if isinstance(v, list) and not v:
                 raise StudySpecError(f"{_at(item, key)}'{key}' of method '{name}' is an empty list: the grid would "
                                      "have no runs; give at least one value")
+        grid = {k: _as_list(v) for k, v in item.items() if k != "name"}
+        if name != DENSE:
+            for values in itertools.product(*grid.values()):
+                try:
+                    make_recipe(name, **dict(zip(grid, values, strict=True)))
+                except RecipeError as exc:
+                    raise StudySpecError(f"{_at(item) or _at(spec, 'methods')}{name}: {exc}") from None
         entries.append({"name": name, **{k: v for k, v in item.items() if k != "name"}})
     return entries
 
@@ -284,20 +296,14 @@ def parse_study(data: Any, source: str = "") -> StudySpec:
     spec = StudySpec(name=str(data.get("name") or Path(source).stem or "study"), models=models, methods=methods,
                      calibration=calibration, evaluation=evaluation, options=options,
                      description=str(data.get("description") or ""), source=source, raw=dict(data))
-    if not spec.calibration and any(
-        e["name"] != DENSE and any(_needs_data(p) for p in e["name"].split("+")) for e in methods
-    ):
+    from calibrant.methods import needs_data
+
+    if not spec.calibration and any(e["name"] != DENSE and needs_data(e["name"]) for e in methods):
         raise StudySpecError("methods that read calibration data are listed but 'calibration' has no sources; add "
                              "calibration: {sources: [wiki], n: 128, length: 512, seeds: [0]}")
     if not spec.expand():
         raise StudySpecError("the grid expands to no runs; check the lists in 'methods' and 'calibration'")
     return spec
-
-
-def _needs_data(name: str) -> bool:
-    from calibrant.methods import METHODS
-
-    return METHODS[name].needs != "none"
 
 
 def presets() -> list[str]:

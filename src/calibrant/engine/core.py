@@ -1,0 +1,164 @@
+"""Layer-sequential compression (as in SparseGPT / Wanda / GPTQ): the driver.
+
+Capture the inputs of block 0 for the whole calibration set, then for each block in turn: let
+block-level methods transform it, stream its linears' input statistics and let each method rewrite
+each linear (:mod:`calibrant.engine.pipelines`), and run it to produce the next block's inputs. Only
+one block's inputs are held (one ``[n, L, hidden]`` buffer, two for two-pass blocks), whatever the
+depth of the model. A model-level plan, when a method asks for one, comes first from one dense pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibrant.engine.block import BlockContext
+from calibrant.engine.pipelines import Plans, call_order, compress_linears, groups_for, observe, one_pass
+from calibrant.engine.plan import Plan, make_plan
+from calibrant.engine.report import CompressionReport
+from calibrant.engine.runner import BlockwiseRunner
+from calibrant.engine.stopwatch import Stopwatch
+from calibrant.heap import bound_heap, relax_heap, release_freed_memory
+from calibrant.methods.base import Method
+from calibrant.methods.stats import LayerStats
+from calibrant.models.adapter import inference_mode, weight_of
+
+TIMINGS = ("plan_s", "capture_s", "block_s", "forward_s", "stats_s", "compress_s")
+
+
+def compress(
+    model: nn.Module,
+    calibration: Any,
+    recipe: Method | Sequence[Method],
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    propagate: str = "compressed",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    progress: bool = True,
+    pipeline: str = "one-pass",
+) -> CompressionReport:
+    """Compress ``model`` in place, block by block, and return what was done.
+
+    ``calibration`` is a CalibrationSet, a ``[n, L]`` token-id tensor, or None for data-free
+    methods (a data-free recipe ignores one it is given: no forward runs). ``recipe`` is one method or
+    several applied in order to each linear (a pruning mask set by an earlier method is kept by later
+    ones). ``propagate="compressed"`` feeds each block the outputs of the already-compressed previous
+    blocks (the SparseGPT/GPTQ default); ``"dense"`` feeds the dense model's activations and saves one
+    block forward per block. ``pipeline``: ``"one-pass"`` or ``"two-pass"`` (see
+    :mod:`calibrant.engine.pipelines`); with dense propagation every block runs two-pass.
+    """
+    methods = [recipe] if isinstance(recipe, Method) else list(recipe)
+    plan = make_plan(model, calibration, methods, propagate=propagate, pipeline=pipeline, include=include,
+                     exclude=exclude)
+    runner = BlockwiseRunner(model, device=device, batch_size=batch_size)
+    report = CompressionReport([{"method": m.name, **m.params()} for m in methods], plan.calibration, propagate)
+    clock = Stopwatch(*TIMINGS)
+    bounded = bound_heap()  # for the compression only: see calibrant.heap
+    start = time.perf_counter()
+    try:
+        with inference_mode(model):
+            plans: Plans = {}
+            if plan.planners:
+                with clock.section("plan_s"):
+                    plans = _model_plans(runner, plan, progress)
+                report.plans = {methods[i].name: p for i, p in plans.items()}
+            if plan.ids is None:
+                _data_free(runner, plan, report, clock, progress)
+            else:
+                _layer_sequential(runner, plan, report, clock, plans, progress)
+    finally:
+        if bounded is not None:
+            relax_heap()
+        always = ("capture_s", "forward_s", "stats_s", "compress_s")
+        report.timings = {k: v for k, v in clock.totals.items() if v or k in always}
+        report.timings["total_s"] = time.perf_counter() - start
+    return report
+
+
+def _data_free(runner: BlockwiseRunner, plan: Plan, report: CompressionReport, clock: Stopwatch,
+               progress: bool) -> None:
+    for layer_map in tqdm(plan.targets, desc=f"compress {plan.methods[0].name}", disable=not progress):
+        with clock.section("compress_s"):
+            report.layers += compress_linears(layer_map, plan.methods, {}, runner.device)
+        report.block_pipelines.append("data-free")
+
+
+def _layer_sequential(runner: BlockwiseRunner, plan: Plan, report: CompressionReport, clock: Stopwatch,
+                      plans: Plans, progress: bool) -> None:
+    adapter = runner.adapter
+    with clock.section("capture_s"):
+        inps = runner.capture(plan.ids)
+    outs: torch.Tensor | None = None  # two-pass blocks' outputs; one-pass blocks write over inps
+    stats_keys = plan.statistics
+    bar = tqdm(range(len(adapter.blocks)), desc=f"compress {'+'.join(m.name for m in plan.methods)}",
+               disable=not progress, unit="block")
+    order: list[tuple[str, int]] | None = None
+    for i in bar:
+        layers = plan.targets[i]
+        block = adapter.blocks[i]
+        moved = runner.device != runner.model_device
+        if moved:
+            block.to(runner.device)
+        if plan.block_methods and layers:
+            with clock.section("block_s"):
+                context = BlockContext(runner, i, layers, inps)
+                for m in plan.block_methods:
+                    m.compress_block(context)  # type: ignore[attr-defined]
+        groups = None
+        if stats_keys and layers and plan.propagate == "compressed" and plan.pipeline == "one-pass":
+            order = order or call_order(runner, i, inps)
+            groups = groups_for(order, layers, adapter.block_prefix, i)
+        if groups is not None:
+            report.layers += one_pass(runner, i, layers, groups, plan.methods, stats_keys, inps, clock, plans)
+            report.block_pipelines.append("one-pass")
+        else:
+            if outs is None:
+                outs = torch.empty_like(inps)
+            stats: dict[str, LayerStats] = {}
+            if stats_keys and layers:
+                stats = observe(runner, i, layers, stats_keys, inps, outs if plan.propagate == "dense" else None,
+                                clock)
+            with clock.section("compress_s"):
+                report.layers += compress_linears(layers, plan.methods, stats, runner.device, plans)
+            del stats
+            if plan.propagate == "compressed" or not stats_keys or not layers:
+                with clock.section("forward_s"):
+                    runner.run_block(i, inps, outs)
+            inps, outs = outs, inps
+            report.block_pipelines.append("two-pass")
+        if moved:
+            block.to(runner.model_device)
+        release_freed_memory()
+
+
+def _model_plans(runner: BlockwiseRunner, plan: Plan, progress: bool) -> Plans:
+    """One pass over the dense model: each planning method summarises every targeted linear from its
+    dense weight and input statistics, then plans per-layer overrides from all the summaries."""
+    planners = {i: m for i, m in enumerate(plan.methods) if m.plan_statistics}
+    keys = frozenset().union(*(m.plan_statistics for m in planners.values()))
+    summaries: dict[int, dict[str, Any]] = {i: {} for i in planners}
+    shapes: dict[str, tuple[int, int]] = {}
+    inps = runner.capture(plan.ids)
+    outs = torch.empty_like(inps)
+    for i in tqdm(range(len(runner.adapter.blocks)), desc="plan (dense pass)", disable=not progress, unit="block"):
+        layers = plan.targets[i]
+        stats = observe(runner, i, layers, keys, inps, outs) if layers else {}
+        if not layers:
+            runner.run_block(i, inps, outs)
+        for name, module in layers.items():
+            weight = weight_of(module).to(torch.float32)
+            shapes[name] = tuple(weight.shape)
+            for position, m in planners.items():
+                summaries[position][name] = m.summarize(name, weight, stats[name])
+        for st in {id(s): s for s in stats.values()}.values():
+            st.release()
+        inps, outs = outs, inps
+    del inps, outs
+    return {position: m.plan(summaries[position], shapes) for position, m in planners.items()}

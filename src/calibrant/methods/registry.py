@@ -1,0 +1,82 @@
+"""The method registry and the one place method parameters are checked.
+
+A method's ``__init__`` signature is its parameter list: the API, the CLI (options derived from it)
+and study specs all go through :func:`split_params` and :func:`make_recipe`, so a new method with a
+new parameter touches no other code. A recipe is one method or a chain (``"sparsegpt+gptq"``) applied
+in order; each method of a chain takes the parameters it accepts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from calibrant.errors import RecipeError, suggest
+from calibrant.methods.base import Method
+from calibrant.methods.gptq import GPTQ
+from calibrant.methods.magnitude import Magnitude
+from calibrant.methods.rtn import RTN
+from calibrant.methods.sparsegpt import SparseGPT
+from calibrant.methods.wanda import Wanda
+
+METHODS: dict[str, type[Method]] = {
+    "magnitude": Magnitude,
+    "wanda": Wanda,
+    "sparsegpt": SparseGPT,
+    "rtn": RTN,
+    "gptq": GPTQ,
+}
+
+
+def method_class(name: str) -> type[Method]:
+    cls = METHODS.get(name.strip().lower())
+    if cls is None:
+        raise RecipeError(f"unknown method '{name}'; choose one of {', '.join(METHODS)}.{suggest(name, METHODS)}")
+    return cls
+
+
+def parameters(method: str | type[Method]) -> dict[str, inspect.Parameter]:
+    """A method's parameters (name → signature parameter, with its default and annotation)."""
+    cls = method_class(method) if isinstance(method, str) else method
+    return {k: p for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def recipe_classes(spec: str) -> list[type[Method]]:
+    """``"sparsegpt+gptq"`` → the method classes in order; unknown names are refused with a suggestion."""
+    names = [n.strip().lower() for n in str(spec).split("+")]
+    if not spec or not all(names):
+        raise RecipeError(f"empty method in '{spec}'; choose one of {', '.join(METHODS)} or a chain such as "
+                          "sparsegpt+gptq")
+    return [method_class(n) for n in names]
+
+
+def split_params(spec: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each method of the recipe with the parameters it takes (None values dropped). A parameter that no
+    method of the recipe takes is refused, naming the parameters it does take (a typo must not be ignored)."""
+    classes = recipe_classes(spec)
+    params = {k: v for k, v in params.items() if v is not None}
+    accepted = [set(parameters(c)) for c in classes]
+    unknown = sorted(set(params) - set().union(*accepted))
+    if unknown:
+        takes = ", ".join(sorted(set().union(*accepted))) or "no parameters"
+        what = f"method '{spec}'" if len(classes) == 1 else f"the chain '{spec}'"
+        raise RecipeError(f"{what} does not take {', '.join(repr(k) for k in unknown)} (it takes {takes})."
+                          f"{suggest(unknown[0], set().union(*accepted))}")
+    return [{k: v for k, v in params.items() if k in acc} for acc in accepted]
+
+
+def make_recipe(spec: str, **params: Any) -> list[Method]:
+    """Instantiate a recipe; every bad name or value is one RecipeError before anything is loaded."""
+    return [cls(**p) for cls, p in zip(recipe_classes(spec), split_params(spec, params), strict=True)]
+
+
+def make_method(name: str, **params: Any) -> Method:
+    """Instantiate one registered method."""
+    cls = method_class(name)
+    return cls(**split_params(cls.name, params)[0])
+
+
+def needs_data(spec: str) -> bool:
+    """Whether a recipe reads calibration activations (any statistic, block-level work or plan)."""
+    return any(c.reads_data() for c in recipe_classes(spec))
