@@ -1,8 +1,8 @@
 """Importance of each KV group and MLP channel of a dense model: which units structured pruning keeps.
 
-:func:`compute_importance` runs one pass of the dense model over the calibration batches, with hooks
-that accumulate float32 sums of squares of the inputs of every ``o_proj`` and ``down_proj`` (memory:
-one vector per layer). Scores are Wanda-style ``Σ_i |W_ij|·‖X_j‖`` summed over a KV group's columns
+:func:`compute_importance` runs one pass of the dense model over the calibration batches, streaming the
+engine's own ``sq_norms`` statistic (:class:`calibrant.methods.stats.LayerStats`, the Σx² Wanda uses)
+of the inputs of every ``o_proj`` and ``down_proj`` (memory: one vector per layer). Scores are Wanda-style ``Σ_i |W_ij|·‖X_j‖`` summed over a KV group's columns
 of ``o_proj`` (all the query heads that share the KV head) and per column of ``down_proj``;
 ``magnitude`` is the same aggregate with unit activation norms (no data). Cached by model hash +
 calibration hash + score.
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from calibrant.cache import atomic_path, cache_dir, stable_hash
 from calibrant.errors import CalibrantError
+from calibrant.methods.stats import LayerStats
 from calibrant.models.adapter import Adapter, inference_mode
 from calibrant.search.structured import ModelShape
 
@@ -124,18 +125,18 @@ def compute_importance(
                 pass
     start = time.perf_counter()
     r, hd = shape.group_size, shape.head_dim
-    o_sq = [torch.zeros(shape.n_heads * hd, dtype=torch.float32) for _ in range(shape.n_blocks)]
-    d_sq = [torch.zeros(shape.intermediate, dtype=torch.float32) for _ in range(shape.n_blocks)]
+    device = next(model.parameters()).device
     cos_sum = torch.zeros(shape.n_blocks, dtype=torch.float64)
     tokens = 0
+    o_stats: list[LayerStats] = []
+    d_stats: list[LayerStats] = []
     if needs_data:
         assert calibration is not None
         handles = []
 
-        def sumsq(buf: torch.Tensor) -> Any:
+        def observe(stats: LayerStats) -> Any:
             def hook(_m: nn.Module, args: tuple) -> None:
-                x = args[0].detach().float()
-                buf.add_(x.pow(2).reshape(-1, x.shape[-1]).sum(0).cpu())
+                stats.add(args[0].detach())
 
             return hook
 
@@ -149,10 +150,11 @@ def compute_importance(
             return hook
 
         for i, block in enumerate(adapter.blocks):
-            handles.append(block.self_attn.o_proj.register_forward_pre_hook(sumsq(o_sq[i])))
-            handles.append(block.mlp.down_proj.register_forward_pre_hook(sumsq(d_sq[i])))
+            o_stats.append(LayerStats(shape.n_heads * hd, "sq_norms", device=device))
+            d_stats.append(LayerStats(shape.intermediate, "sq_norms", device=device))
+            handles.append(block.self_attn.o_proj.register_forward_pre_hook(observe(o_stats[i])))
+            handles.append(block.mlp.down_proj.register_forward_pre_hook(observe(d_stats[i])))
             handles.append(block.register_forward_hook(influence(i), with_kwargs=True))
-        device = next(model.parameters()).device
         ids = calibration.long()
         try:
             spans = [(b, min(b + batch_size, ids.shape[0])) for b in range(0, ids.shape[0], batch_size)]
@@ -168,8 +170,8 @@ def compute_importance(
         w_o = block.self_attn.o_proj.weight.detach().float().abs().sum(0).cpu()  # [n_heads*hd]
         w_d = block.mlp.down_proj.weight.detach().float().abs().sum(0).cpu()  # [intermediate]
         if needs_data:
-            w_o = w_o * o_sq[i].sqrt()
-            w_d = w_d * d_sq[i].sqrt()
+            w_o = w_o * o_stats[i].sq_norms.cpu().sqrt()
+            w_d = w_d * d_stats[i].sq_norms.cpu().sqrt()
         groups.append(w_o.double().reshape(shape.n_kv, r * hd).sum(1))
         channels.append(w_d.double())
     influence_t = 1 - cos_sum / tokens if tokens else torch.full((shape.n_blocks,), math.nan, dtype=torch.float64)
