@@ -50,3 +50,19 @@ def test_readme_block_method_alone_is_exact_up_to_rounding(family):
     with torch.no_grad():
         after = model(ids).logits
     assert (after - before).abs().max() < 1e-4 * before.abs().max()
+
+
+def test_block_method_on_a_family_without_folds_is_refused_before_any_change():
+    import transformers as T
+
+    from calibrant.errors import RecipeError
+    from tests.conftest import tiny_config
+
+    config = tiny_config("opt")
+    config.do_layer_norm_before = False  # post-LN (OPT-350m): no norm feeds the linears
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RecipeError, match=r"scale-example folds .* opt \(OPTForCausalLM\) .*post-LN"):
+        compress(model, token_batch(), ScaleToMeanAbs(), progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

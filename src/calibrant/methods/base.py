@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from calibrant.errors import RecipeError
 from calibrant.methods.quant.state import QuantState
 from calibrant.methods.stats import LayerStats, all_finite
 
@@ -121,9 +122,23 @@ class Method:
 
 
 class BlockMethod(Method):
-    """A block-level method: acts on a whole decoder block before its linears are compressed."""
+    """A block-level method: acts on a whole decoder block before its linears are compressed.
+
+    ``needs_folds``: the method folds per-channel scales (``block.folds``), so a model whose family allows
+    none is refused before anything is touched, naming the family and the reason."""
 
     scope = "block"
+    needs_folds: ClassVar[bool] = True
+
+    def validate_model(self, adapter: Any) -> None:
+        if not self.needs_folds:
+            return
+        from calibrant.models.folds import fold_impossible
+
+        reason = fold_impossible(adapter.model)
+        if reason is not None:
+            raise RecipeError(f"{self.name} folds per-channel scales into the layers before the linears, but for "
+                              f"{adapter.model_type} ({type(adapter.model).__name__}) {reason}")
 
     def compress_block(self, block: Any) -> None:
         """``block`` is a :class:`calibrant.engine.block.BlockContext`: the block, its calibration inputs,
