@@ -88,8 +88,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     bits = f", {rep.effective_bits:.3f} effective bits/weight" if rep.effective_bits is not None else ""
     print(f"{'+'.join(r['method'] for r in rep.recipe)}: {len(rep.layers)} linear layers, "
           f"overall sparsity {rep.sparsity:.4f}{bits}")
+    extra = "".join(f" + {label} {t[key]:.1f}s" for key, label in (("plan_s", "plan"), ("block_s", "block methods"))
+                    if t.get(key))
     print(f"time: total {t.get('total_s', 0):.1f}s = capture {t.get('capture_s', 0):.1f}s + block forwards "
-          f"{t.get('forward_s', 0):.1f}s + statistics {t.get('stats_s', 0):.1f}s + method {t.get('compress_s', 0):.1f}s")
+          f"{t.get('forward_s', 0):.1f}s + statistics {t.get('stats_s', 0):.1f}s + method {t.get('compress_s', 0):.1f}s"
+          f"{extra}; pipeline: {rep.pipeline}")
     if result.calibration is not None:
         print(f"calibration: {result.calibration.provenance.get('source')} "
               f"{result.calibration.n}x{result.calibration.seq_len} seed={result.calibration.provenance.get('seed')} "
