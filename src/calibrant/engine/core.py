@@ -18,7 +18,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibrant.engine.block import BlockContext
-from calibrant.engine.pipelines import Plans, call_order, compress_linears, groups_for, observe, one_pass
+from calibrant.engine.pipelines import (
+    Plans,
+    call_order,
+    compress_linears,
+    groups_for,
+    observe,
+    one_pass,
+    structure_key,
+)
 from calibrant.engine.plan import Plan, make_plan
 from calibrant.engine.report import CompressionReport
 from calibrant.engine.runner import BlockwiseRunner
@@ -99,7 +107,7 @@ def _layer_sequential(runner: BlockwiseRunner, plan: Plan, report: CompressionRe
     stats_keys = plan.statistics
     bar = tqdm(range(len(adapter.blocks)), desc=f"compress {'+'.join(m.name for m in plan.methods)}",
                disable=not progress, unit="block")
-    order: list[tuple[str, int]] | None = None
+    orders: dict[tuple, list[tuple[str, int]]] = {}  # call order per block structure
     for i in bar:
         layers = plan.targets[i]
         block = adapter.blocks[i]
@@ -113,8 +121,10 @@ def _layer_sequential(runner: BlockwiseRunner, plan: Plan, report: CompressionRe
                     m.compress_block(context)  # type: ignore[attr-defined]
         groups = None
         if stats_keys and layers and plan.propagate == "compressed" and plan.pipeline == "one-pass":
-            order = order or call_order(runner, i, inps)
-            groups = groups_for(order, layers, adapter.block_prefix, i)
+            key = structure_key(block)
+            if key not in orders:  # blocks of one structure call their linears in one order: probe it once
+                orders[key] = call_order(runner, i, inps)
+            groups = groups_for(orders[key], layers, adapter.block_prefix, i)
         if groups is not None:
             report.layers += one_pass(runner, i, layers, groups, plan.methods, stats_keys, inps, clock, plans)
             report.block_pipelines.append("one-pass")

@@ -64,6 +64,12 @@ def call_order(runner: BlockwiseRunner, index: int, inps: torch.Tensor) -> list[
     return calls
 
 
+def structure_key(block: nn.Module) -> tuple:
+    """What decides the order in which a block calls its linears: each submodule's name, class and forward
+    (a forward replaced on the instance counts). Blocks with equal keys share one probed call order."""
+    return tuple((name, type(m), m.__dict__.get("forward", type(m).forward)) for name, m in block.named_modules())
+
+
 def groups_for(
     order: list[tuple[str, int]], layers: dict[str, nn.Module], prefix: str, index: int
 ) -> list[list[str]] | None:
@@ -116,7 +122,13 @@ def one_pass(
         leader = layers[names[0]]
         st = LayerStats(weight_of(leader).shape[1], statistics, device=runner.device)
 
+        arrivals = [0]
+
         def hook(module: nn.Module, args: tuple) -> tuple | None:
+            arrivals[0] += 1
+            if arrivals[0] > len(spans):
+                raise RuntimeError(f"block {index}: {names[0]} was called more than once per forward, unlike the "
+                                   "probed block it was taken to match; rerun with pipeline='two-pass'")
             with clock.section("stats_s"):
                 st.add(args[0])
             if running[0] == len(spans) - 1:  # every batch has contributed: compress the group now

@@ -9,6 +9,7 @@ in order; each method of a chain takes the parameters it accepts.
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any
 
 from calibrant.errors import RecipeError, suggest
@@ -68,13 +69,37 @@ def split_params(spec: str, params: dict[str, Any]) -> list[dict[str, Any]]:
 
 def make_recipe(spec: str, **params: Any) -> list[Method]:
     """Instantiate a recipe; every bad name or value is one RecipeError before anything is loaded."""
-    return [cls(**p) for cls, p in zip(recipe_classes(spec), split_params(spec, params), strict=True)]
+    classes = recipe_classes(spec)
+    return [cls(**{k: coerce(cls, k, v) for k, v in p.items()})
+            for cls, p in zip(classes, split_params(spec, params), strict=True)]
+
+
+def coerce(cls: type[Method], key: str, value: Any) -> Any:
+    """``value`` as the type ``cls``'s signature declares for ``key`` (``"1e-3"`` → 0.001 for a float), or a
+    RecipeError naming the parameter and the type it needs."""
+    hint = typing.get_type_hints(cls.__init__).get(key)
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
+    kind = kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float, str) else None
+    if kind is None or value is None or (type(value) is kind) or (kind is float and type(value) is int):
+        return value
+    try:
+        if kind is bool and isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+            return value.strip().lower() in ("true", "yes")
+        if kind in (int, float) and isinstance(value, str | int | float) and not isinstance(value, bool):
+            number = kind(value) if kind is float or isinstance(value, int) else float(value)
+            if kind is int and number != int(number):
+                raise ValueError
+            return kind(number)
+        if kind is str and isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    except ValueError:
+        pass
+    raise RecipeError(f"{cls.name}'s parameter {key} must be {kind.__name__}, got {value!r}")
 
 
 def make_method(name: str, **params: Any) -> Method:
     """Instantiate one registered method."""
-    cls = method_class(name)
-    return cls(**split_params(cls.name, params)[0])
+    return make_recipe(method_class(name).name, **params)[0]
 
 
 def needs_data(spec: str) -> bool:
