@@ -187,6 +187,16 @@ def evaluate_zeroshot(
                           batch_size=batch_size, progress=progress, hub=hub)
 
 
+def _loaded_with_scores_data(
+    model: str | Path | LoadedModel, calibration: Any, score: str, seed: int, progress: bool
+) -> tuple[LoadedModel, CalibrationSet | None]:
+    """The model, and the calibration set its structured importance score reads (``wanda``; none for others)."""
+    loaded = as_loaded(model, quiet=not progress)
+    calib = resolve_calibration(calibration if score == "wanda" else None, loaded.tokenizer, seed,
+                                loaded.context_length, progress=None if progress else False)
+    return loaded, calib
+
+
 def search_structured(
     model: str | Path | LoadedModel,
     budget: float = 0.8,
@@ -208,9 +218,7 @@ def search_structured(
     """
     structured_search.check_search(budget, samples, score=score, out=out, overwrite=overwrite,
                                    **{k: options[k] for k in ("rounds", "top_k", "proxy_tokens") if k in options})
-    loaded = as_loaded(model, quiet=not progress)
-    calib = resolve_calibration(calibration if score == "wanda" else None, loaded.tokenizer, seed,
-                                loaded.context_length, progress=None if progress else False)
+    loaded, calib = _loaded_with_scores_data(model, calibration, score, seed, progress)
     return structured_search.search_structured(loaded, calib, budget, samples, score=score, seed=seed, out=out,
                                                overwrite=overwrite, progress=progress, **options)
 
@@ -235,8 +243,6 @@ def prune_structured(
     Bad arguments are refused before the model is loaded.
     """
     structured_search.check_prune(heads, mlp, score=score, out=out, overwrite=overwrite)
-    loaded = as_loaded(model, quiet=not progress)
-    calib = resolve_calibration(calibration if score == "wanda" else None, loaded.tokenizer, seed,
-                                loaded.context_length, progress=None if progress else False)
+    loaded, calib = _loaded_with_scores_data(model, calibration, score, seed, progress)
     return structured_search.prune_structured(loaded, calib, heads, mlp, score=score, out=out, overwrite=overwrite,
                                               progress=progress, **options)
