@@ -65,7 +65,7 @@ def child_run(args) -> dict:
     kwargs = {"pattern": target} if ":" in target else {"sparsity": float(target)}
     method = make_method(args.method, **kwargs)
     t0 = time.perf_counter()
-    report = compress(lm.model, calib if method.needs != "none" else None, method, batch_size=args.batch_size,
+    report = compress(lm.model, calib if method.reads_data() else None, method, batch_size=args.batch_size,
                       progress=False)
     wall = time.perf_counter() - t0
     rss = _peak_rss_gb()
