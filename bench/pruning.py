@@ -26,10 +26,10 @@ def _peak_rss_gb() -> float:
 
 def _setup(args):
     from calibrant.api import resolve_calibration
-    from calibrant.models import Adapter, load_model
+    from calibrant.models import load_model
 
     lm = load_model(args.model, quiet=True)
-    calib = resolve_calibration(args.calibration, lm.tokenizer, args.seed, Adapter(lm.model).context_length())
+    calib = resolve_calibration(args.calibration, lm.tokenizer, args.seed, lm.context_length)
     return lm, calib
 
 

@@ -36,7 +36,7 @@ def main() -> None:
     from calibrant.engine import compress
     from calibrant.methods import make_method
     from calibrant.methods.quant import parse_scheme
-    from calibrant.models import Adapter, load_model
+    from calibrant.models import load_model
 
     def fresh():
         return load_model(args.model, quiet=True)
@@ -45,7 +45,7 @@ def main() -> None:
         return evaluate_perplexity(lm, args.eval, max_tokens=args.max_eval_tokens, progress=False)[args.eval].ppl
 
     lm = fresh()
-    calib = resolve_calibration(args.calibration, lm.tokenizer, args.seed, Adapter(lm.model).context_length())
+    calib = resolve_calibration(args.calibration, lm.tokenizer, args.seed, lm.context_length)
     with torch.no_grad():
         t0 = time.perf_counter()
         for b in range(0, calib.n, 8):
