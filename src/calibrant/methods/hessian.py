@@ -67,7 +67,7 @@ def damped_inverse_cholesky(
         lam *= 10
     raise NumericalError(
         f"the Hessian of {where} stays singular after damping up to {max(lam / 10, damp):g}·mean(diag); use more "
-        "or more varied calibration data (larger n×L), or a larger --damp"
+        "or more varied calibration data (larger n×L), or a larger `damp`"
     )
 
 

@@ -29,7 +29,7 @@ def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | No
 
 def check_sparsity(sparsity: float) -> float:
     if not isinstance(sparsity, int | float) or not 0.0 <= float(sparsity) < 1.0:
-        raise RecipeError(f"sparsity {sparsity!r} is outside [0, 1); use e.g. --sparsity 0.5 for 50 %")
+        raise RecipeError(f"sparsity {sparsity!r} is outside [0, 1); use e.g. `sparsity` 0.5 for 50 %")
     return float(sparsity)
 
 
@@ -37,7 +37,7 @@ def check_nm_shape(name: str, shape: tuple[int, int], nm: tuple[int, int] | None
     if nm is not None and shape[1] % nm[1]:
         raise RecipeError(
             f"layer {name} has {shape[1]} input features, not divisible by M={nm[1]} of the {nm[0]}:{nm[1]} "
-            f"pattern; choose an M that divides {shape[1]} or exclude the layer (--exclude)"
+            f"pattern; choose an M that divides {shape[1]} or exclude the layer (`exclude`)"
         )
 
 
