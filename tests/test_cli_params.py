@@ -193,6 +193,7 @@ def test_cli_compress_wanda_per_layer_with_a_calibration_file(tiny_dir, tmp_path
                  "--calibration", str(calib), "--out", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     meta = json.loads((out / "calibrant.json").read_text())
-    assert meta["recipe"] == [{"method": "wanda", "sparsity": 0.25, "pattern": None, "per_layer": True}]
+    assert meta["recipe"] == [{"method": "wanda", "sparsity": 0.25, "pattern": None, "sparsity_profile": "uniform",
+                               "per_layer": True}]
     assert meta["calibration"]["hash"] == CalibrationSet.load(calib).hash
     assert meta["overall_sparsity"] == pytest.approx(0.25)

@@ -179,6 +179,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         calib = meta.get("calibration") or {}
         print(f"recipe: {recipe}; calibration: {calib.get('source', 'none')} hash={calib.get('hash', '-')}; "
               f"base: {meta.get('base_model', {}).get('spec')}")
+        for method, plan in (meta.get("plans") or {}).items():
+            print(_plan_line(method, plan, {lay["name"]: lay for lay in meta.get("layers", [])}))
         if meta.get("effective_bits"):
             print(f"quantized layers: {meta['effective_bits']:.3f} effective bits per weight (scales, zero points and "
                   "LoRC factors included); stored here as dequantized floats — use a packed export for the real size")
@@ -192,6 +194,17 @@ def cmd_info(args: argparse.Namespace) -> int:
             print("note: weights are stored dense; the N:M pattern shown can be packed by sparse kernels (e.g. 2:4 "
                   "semi-structured sparsity on NVIDIA Ampere+), which is where its speed-up comes from.")
     return 0
+
+
+def _plan_line(method: str, plan: dict[str, dict[str, Any]], layers: dict[str, dict[str, Any]]) -> str:
+    """One line on a model-level plan recorded in calibrant.json (e.g. OWL's per-block sparsity)."""
+    planned = {n: p["sparsity"] for n, p in plan.items() if isinstance(p, dict) and "sparsity" in p}
+    if not planned:
+        return f"{method} plan: {len(plan)} layers (see calibrant.json)"
+    sizes = {n: layers[n]["shape"][0] * layers[n]["shape"][1] if n in layers else 1 for n in planned}
+    mean = sum(planned[n] * sizes[n] for n in planned) / sum(sizes.values())
+    return (f"{method} plan: sparsity per layer {min(planned.values()):.4f}–{max(planned.values()):.4f}, "
+            f"parameter-weighted mean {mean:.4f}, over {len(planned)} layers (per-layer values in calibrant.json)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -159,8 +159,8 @@ class PlannedWanda(Wanda):
     name = "planned_wanda"
     plan_statistics = ("sq_norms",)
 
-    def summarize(self, name: str, weight: torch.Tensor, stats: LayerStats) -> float:
-        return float(stats.sq_norms.mean())
+    def summarize(self, layers: dict[str, tuple[torch.Tensor, LayerStats]]) -> dict[str, float]:
+        return {name: float(stats.sq_norms.mean()) for name, (weight, stats) in layers.items()}
 
     def plan(self, summaries: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> dict[str, dict[str, Any]]:
         self._summaries = dict(summaries)
@@ -322,7 +322,7 @@ def test_a_parameter_the_method_does_not_take_names_its_parameters():
     assert "'scheme'" in message and "wanda" in message
     for p in parameters("wanda"):
         assert p in message
-    assert set(parameters("wanda")) == {"sparsity", "pattern", "per_layer"}
+    assert set(parameters("wanda")) == {"sparsity", "pattern", "per_layer", "sparsity_profile", "owl_m", "owl_lambda"}
 
 
 def test_a_typo_in_a_chain_suggests_the_close_name():

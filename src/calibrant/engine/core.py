@@ -77,8 +77,8 @@ def compress(
                 with clock.section("plan_s"):
                     plans = _model_plans(runner, plan, progress)
                 report.plans = {methods[i].name: p for i, p in plans.items()}
-            if plan.ids is None:
-                _data_free(runner, plan, report, clock, progress)
+            if not plan.layer_sequential:
+                _data_free(runner, plan, report, clock, plans, progress)
             else:
                 _layer_sequential(runner, plan, report, clock, plans, progress)
     finally:
@@ -90,11 +90,11 @@ def compress(
     return report
 
 
-def _data_free(runner: BlockwiseRunner, plan: Plan, report: CompressionReport, clock: Stopwatch,
+def _data_free(runner: BlockwiseRunner, plan: Plan, report: CompressionReport, clock: Stopwatch, plans: Plans,
                progress: bool) -> None:
     for layer_map in tqdm(plan.targets, desc=f"compress {plan.methods[0].name}", disable=not progress):
         with clock.section("compress_s"):
-            report.layers += compress_linears(layer_map, plan.methods, {}, runner.device)
+            report.layers += compress_linears(layer_map, plan.methods, {}, runner.device, plans)
         report.block_pipelines.append("data-free")
 
 
@@ -149,8 +149,8 @@ def _layer_sequential(runner: BlockwiseRunner, plan: Plan, report: CompressionRe
 
 
 def _model_plans(runner: BlockwiseRunner, plan: Plan, progress: bool) -> Plans:
-    """One pass over the dense model: each planning method summarises every targeted linear from its
-    dense weight and input statistics, then plans per-layer overrides from all the summaries."""
+    """One pass over the dense model: each planning method summarises every block's targeted linears from
+    their dense weights and input statistics, then plans per-layer overrides from all the summaries."""
     planners = {i: m for i, m in enumerate(plan.methods) if m.plan_statistics}
     keys = frozenset().union(*(m.plan_statistics for m in planners.values()))
     summaries: dict[int, dict[str, Any]] = {i: {} for i in planners}
@@ -162,13 +162,13 @@ def _model_plans(runner: BlockwiseRunner, plan: Plan, progress: bool) -> Plans:
         stats = observe(runner, i, layers, keys, inps, outs) if layers else {}
         if not layers:
             runner.run_block(i, inps, outs)
-        for name, module in layers.items():
-            weight = weight_of(module).to(torch.float32)
-            shapes[name] = tuple(weight.shape)
-            for position, m in planners.items():
-                summaries[position][name] = m.summarize(name, weight, stats[name])
+        block = {name: (weight_of(module).to(torch.float32), stats[name]) for name, module in layers.items()}
+        shapes.update({name: tuple(w.shape) for name, (w, _) in block.items()})
+        for position, m in planners.items():
+            summaries[position].update(m.summarize(block) if block else {})
         for st in {id(s): s for s in stats.values()}.values():
             st.release()
+        del block
         inps, outs = outs, inps
     del inps, outs
     return {position: m.plan(summaries[position], shapes) for position, m in planners.items()}

@@ -70,6 +70,12 @@ class Plan:
     def planners(self) -> list[Method]:
         return [m for m in self.methods if m.plan_statistics]
 
+    @property
+    def layer_sequential(self) -> bool:
+        """Compression itself reads activations (statistics or block-level work); a recipe that reads data
+        only for its plan (OWL magnitude) compresses data-free after the planning pass."""
+        return self.ids is not None and bool(self.statistics or self.block_methods)
+
 
 def make_plan(
     model: nn.Module,
@@ -105,6 +111,7 @@ def make_plan(
     if not any(targets):
         raise RecipeError("the `include`/`exclude` patterns select no linear layer; check them against `calibrant info`")
     for m in methods:
+        m.validate_recipe(methods)
         m.validate_model(adapter)
     for layer_map in targets:  # refuse before touching anything
         for name, module in layer_map.items():

@@ -12,7 +12,7 @@ A method never loads data or models; the engine never knows a method's maths. Th
   run the block under candidate transforms and fold per-channel scales, before the linear-level
   methods of the recipe compress the block's linears;
 - **model-level plan**: a method with ``plan_statistics`` gets the dense model's statistics of every
-  targeted linear once, before compression (``summarize`` per layer, then ``plan`` over all of them),
+  targeted linear once, before compression (``summarize`` per block, then ``plan`` over all of them),
   and returns per-layer overrides of its parameters (``LayerContext.plan``); the plan is recorded.
 
 A new method is one file plus one registry line (:mod:`calibrant.methods.registry`); its
@@ -78,17 +78,24 @@ class Method:
 
     name: ClassVar[str]
     statistics: ClassVar[tuple[str, ...]] = ()  # input statistics per linear; () = data-free
-    plan_statistics: ClassVar[tuple[str, ...]] = ()  # dense-model statistics for a model-level plan
+    plan_statistics: tuple[str, ...] = ()  # dense-model statistics for a model-level plan (an instance may set)
     scope: ClassVar[str] = "linear"
     param_help: ClassVar[dict[str, str]] = {}  # one line per parameter, for the CLI's --help
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
-    @classmethod
-    def reads_data(cls) -> bool:
+    # wall time of a compression in dense forward passes over the calibration tokens (study cost estimates);
+    # measured by the benches named in each method's file, a guess where a method says so
+    relative_cost: ClassVar[float] = 2.0
+
+    def cost(self) -> float:
+        """Estimated wall time in dense forwards over the calibration tokens (a plan adds its dense pass)."""
+        return self.relative_cost + (1.0 if self.plan_statistics else 0.0)
+
+    def reads_data(self) -> bool:
         """Whether the method reads calibration activations (statistics, a plan, or block-level work)."""
-        return bool(cls.statistics or cls.plan_statistics or cls.scope == "block")
+        return bool(self.statistics or self.plan_statistics or self.scope == "block")
 
     def validate(self, name: str, shape: tuple[int, int]) -> None:
         """Raise RecipeError before any layer is touched if this layer cannot be served."""
@@ -97,6 +104,9 @@ class Method:
         """The grid this method will leave on every linear (no scales yet), for checks before compression
         (e.g. whether an export format can store it); None for methods that do not quantize."""
         return None
+
+    def validate_recipe(self, methods: list[Method]) -> None:
+        """Raise RecipeError if this method cannot serve the recipe it is part of (e.g. what follows it)."""
 
     def validate_model(self, adapter: Any) -> None:
         """Raise before anything is touched if this model cannot be served (e.g. no fold is possible)."""
@@ -112,8 +122,9 @@ class Method:
         return [self.compress(w, stats, c) for w, c in zip(weights, ctxs, strict=True)]
 
     # model-level plan (used when ``plan_statistics`` is not empty)
-    def summarize(self, name: str, weight: torch.Tensor, stats: LayerStats) -> Any:
-        """What the plan needs of one layer, from its dense weight and statistics (keep it small)."""
+    def summarize(self, layers: dict[str, tuple[torch.Tensor, LayerStats]]) -> dict[str, Any]:
+        """What the plan needs of one block's targeted linears, by name, from their dense float32 weights and
+        ``plan_statistics`` (keep it small: it is held for every layer until :meth:`plan`)."""
         raise NotImplementedError
 
     def plan(self, summaries: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> dict[str, dict[str, Any]]:

@@ -168,6 +168,7 @@ def _gptq_loop(
 
 class GPTQ(Method):
     name = "gptq"
+    relative_cost = 1.9  # bench/gptq_vs_llmcompressor.py
     statistics = ("hessian",)
     param_help = {
         "scheme": "quantization scheme: w4g128, w4g64-asym, w8-channel, w8a8, w3g64+lorc8, ... (default w4g128)",

@@ -10,6 +10,7 @@ from calibrant.methods.sparsity import PruningMethod
 
 class Magnitude(PruningMethod):
     name = "magnitude"
+    relative_cost = 0.05  # data-free: seconds, whatever the calibration size
 
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         ctx.mask = self.prune_mask(weight.abs(), ctx, per_row=False)

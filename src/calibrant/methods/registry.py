@@ -13,10 +13,12 @@ import typing
 from typing import Any
 
 from calibrant.errors import RecipeError, suggest
+from calibrant.methods.awq import AWQ
 from calibrant.methods.base import Method
 from calibrant.methods.gptq import GPTQ
 from calibrant.methods.magnitude import Magnitude
 from calibrant.methods.rtn import RTN
+from calibrant.methods.smoothquant import SmoothQuant
 from calibrant.methods.sparsegpt import SparseGPT
 from calibrant.methods.wanda import Wanda
 
@@ -26,6 +28,8 @@ METHODS: dict[str, type[Method]] = {
     "sparsegpt": SparseGPT,
     "rtn": RTN,
     "gptq": GPTQ,
+    "awq": AWQ,
+    "smoothquant": SmoothQuant,
 }
 
 
@@ -102,6 +106,7 @@ def make_method(name: str, **params: Any) -> Method:
     return make_recipe(method_class(name).name, **params)[0]
 
 
-def needs_data(spec: str) -> bool:
-    """Whether a recipe reads calibration activations (any statistic, block-level work or plan)."""
-    return any(c.reads_data() for c in recipe_classes(spec))
+def needs_data(spec: str, **params: Any) -> bool:
+    """Whether a recipe with these parameters reads calibration activations (any statistic, block-level
+    work or a plan: ``magnitude`` is data-free, with ``sparsity_profile="owl"`` it is not)."""
+    return any(m.reads_data() for m in make_recipe(spec, **params))

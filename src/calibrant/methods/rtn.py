@@ -11,6 +11,7 @@ from calibrant.methods.quant import QuantState, fake_quant_weight, lorc, parse_s
 
 class RTN(Method):
     name = "rtn"
+    relative_cost = 0.1  # data-free
     param_help = {"scheme": "quantization scheme: w4g128, w4g64-asym, w8-channel, w8a8, w3g64+lorc8, ... (default w4g128)"}
 
     def __init__(self, scheme: str = "w4g128"):

@@ -63,6 +63,7 @@ def sparsegpt_prune(
 
 class SparseGPT(PruningMethod):
     name = "sparsegpt"
+    relative_cost = 1.9  # bench/pruning_vs_llmcompressor.py
     statistics = ("hessian",)
     param_help = {
         **PruningMethod.param_help,
@@ -73,9 +74,9 @@ class SparseGPT(PruningMethod):
 
     def __init__(
         self, sparsity: float | None = None, pattern: str | None = None, blocksize: int = 128, damp: float = 0.01,
-        precision: str = "float32",
+        precision: str = "float32", sparsity_profile: str = "uniform", owl_m: float = 5.0, owl_lambda: float = 0.08,
     ):
-        super().__init__(sparsity, pattern)
+        super().__init__(sparsity, pattern, sparsity_profile, owl_m, owl_lambda)
         self._dtype = solve_dtype(precision)
         self.precision = precision
         if blocksize < 1 or not 0 <= damp < 1:

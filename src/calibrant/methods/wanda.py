@@ -5,21 +5,18 @@ from __future__ import annotations
 import torch
 
 from calibrant.methods.base import LayerContext, LayerStats
-from calibrant.methods.sparsity import PruningMethod
-
-
-def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """|W| scaled by the L2 norm of each input feature over all calibration tokens."""
-    return weight.abs() * sq_norms.sqrt().to(weight.dtype).unsqueeze(0)
+from calibrant.methods.sparsity import PruningMethod, wanda_scores
 
 
 class Wanda(PruningMethod):
     name = "wanda"
+    relative_cost = 1.2  # bench/pruning_vs_llmcompressor.py
     statistics = ("sq_norms",)
     param_help = {**PruningMethod.param_help, "per_layer": "compare weights across the whole layer, not per output row"}
 
-    def __init__(self, sparsity: float | None = None, pattern: str | None = None, per_layer: bool = False):
-        super().__init__(sparsity, pattern)
+    def __init__(self, sparsity: float | None = None, pattern: str | None = None, per_layer: bool = False,
+                 sparsity_profile: str = "uniform", owl_m: float = 5.0, owl_lambda: float = 0.08):
+        super().__init__(sparsity, pattern, sparsity_profile, owl_m, owl_lambda)
         self.per_layer = per_layer
 
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:

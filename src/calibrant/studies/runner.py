@@ -38,7 +38,6 @@ EXECUTORS = ("local", "processes", "ray")
 
 # Compression cost per calibration token, in dense forward passes over the same tokens (measured in
 # BENCHMARKS.md on SmolLM2-135M, 2-core CPU); used only for `study plan`'s estimate.
-METHOD_COST = {DENSE: 0.0, "magnitude": 0.05, "rtn": 0.1, "wanda": 1.7, "sparsegpt": 2.5, "gptq": 3.2}
 
 
 class StudyInterrupted(CalibrantError):
@@ -384,7 +383,9 @@ class PlanRow:
 
 def estimate(spec: StudySpec, progress: bool = False) -> tuple[list[PlanRow], dict[str, float]]:
     """Each run with an estimated wall time: one dense forward is timed per model, and each method's cost
-    is a measured multiple of a dense forward over the calibration tokens (``METHOD_COST``)."""
+    is a multiple of a dense forward over the calibration tokens (each method's ``cost()``)."""
+    from calibrant.methods import make_recipe
+
     ws = Workspace(progress=progress)
     per_token: dict[str, float] = {}
     for model in spec.models:
@@ -402,7 +403,7 @@ def estimate(spec: StudySpec, progress: bool = False) -> tuple[list[PlanRow], di
         if run.calibration:
             n, length = run.calibration.rsplit(":", 1)[1].split("x")
             calib_tokens = int(n) * int(length)
-        cost = sum(METHOD_COST.get(m, 2.0) for m in run.method.split("+"))
+        cost = 0.0 if run.method == DENSE else sum(m.cost() for m in make_recipe(run.method, **run.params_dict))
         ppl_tokens = len(ev["perplexity"]) * int(ev["max_tokens"] or 300_000)
         task_tokens = len(ev["tasks"]) * int(ev["limit"] or 1000) * 4 * 64  # ~4 choices of ~64 tokens per item
         rows.append(PlanRow(run, per_token[run.model] * (cost * calib_tokens + ppl_tokens + task_tokens)))

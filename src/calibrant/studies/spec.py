@@ -173,9 +173,9 @@ class StudySpec:
                 name = entry["name"]
                 grid = {k: _as_list(v) for k, v in entry.items() if k != "name"}
                 keys = sorted(grid)
-                free = name == DENSE or not needs_data(name)
                 for values in itertools.product(*(grid[k] for k in keys)):
                     params = tuple((k, v) for k, v in zip(keys, values, strict=True) if v is not None)
+                    free = name == DENSE or not needs_data(name, **dict(params))
                     calibs: list[tuple[str | None, int | None]] = [(None, None)] if free else list(self.calibration)
                     for calib, seed in calibs:
                         run = PlannedRun(model, name, params, calib, seed, evaluation, options)
@@ -183,6 +183,12 @@ class StudySpec:
                             seen.add(run)
                             runs.append(run)
         return runs
+
+
+def _grid_points(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every parameter combination of a method entry's grid."""
+    grid = {k: _as_list(v) for k, v in entry.items() if k != "name"}
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
 def _method_entries(value: Any, spec: Any) -> list[dict[str, Any]]:
@@ -221,11 +227,10 @@ def _method_entries(value: Any, spec: Any) -> list[dict[str, Any]]:
             if isinstance(v, list) and not v:
                 raise StudySpecError(f"{_at(item, key)}'{key}' of method '{name}' is an empty list: the grid would "
                                      "have no runs; give at least one value")
-        grid = {k: _as_list(v) for k, v in item.items() if k != "name"}
         if name != DENSE:
-            for values in itertools.product(*grid.values()):
+            for params in _grid_points(item):
                 try:
-                    make_recipe(name, **dict(zip(grid, values, strict=True)))
+                    make_recipe(name, **params)
                 except RecipeError as exc:
                     raise StudySpecError(f"{_at(item) or _at(spec, 'methods')}{name}: {exc}") from None
         entries.append({"name": name, **{k: v for k, v in item.items() if k != "name"}})
@@ -298,7 +303,8 @@ def parse_study(data: Any, source: str = "") -> StudySpec:
                      description=str(data.get("description") or ""), source=source, raw=dict(data))
     from calibrant.methods import needs_data
 
-    if not spec.calibration and any(e["name"] != DENSE and needs_data(e["name"]) for e in methods):
+    if not spec.calibration and any(e["name"] != DENSE and needs_data(e["name"], **params)
+                                    for e in methods for params in _grid_points(e)):
         raise StudySpecError("methods that read calibration data are listed but 'calibration' has no sources; add "
                              "calibration: {sources: [wiki], n: 128, length: 512, seeds: [0]}")
     if not spec.expand():
