@@ -109,3 +109,19 @@ def test_report_renders_in_headless_chromium(finished_db, tmp_path):
     blue = ((px[..., 2] > 150) & (px[..., 0] < 80) & (px[..., 1] < 160)).sum()
     orange = ((px[..., 0] > 200) & (px[..., 1] > 60) & (px[..., 1] < 200) & (px[..., 2] < 120)).sum()
     assert blue > 50 and orange > 20
+
+
+def test_recommendations_state_the_float32_arithmetic_floor_for_gptq_and_sparsegpt():
+    from calibrant.studies.report import ARITHMETIC_FLOOR_PCT, Report, _recommendations
+
+    def row(config: str, best: float, worst: float) -> dict:
+        return {"model": "m", "config": config, "metric": "ppl:wiki", "n": 6, "best_mean": best, "worst_mean": worst,
+                "best_source": "wiki", "worst_source": "news", "seed_std": 0.1}
+
+    rows = [row("gptq scheme=w4g128", 30.0, 30.0 * (1 + ARITHMETIC_FLOOR_PCT / 200)),
+            row("gptq scheme=w4g128 precision=float64", 30.0, 30.3),
+            row("sparsegpt+gptq pattern=2:4", 40.0, 44.0), row("wanda sparsity=0.5", 40.0, 40.4)]
+    lines = _recommendations(Report("t", {}, summary=rows))
+    floor = [("Arithmetic floor" in line, "no evidence" in line) for line in lines]
+    assert floor == [(True, True), (False, False), (True, False), (False, False)]
+    assert f"up to {ARITHMETIC_FLOOR_PCT:g}%" in lines[0] and ARITHMETIC_FLOOR_PCT > 0
