@@ -14,7 +14,7 @@ import torch
 
 from calibrant.errors import RecipeError
 from calibrant.methods.base import LayerContext, LayerStats, Method, single_threaded
-from calibrant.methods.hessian import damped_inverse_cholesky, solve_dtype
+from calibrant.methods.hessian import SOLVER_PARAM_HELP, damped_inverse_cholesky, solve_dtype
 from calibrant.methods.quant import (
     QuantScheme,
     QuantState,
@@ -172,11 +172,9 @@ class GPTQ(Method):
     statistics = ("hessian",)
     param_help = {
         "scheme": "quantization scheme: w4g128, w4g64-asym, w8-channel, w8a8, w3g64+lorc8, ... (default w4g128)",
-        "blocksize": "columns per lazy update block (default 128)",
-        "damp": "Hessian damping, fraction of the mean diagonal (default 0.01)",
         "act_order": "quantize columns by descending Hessian diagonal",
         "static_groups": "fix group scales from the original weight before any update",
-        "precision": "float32 (default) or float64 solves; float64 results do not depend on blocksize or BLAS",
+        **SOLVER_PARAM_HELP,
     }
 
     def __init__(

@@ -10,6 +10,12 @@ from calibrant.methods.base import LayerStats, all_finite
 DAMP_RETRIES = 3  # each retry multiplies the damping by 10
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}  # a solver's ``precision`` option
 FLOAT32_FACTOR_DTYPES = (torch.float32, torch.float64)  # a float32 factor: tried in this order at each damping
+SOLVER_PARAM_HELP = {  # the CLI help of the parameters every OBS-style solver (GPTQ, SparseGPT) takes
+    "blocksize": "columns per lazy update block (default 128)",
+    "damp": "Hessian damping, fraction of the mean diagonal (default 0.01)",
+    "precision": "float32 (default) or float64 solves; float64 results do not depend on the blocksize "
+                 "(bench/gptq_precision.py)",
+}
 
 
 def solve_dtype(precision: str) -> torch.dtype:

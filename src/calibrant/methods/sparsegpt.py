@@ -12,7 +12,7 @@ import torch
 
 from calibrant.errors import RecipeError
 from calibrant.methods.base import LayerContext, LayerStats, single_threaded
-from calibrant.methods.hessian import damped_inverse_cholesky, solve_dtype
+from calibrant.methods.hessian import SOLVER_PARAM_HELP, damped_inverse_cholesky, solve_dtype
 from calibrant.methods.sparsity import PruningMethod, lowest_k_mask
 
 
@@ -65,12 +65,7 @@ class SparseGPT(PruningMethod):
     name = "sparsegpt"
     relative_cost = 1.9  # bench/pruning_vs_llmcompressor.py
     statistics = ("hessian",)
-    param_help = {
-        **PruningMethod.param_help,
-        "blocksize": "columns per lazy update block (default 128)",
-        "damp": "Hessian damping, fraction of the mean diagonal (default 0.01)",
-        "precision": "float32 (default) or float64 solves; float64 results do not depend on blocksize or BLAS",
-    }
+    param_help = {**PruningMethod.param_help, **SOLVER_PARAM_HELP}
 
     def __init__(
         self, sparsity: float | None = None, pattern: str | None = None, blocksize: int = 128, damp: float = 0.01,
