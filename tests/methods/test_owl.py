@@ -88,3 +88,9 @@ def test_bad_owl_parameters_are_refused(params, message):
 def test_unknown_profile_lists_the_choices():
     with pytest.raises(RecipeError, match="choose one of uniform, owl"):
         make_method("sparsegpt", sparsity_profile="owls")
+
+
+def test_the_recorded_recipe_holds_the_owl_parameters_and_nothing_internal():
+    params = make_method("wanda", sparsity=0.7, sparsity_profile="owl").params()
+    assert params == {"sparsity": 0.7, "pattern": None, "sparsity_profile": "owl", "owl_m": 5.0, "owl_lambda": 0.08,
+                      "per_layer": False}

@@ -45,6 +45,7 @@ from calibrant.methods.stats import LayerStats, all_finite
 
 __all__ = ["BlockMethod", "LayerContext", "LayerStats", "Method", "all_finite", "single_threaded"]
 
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """Run a loop of tiny tensor ops on one CPU thread.
@@ -78,7 +79,7 @@ class Method:
 
     name: ClassVar[str]
     statistics: ClassVar[tuple[str, ...]] = ()  # input statistics per linear; () = data-free
-    plan_statistics: tuple[str, ...] = ()  # dense-model statistics for a model-level plan (an instance may set)
+    plan_statistics: tuple[str, ...] = ()  # dense-model statistics for a model-level plan (may be a property)
     scope: ClassVar[str] = "linear"
     param_help: ClassVar[dict[str, str]] = {}  # one line per parameter, for the CLI's --help
 

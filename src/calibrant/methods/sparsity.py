@@ -104,7 +104,6 @@ class PruningMethod(Method):
                                   f"at {self.sparsity:g} in every layer; use OWL with unstructured sparsity (no pattern)")
             check_owl(self.sparsity, owl_m, owl_lambda)
             self.owl_m, self.owl_lambda = float(owl_m), float(owl_lambda)
-            self.plan_statistics = ("sq_norms",)
 
     param_help: ClassVar[dict[str, str]] = {
         "sparsity": "fraction of weights to prune, in [0, 1) (default 0.5)",
@@ -114,6 +113,11 @@ class PruningMethod(Method):
         "owl_m": "OWL: a score is an outlier above M × its block's mean score (default 5)",
         "owl_lambda": "OWL: block sparsities lie in [S − λ, S + λ] (default 0.08)",
     }
+
+    @property
+    def plan_statistics(self) -> tuple[str, ...]:  # type: ignore[override]
+        """OWL plans from the dense model's Σx² (the Wanda scores' ‖X_j‖); the uniform profile plans nothing."""
+        return ("sq_norms",) if self.sparsity_profile == "owl" else ()
 
     def summarize(self, layers: dict[str, tuple[torch.Tensor, LayerStats]]) -> dict[str, Any]:
         """OWL: the block's outlier ratio over all its targeted linears' Wanda scores, and its weight count."""
