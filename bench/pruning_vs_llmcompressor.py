@@ -10,7 +10,7 @@ dense) from the *same* ``[n, L]`` token ids, drawn once by calibrant and saved t
   128, damping 0.01), targets the decoder layers, run by ``oneshot`` in its own venv (``.venv-llmc``,
   see ``bench/_llmc.py``); it saves a plain (uncompressed) HF directory.
 - calibrant: ``make_method("wanda" | "sparsegpt", sparsity=0.5)`` with its defaults and the default
-  engine pipeline (one-pass).
+  engine pipeline (one-pass; ``--calibrant-pipeline two-pass`` for the reference order).
 Each side runs in its own process, so its wall time and peak RSS (``ru_maxrss`` right after pruning,
 model load included) are its own. A dense child times one plain forward pass (fp32, LM head, batch 8)
 over the same tokens at the start and again at the end; ``x dense fwd`` divides by the mean of the two.
@@ -97,7 +97,7 @@ def child_calibrant(args: argparse.Namespace) -> dict:
     calib = CalibrationSet.load(args.ids)
     method = make_method(args.method, sparsity=args.sparsity)
     t0 = time.perf_counter()
-    report = compress(lm.model, calib, method, batch_size=args.batch_size, progress=False)
+    report = compress(lm.model, calib, method, batch_size=args.batch_size, progress=False, pipeline=args.pipeline)
     wall = time.perf_counter() - t0
     rss = peak_rss_gb()
     return {"wall_s": wall, "peak_rss_gb": rss, "timings": report.timings, **_decoder_sparsity(lm.model),
@@ -160,6 +160,10 @@ def main() -> None:
     p.add_argument("--max-eval-tokens", type=int, default=None, help="held-out tokens per corpus (all)")
     p.add_argument("--llmc-venv", default=str(DEFAULT_VENV), help="virtual env with llm-compressor")
     p.add_argument("--skip-llmc", action="store_true", help="run calibrant's side only")
+    p.add_argument("--calibrant-pipeline", choices=["one-pass", "two-pass"], default="one-pass",
+                   help="calibrant's engine pipeline (two-pass: a block's statistics from one pass, then all its linears "
+                        "pruned, the order llm-compressor uses)")
+    p.add_argument("--pipeline", default="one-pass", help=argparse.SUPPRESS)  # the calibrant child's
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--keep", action="store_true", help="keep the work directory (ids, llm-compressor's models)")
     # children
@@ -194,7 +198,8 @@ def _compare(args: argparse.Namespace, methods: list[str], model_dir: Path, cali
     results: dict[str, dict] = {"dense": _child(sys.executable, "dense", args)}
     print(f"dense forward (LM head, batch {args.batch_size}): {results['dense']['dense_forward_s']:.1f}s", flush=True)
     for m in methods:
-        results[f"calibrant-{m}"] = r = _child(sys.executable, "calibrant", args, method=m)
+        results[f"calibrant-{m}"] = r = _child(sys.executable, "calibrant", args, method=m,
+                                               pipeline=args.calibrant_pipeline)
         print(f"calibrant {m}: {r['wall_s']:.1f}s", flush=True)
 
     llmc_note = "skipped (--skip-llmc)"
