@@ -94,3 +94,13 @@ def test_the_recorded_recipe_holds_the_owl_parameters_and_nothing_internal():
     params = make_method("wanda", sparsity=0.7, sparsity_profile="owl").params()
     assert params == {"sparsity": 0.7, "pattern": None, "sparsity_profile": "owl", "owl_m": 5.0, "owl_lambda": 0.08,
                       "per_layer": False}
+
+
+def test_info_summarises_a_recorded_plan():
+    from calibrant.cli import _plan_line
+
+    plan = {"a": {"sparsity": 0.4, "outlier_ratio": 0.02}, "b": {"sparsity": 0.6, "outlier_ratio": 0.01}}
+    layers = {"a": {"shape": [10, 10]}, "b": {"shape": [10, 30]}}
+    line = _plan_line("wanda", plan, layers)
+    assert line == ("wanda plan: sparsity per layer 0.4000–0.6000, parameter-weighted mean 0.5500, over 2 layers "
+                    "(per-layer values in calibrant.json)")
