@@ -145,3 +145,15 @@ def test_cycle_finder_reports_a_cycle():
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_module_imports_another_modules_private_names():
+    """``from calibrant.x import _name`` from outside ``calibrant.x``'s package reaches into its internals."""
+    offenders = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE) and node.level == 0:
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private and node.module != name:
+                    offenders.append(f"{name}: from {node.module} import {', '.join(private)}")
+    assert not offenders, "\n".join(offenders)
