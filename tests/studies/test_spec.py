@@ -26,7 +26,8 @@ def test_expansion_counts(tmp_path):
 def test_presets_expand():
     assert set(presets()) >= {"impact", "self-calibration", "ptq-grid"}
     impact = load_study("impact").expand()
-    assert len(impact) == 1 + 3 * 7 * 3
+    assert len(impact) == 1 + 4 * 7 * 3
+    assert {r.method for r in impact} >= {"gptq", "spqr", "sparsegpt", "wanda"}
     assert {r.calibration.split(":")[0] for r in impact if r.calibration} == {
         "wiki", "news", "wikihow", "dialogue", "austen", "pydocs", "random-vocab"}
     ptq = load_study("ptq-grid").expand()

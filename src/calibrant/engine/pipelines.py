@@ -278,6 +278,6 @@ def compress_linears(
             if ctx.quant is not None:
                 attach_quant_state(module, ctx.quant)
                 ctx.info["scheme"] = ctx.quant.scheme.name
-                ctx.info["effective_bits"] = ctx.quant.scheme.effective_bits(tuple(weight.shape))
+                ctx.info["effective_bits"] = ctx.quant.effective_bits(tuple(weight.shape))
             records.append(LayerRecord(n, tuple(weight.shape), zeros, seconds, error, ctx.info))
     return records

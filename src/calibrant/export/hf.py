@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from calibrant.cache import atomic_path
 from calibrant.errors import CalibrantError, OutputExistsError
 from calibrant.models.adapter import TRANSPOSED_WEIGHTS
 
 METADATA_FILE = "calibrant.json"
+EXTRAS_FILE = "calibrant-extras/quant.safetensors"  # what a method keeps beside the dense weights (SpQR)
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:
@@ -37,7 +39,26 @@ def save_model(
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        extras = quant_extras(model)
+        if extras:
+            (tmp / EXTRAS_FILE).parent.mkdir()
+            save_file(extras, str(tmp / EXTRAS_FILE))
+            metadata = {**metadata, "extras_file": EXTRAS_FILE}
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    return out
+
+
+def quant_extras(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors methods keep beside a layer's dense weight (``QuantState.extras["tensors"]``: SpQR's
+    outliers and quantized statistics), keyed ``<module>.<name>``. A sub-directory keeps them out of the
+    ``*.safetensors`` files that transformers and :func:`inspect_weights` read."""
+    from calibrant.methods.quant import quant_state_of
+
+    out = {}
+    for name, module in model.named_modules():
+        state = quant_state_of(module)
+        for key, tensor in (state.extras.get("tensors") or {}).items() if state is not None else ():
+            out[f"{name}.{key}"] = tensor.detach().to("cpu", copy=True).contiguous()  # q/k/v share g_idx
     return out
 
 

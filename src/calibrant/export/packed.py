@@ -108,6 +108,8 @@ def _check_representable(name: str, module: nn.Module, quant: QuantState) -> Qua
         raise ExportError(
             f"{name} is a {type(module).__name__}, not torch.nn.Linear; {FORMAT_NAME} packs Linear layers only — {_HF_HINT}"
         )
+    if quant.unpackable:
+        raise ExportError(f"{name}: {quant.unpackable} — {_HF_HINT}")
     if quant.lorc:
         raise ExportError(
             f"scheme {scheme.name} adds a LoRC low-rank correction, which {FORMAT_NAME} cannot store — {_HF_HINT}, "
@@ -157,6 +159,8 @@ def check_packable_recipe(methods: Iterable[Any], model: nn.Module | None = None
                           "quantization method (e.g. --method gptq --scheme w4g64) or save with --format hf")
     for state in planned:
         scheme = state.scheme
+        if state.unpackable:
+            raise ExportError(f"{state.unpackable} — {_HF_HINT}")
         if state.lorc:
             raise ExportError(f"scheme {scheme.name} adds a LoRC low-rank correction, which {FORMAT_NAME} cannot "
                               f"store — {_HF_HINT}, or quantize without +lorc")

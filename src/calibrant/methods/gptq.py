@@ -14,7 +14,7 @@ import torch
 
 from calibrant.errors import RecipeError
 from calibrant.methods.base import LayerContext, LayerStats, Method, single_threaded
-from calibrant.methods.hessian import SOLVER_PARAM_HELP, damped_inverse_cholesky, solve_dtype
+from calibrant.methods.hessian import SOLVER_PARAM_HELP, damped_inverse_cholesky, solve_dtype, undamped_loss
 from calibrant.methods.quant import (
     QuantScheme,
     QuantState,
@@ -230,10 +230,8 @@ class GPTQ(Method):
             W, U.to(W.device), scheme, blocksize=self.blocksize, perm=None if perm is None else perm.to(W.device),
             static_groups=self.static_groups, mask=mask, loss=loss, out_dtype=weights[0].dtype,
         )
-        if loss is not None:  # the OBS loss is for H + λI: take λ‖W − Ŵ‖² off for the error on H alone
-            diag = torch.diagonal(stats.hessian).to(torch.float64) / stats.tokens
-            lam = damp_used * float(torch.where(dead, 1.0, diag).mean())
-            loss -= lam * (W - Q).square().sum(1).to(torch.float64)
+        if loss is not None:
+            undamped_loss(loss, W, Q, stats, damp_used, dead)
         outs, r0 = [], 0
         for w, ctx in zip(weights, ctxs, strict=True):
             r1 = r0 + w.shape[0]

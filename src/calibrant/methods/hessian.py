@@ -96,3 +96,12 @@ def _inverse_factor(
     if not all_finite(inv):
         return None
     return inv.to(out_dtype).flip(0, 1)
+
+
+def undamped_loss(loss: torch.Tensor, W: torch.Tensor, Q: torch.Tensor, stats: LayerStats, damp_used: float,
+                  dead: torch.Tensor) -> None:
+    """Take ``λ‖w − ŵ‖²`` off each row's OBS loss (in place): the column loop's loss is for ``H + λI``, the
+    caller wants the error on ``H`` alone (``λ`` as :func:`damped_inverse_cholesky` added it)."""
+    diag = torch.diagonal(stats.hessian).to(torch.float64) / stats.tokens
+    lam = damp_used * float(torch.where(dead, 1.0, diag).mean())
+    loss -= lam * (W - Q).square().sum(1).to(torch.float64)

@@ -20,6 +20,7 @@ from calibrant.methods.magnitude import Magnitude
 from calibrant.methods.rtn import RTN
 from calibrant.methods.smoothquant import SmoothQuant
 from calibrant.methods.sparsegpt import SparseGPT
+from calibrant.methods.spqr import SpQR
 from calibrant.methods.wanda import Wanda
 
 METHODS: dict[str, type[Method]] = {
@@ -30,6 +31,7 @@ METHODS: dict[str, type[Method]] = {
     "gptq": GPTQ,
     "awq": AWQ,
     "smoothquant": SmoothQuant,
+    "spqr": SpQR,
 }
 
 

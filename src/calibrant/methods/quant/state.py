@@ -20,7 +20,8 @@ class QuantState:
     ``scale``/``zero``: ``[out, n_groups]`` (per tensor: every row the same; ``zero`` all 0 when
     symmetric); ``g_idx``: ``[in]``, the group each input column uses (None: contiguous groups);
     ``act_order``: groups follow GPTQ's activation order (a non-contiguous ``g_idx``); ``extras``: what a
-    method keeps beside the grid (e.g. SpQR's outliers and quantized statistics). A state restored from
+    method keeps beside the grid (e.g. SpQR's outliers and quantized statistics: ``extras["tensors"]`` is
+    saved beside the model, ``extras["effective_bits"]`` replaces the scheme's count). A state restored from
     ``calibrant.json`` has the scheme only (``scale is None``): enough to simulate activation quantization,
     not to pack.
     """
@@ -31,6 +32,7 @@ class QuantState:
     g_idx: torch.Tensor | None = None
     act_order: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    unpackable: str | None = None  # why no packed format can store this layer (e.g. SpQR's outliers), if so
 
     @property
     def has_grid(self) -> bool:
@@ -40,6 +42,10 @@ class QuantState:
     def lorc(self) -> bool:
         """A low-rank correction was added on top of the grid (the weight is then off the grid)."""
         return bool(self.scheme.lorc_rank)
+
+    def effective_bits(self, shape: tuple[int, int]) -> float:
+        """Bits per weight: the method's own count when it keeps more than the grid, else the scheme's."""
+        return float(self.extras.get("effective_bits") or self.scheme.effective_bits(shape))
 
 
 def quant_state_of(module: nn.Module) -> QuantState | None:
