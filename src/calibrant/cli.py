@@ -184,6 +184,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         if meta.get("effective_bits"):
             print(f"quantized layers: {meta['effective_bits']:.3f} effective bits per weight (scales, zero points and "
                   "LoRC factors included); stored here as dequantized floats — use a packed export for the real size")
+        outliers = [lay for lay in meta.get("layers", []) if "outlier_fraction" in lay]
+        if outliers:
+            total = sum(lay["shape"][0] * lay["shape"][1] for lay in outliers)
+            kept = sum(lay["outliers"] for lay in outliers)
+            print(f"SpQR: {kept:,} outlier weights kept in 16 bit ({kept / total:.3%} of the quantized weights); "
+                  f"their positions and values and the quantized statistics are in {meta.get('extras_file', '-')} — "
+                  "no runtime reads SpQR's packed format, the weights here are dense")
     if sparse:
         patterns = {lay["pattern"] for lay in sparse}
         if patterns == {None}:

@@ -118,7 +118,7 @@ def _on_grid(weight, state):
     return (torch.clamp(torch.round(weight / s + z), 0, maxq) - z) * s
 
 
-def test_model_saves_dense_with_outliers_and_statistics_beside_it(tmp_path):
+def test_model_saves_dense_with_outliers_and_statistics_beside_it(tmp_path, capsys):
     model = tiny_model("llama")
     ids = token_batch()
     report = compress(model, ids, make_method("spqr", scheme="w3", outlier_threshold=0.1), progress=False)
@@ -138,19 +138,25 @@ def test_model_saves_dense_with_outliers_and_statistics_beside_it(tmp_path):
         assert torch.allclose(grid[~outliers], weight[~outliers], atol=1e-5)  # the rest lies on the grid
     with torch.no_grad():
         logits = model(ids).logits
-    out = save_model(model, None, tmp_path / "spqr", {"compression": report.to_dict()})
+    layers = [{"name": r.name, "shape": list(r.shape), **r.info} for r in report.layers]
+    out = save_model(model, None, tmp_path / "spqr", {"layers": layers, "effective_bits": report.effective_bits})
     import transformers as T
 
     reloaded = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, logits)
     meta = json.loads((out / "calibrant.json").read_text())
-    assert meta["extras_file"] == EXTRAS_FILE and meta["compression"]["effective_bits"] > 3.625
+    assert meta["extras_file"] == EXTRAS_FILE and meta["effective_bits"] > 3.625
     extras = load_file(str(out / EXTRAS_FILE))
     name = report.layers[0].name
     rows, cols = extras[f"{name}.outlier_rows"].long(), extras[f"{name}.outlier_cols"].long()
     assert torch.equal(extras[f"{name}.outlier_values"], modules[name].weight.detach()[rows, cols].half())
     assert extras[f"{name}.scale_codes"].dtype == torch.uint8
+    from calibrant.cli import main
+
+    assert main(["info", str(out)]) == 0
+    kept = sum(r.info["outliers"] for r in report.layers)
+    assert f"SpQR: {kept:,} outlier weights kept in 16 bit" in capsys.readouterr().out
 
 
 def test_packed_export_is_refused_before_any_work():
