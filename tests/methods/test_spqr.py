@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from calibrant.engine import compress
 from calibrant.errors import RecipeError
 from calibrant.export.hf import EXTRAS_FILE, save_model
-from calibrant.methods import make_method
+from calibrant.methods import make_method, make_recipe
 from calibrant.methods.gptq import gptq_quantize
 from calibrant.methods.quant import parse_scheme, qparams, quant_state_of
 from calibrant.methods.spqr import leave_one_out_error, minmax_quantize, spqr_effective_bits, spqr_quantize
@@ -194,3 +194,19 @@ def test_stacked_matrices_give_the_same_result_as_one_by_one():
         assert torch.allclose(both["weight"][rows], alone["weight"], atol=1e-10)
         assert torch.equal(both["outliers"][rows], alone["outliers"]) and alone["outliers"].any()
         assert torch.equal(both["scale_codes"][rows], alone["scale_codes"])
+
+
+@pytest.mark.parametrize("recipe, params", [
+    ("wanda+spqr", {"sparsity": 0.5, "scheme": "w3"}),
+    ("wanda+awq", {"sparsity": 0.6, "sparsity_profile": "owl", "owl_lambda": 0.05, "scheme": "w4g16-asym"}),
+])
+def test_chains_keep_the_pruning_masks(recipe, params):
+    model = tiny_model("llama")
+    report = compress(model, token_batch(), make_recipe(recipe, **params), progress=False)
+    planned = report.plans.get("wanda", {})
+    modules = dict(model.named_modules())
+    for r in report.layers:  # Wanda's per-row zeros (of the planned ratio) all survive the quantizer
+        target = planned.get(r.name, {}).get("sparsity", params["sparsity"])
+        zeros_per_row = (modules[r.name].weight == 0).sum(1)
+        assert int(zeros_per_row.min()) >= int(r.shape[1] * target), r.name
+        assert r.sparsity == pytest.approx(target, abs=0.02), r.name  # and few weights round to 0 besides
