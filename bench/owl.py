@@ -1,7 +1,8 @@
 """OWL (outlier-weighed layerwise sparsity) against uniform sparsity on the real default model: Wanda and
 SparseGPT at 50 / 60 / 70 % unstructured sparsity, every row on the same calibration ids.
 
-    nice -n 19 .venv/bin/python bench/owl.py                  # the full grid (12 runs + 2 dense timings)
+    nice -n 19 .venv/bin/python bench/owl.py --targets 0.7,0.6,0.5 --json owl.json   # 12 runs + 2 dense timings
+    .venv/bin/python bench/owl.py --render owl.json       # the tables of a saved (possibly interrupted) run
     .venv/bin/python bench/owl.py --calibration wiki:8x512 --max-eval-tokens 2048 --methods wanda --targets 0.7
 
 Columns: perplexity on the held-out split of each corpus, wall time of ``compress`` (also as a multiple
@@ -77,17 +78,22 @@ def main() -> None:
     p.add_argument("--max-eval-tokens", type=int, default=16384)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--methods", default="wanda,sparsegpt")
-    p.add_argument("--targets", default="0.5,0.6,0.7")
+    p.add_argument("--targets", default="0.7,0.6,0.5", help="in the order run (the most telling first)")
     p.add_argument("--profiles", default="uniform,owl")
     p.add_argument("--owl-m", type=float, default=5.0)
     p.add_argument("--owl-lambda", type=float, default=0.08)
-    p.add_argument("--json", default=None, help="also write all raw results here")
+    p.add_argument("--json", default=None, help="also write all raw results here (after every configuration)")
     p.add_argument("--child", choices=["dense", "run"], help=argparse.SUPPRESS)
     p.add_argument("--no-eval", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     p.add_argument("--profile", help=argparse.SUPPRESS)
+    p.add_argument("--render", default=None, metavar="JSON", help="only print the tables of a saved --json")
     args = p.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            render(json.load(f))
+        return
     if args.child:
         result = child_dense(args) if args.child == "dense" else child_run(args)
         print("RESULT " + json.dumps(result))
@@ -105,31 +111,51 @@ def main() -> None:
         return json.loads(lines[-1][7:])
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    dense = child("--child", "dense")
-    runs = []
-    for method in args.methods.split(","):
-        for target in args.targets.split(","):
+    saved = {"args": vars(args), "started": started, "dense": None, "again": None, "runs": []}
+
+    def save() -> None:  # after every child, so that an interrupted run can still be printed (--render)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(saved, f, indent=2)
+
+    saved["dense"] = child("--child", "dense")
+    save()
+    for target in args.targets.split(","):  # the targets in the order given: put the most telling first
+        for method in args.methods.split(","):
             for profile in args.profiles.split(","):
                 r = child("--child", "run", "--method", method, "--target", target, "--profile", profile)
-                runs.append(r)
+                saved["runs"].append(r)
+                save()
                 print(f"# {time.strftime('%H:%M:%S')} done {method} {target} {profile}: {r['wall_s']:.1f}s "
                       f"ppl {({k: round(v['ppl'], 2) for k, v in r['ppl'].items()})}", file=sys.stderr, flush=True)
-    again = child("--child", "dense", "--no-eval")  # the machine may be shared: time the dense forward twice
-    fwd_runs = [dense["dense_forward_with_head_s"], again["dense_forward_with_head_s"]]
-    fwd = sum(fwd_runs) / 2
+    saved["again"] = child("--child", "dense", "--no-eval")  # the machine may be shared: time the dense forward twice
+    saved["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    save()
+    render(saved)
+
+
+def render(saved: dict) -> None:
+    """The tables, from the results gathered so far (all of a run, or what an interrupted one saved)."""
+    args = argparse.Namespace(**saved["args"])
+    dense, again, runs = saved["dense"], saved.get("again"), saved["runs"]
+    fwd_runs = [dense["dense_forward_with_head_s"]] + ([again["dense_forward_with_head_s"]] if again else [])
+    fwd = sum(fwd_runs) / len(fwd_runs)
     hashes = {r["calibration_hash"] for r in runs} | {dense["calibration"]["hash"]}
+    planned = len(args.targets.split(",")) * len(args.methods.split(",")) * len(args.profiles.split(","))
 
     corpora = list(dense["ppl"])
     print(f"## OWL vs uniform sparsity — {args.model}, calibration {args.calibration} (seed {args.seed}, hash "
           f"{dense['calibration']['hash']}; {'the same ids in every row' if len(hashes) == 1 else 'HASHES DIFFER: ' + str(hashes)})\n")
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; started "
-          f"{started}, finished {time.strftime('%H:%M UTC', time.gmtime())}. OWL: M={args.owl_m:g}, "
-          f"λ={args.owl_lambda:g}. Perplexity on the held-out split of {', '.join(corpora)} (first "
-          f"{args.max_eval_tokens} tokens, seq_len 512, non-overlapping; {dense['ppl'][corpora[0]]['tokens']} scored "
-          f"tokens).\n")
-    print(f"Dense forward over the calibration tokens (batch {args.batch_size}, with the LM head), timed at the start "
-          f"and at the end of the run: {fwd_runs[0]:.1f} s and {fwd_runs[1]:.1f} s. `× dense fwd` = wall s / their "
-          f"mean ({fwd:.1f} s).\n")
+          f"{saved['started']}, " + (f"finished {saved['finished']}" if saved.get("finished") else
+                                     f"**interrupted: {len(runs)} of {planned} configurations done**")
+          + f". OWL: M={args.owl_m:g}, λ={args.owl_lambda:g}. Perplexity on the held-out split of "
+          f"{', '.join(corpora)} (first {args.max_eval_tokens} tokens, seq_len 512, non-overlapping; "
+          f"{dense['ppl'][corpora[0]]['tokens']} scored tokens).\n")
+    when = "at the start and at the end of the run" if again else "at the start of the run (the end timing did not run)"
+    print(f"Dense forward over the calibration tokens (batch {args.batch_size}, with the LM head), timed {when}: "
+          + " and ".join(f"{t:.1f} s" for t in fwd_runs) + ". `× dense fwd` = wall s / "
+          + ("their mean" if again else "that") + f" ({fwd:.1f} s).\n")
     head = "| method | sparsity | profile | " + " | ".join(f"ppl {c}" for c in corpora)
     print(head + " | wall s | × dense fwd | peak RSS GB | plan min sparsity | plan max sparsity | measured sparsity |")
     print("|---|---:|---|" + "---:|" * (len(corpora) + 6))
@@ -164,9 +190,6 @@ def main() -> None:
             print("|---|" + "---:|" * len(ratios))
             print("| D_l (%) | " + " | ".join(f"{100 * ratios[k]:.2f}" for k in sorted(ratios)) + " |")
             print("| sparsity (%) | " + " | ".join(f"{100 * sps[k]:.1f}" for k in sorted(sps)) + " |\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "dense": dense, "again": again, "runs": runs}, f, indent=2)
 
 
 if __name__ == "__main__":
