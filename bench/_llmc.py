@@ -1,13 +1,18 @@
 """Machinery shared by the benches that put llm-compressor beside calibrant
-(``gptq_vs_llmcompressor.py``, ``pruning_vs_llmcompressor.py``).
+(``gptq_vs_llmcompressor.py``, ``pruning_vs_llmcompressor.py``, ``awq_vs_llmcompressor.py``,
+``smoothquant_vs_llmcompressor.py``).
 
 - llm-compressor lives in its own virtual environment (``.venv-llmc``, git-ignored): it pins
   transformers and compressed-tensors below calibrant's. ``ensure_llmc_venv`` creates it on first use
   with calibrant's own torch build (never a CUDA download) plus ``bench/requirements-llmcompressor.txt``.
 - Every side runs in its own child process, so its wall time and peak RSS (``ru_maxrss``) are its own.
   A child prints one ``RESULT {json}`` line; ``run_child`` starts it and parses that line.
+  ``child_argv`` builds a child's command line from the parent's parsed options.
 - Both sides read the same ``[n, L]`` calibration token ids, drawn once by calibrant and saved to a
   file (``prepare_ids``); ``llmc_dataset`` turns them into the dataset ``oneshot`` takes.
+- Perplexity is one protocol for everyone (``perplexities``: ``calibrant.api.evaluate_perplexity``);
+  ``use_calibrant_act_quant`` makes a compressed-tensors model read back by calibrant's loader simulate
+  its activation quantization with calibrant's own hooks, so both sides are measured the same way.
 
 This module is imported inside both venvs: nothing here imports calibrant or llm-compressor at the top.
 """
@@ -83,6 +88,29 @@ def run_child(python: Path | str, script: str | Path, argv: list[str]) -> dict:
     raise RuntimeError(f"child '{name}' failed (exit {done.returncode}):\n{tail}")
 
 
+def child_argv(name: str, args: Any, keys: tuple[str, ...] | list[str], **extra: Any) -> list[str]:
+    """``--child name`` and, for each option in ``keys`` that ``args`` holds, ``--key value`` (a flag
+    alone when True; None and False left out), then ``extra`` the same way."""
+    argv = ["--child", name]
+    for key, value in [*((k, getattr(args, k, None)) for k in keys), *extra.items()]:
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def machine_line() -> str:
+    """The processor, CPU count and torch's thread count, for a footer."""
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads default"
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
 def prepare_ids(model: str, calibration: str, seed: int, path: Path) -> tuple[Path, Any]:
     """Draw the calibration ids once with calibrant's tokenizer (so they match its other benchmarks)
     and save them to ``path``; the model's local HF directory (llm-compressor loads it) and the set."""
@@ -121,6 +149,123 @@ def dense_forward_passes(model: Any, ids: Any, batch_size: int, passes: int = 2)
                 model(input_ids=ids[b : b + batch_size], use_cache=False)
             out.append(time.perf_counter() - t0)
     return out
+
+
+def perplexities(model: Any, corpora: str, max_tokens: int | None) -> dict:
+    """Held-out perplexity of ``model`` (a LoadedModel or a directory) on each corpus, calibrant's one
+    protocol (seq_len 512, non-overlapping): ``{corpus: {"ppl", "tokens"}}``. Calibrant's venv only."""
+    from calibrant.api import evaluate_perplexity
+
+    res = evaluate_perplexity(model, corpora, max_tokens=max_tokens, progress=False)
+    return {k: {"ppl": r.ppl, "tokens": r.tokens} for k, r in res.items()}
+
+
+def use_calibrant_act_quant(model: Any, act_bits: int, granularity: str = "token") -> int:
+    """A compressed-tensors model read back by calibrant's loader (transformers' compressed-tensors
+    integration) simulates the dynamic activation quantization in its config with compressed-tensors'
+    own fake-quant (scale ``amax / 127.5``); calibrant's hooks use ``amax / 127``. Decompress the weights
+    (one tiny forward), turn compressed-tensors' fake-quant off on every linear that quantizes its inputs
+    and put calibrant's pre-hook there instead, so that activations are quantized the same way on both
+    sides. Returns how many linears were switched. Calibrant's venv only."""
+    import torch
+
+    from calibrant.methods.quant import QuantState, attach_quant_state, parse_scheme
+
+    with torch.no_grad():  # compressed-tensors decompresses on the first forward (a pre-hook on the model)
+        model(input_ids=torch.tensor([[1, 2]]), use_cache=False)
+    scheme = parse_scheme(f"w8a{act_bits}" + ("t" if granularity == "tensor" else ""))  # only act_bits is read
+    count = 0
+    for module in model.modules():
+        qs = getattr(module, "quantization_scheme", None)
+        if isinstance(module, torch.nn.Linear) and qs is not None and qs.input_activations is not None:
+            if qs.input_activations.num_bits != act_bits:
+                raise RuntimeError(f"the saved model quantizes activations to {qs.input_activations.num_bits} bits, "
+                                   f"not {act_bits}")
+            module.quantization_enabled = False  # weights are decompressed already: no weight fake-quant either
+            attach_quant_state(module, QuantState(scheme))
+            count += 1
+    return count
+
+
+def child_dense(args: Any) -> dict:
+    """The dense child: ``passes`` plain forwards over the calibration ids (``dense_forward_passes``) and,
+    unless ``args.no_eval``, the dense model's perplexity on ``args.eval``. Calibrant's venv only."""
+    from calibrant.calibration import CalibrationSet
+    from calibrant.models import load_model
+
+    lm = load_model(args.model, quiet=True)
+    passes = dense_forward_passes(lm.model, CalibrationSet.load(args.ids).input_ids, args.batch_size)
+    out: dict[str, Any] = {"dense_forward_s": min(passes), "passes": passes}
+    if not args.no_eval:
+        out["ppl"] = perplexities(lm, args.eval, args.max_eval_tokens)
+    return out
+
+
+def child_calibrant_recipe(args: Any, recipe: str, **params: Any) -> dict:
+    """Calibrant compresses ``args.model`` with ``make_recipe(recipe, **params)`` over the saved ids
+    (engine defaults, batch ``args.batch_size``); wall time and peak RSS right after compression, then
+    the in-memory model's perplexity on ``args.eval`` (activation quantization simulated by the hooks
+    the engine attached). Calibrant's venv only."""
+    from calibrant.calibration import CalibrationSet
+    from calibrant.engine import compress
+    from calibrant.methods import make_recipe
+    from calibrant.models import load_model
+
+    lm = load_model(args.model, quiet=True)
+    calib = CalibrationSet.load(args.ids)
+    methods = make_recipe(recipe, **params)
+    t0 = time.perf_counter()
+    report = compress(lm.model, calib, methods, batch_size=args.batch_size, progress=False)
+    wall = time.perf_counter() - t0
+    rss = peak_rss_gb()
+    hooked = sum(1 for m in lm.model.modules() if getattr(m, "_calibrant_act_hook", None) is not None)
+    return {"wall_s": wall, "peak_rss_gb": rss, "timings": report.timings, "act_quant_linears": hooked,
+            "ppl": perplexities(lm, args.eval, args.max_eval_tokens),
+            "settings": {"recipe": recipe, "methods": [{"method": m.name, **m.params()} for m in methods],
+                         "pipeline": report.pipeline}}
+
+
+def child_eval_dir(args: Any, act_bits: int | None = None) -> dict:
+    """Perplexity of the directory llm-compressor saved (``args.out``), read back by calibrant's loader.
+    With ``act_bits``: first as loaded (compressed-tensors' own activation fake-quant, ``ppl_own``), then
+    with calibrant's activation hooks instead (``ppl``: the protocol calibrant's rows use)."""
+    from calibrant.models import load_model
+
+    lm = load_model(args.out, quiet=True)
+    if not act_bits:
+        return {"ppl": perplexities(lm, args.eval, args.max_eval_tokens)}
+    own = perplexities(lm, args.eval, args.max_eval_tokens)
+    switched = use_calibrant_act_quant(lm.model, act_bits)
+    return {"ppl_own": own, "ppl": perplexities(lm, args.eval, args.max_eval_tokens), "act_quant_linears": switched}
+
+
+def print_results(header: str, rows: list[tuple[str, dict | None]], dense: dict, fwd: float) -> None:
+    """The markdown table: dense first, then each ``(label, result)`` with wall s, × dense forward,
+    peak RSS and perplexity per corpus (rows whose result is None are left out)."""
+    corpora = list(dense["ppl"])
+    table = [["dense fp32", "-", "-", "-", *(f"{dense['ppl'][c]['ppl']:.3f}" for c in corpora)]]
+    for label, r in rows:
+        if r:
+            table.append([label, f"{r['wall_s']:.1f}", f"{r['wall_s'] / fwd:.2f}", f"{r['peak_rss_gb']:.3f}",
+                          *(f"{r['ppl'][c]['ppl']:.3f}" for c in corpora)])
+    head = [header, "wall s", "x dense fwd", "peak RSS GB", *(f"ppl {c}" for c in corpora)]
+    widths = [max(len(str(r[i])) for r in [head, *table]) for i in range(len(head))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")
+    for r in table:
+        print("| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |")
+
+
+def llmc_cpu_patches() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations (``IntermediatesCache.pin_memory``) before
+    each grid search, which raises "Cannot access accelerator device" on a CPU-only machine; pinning only
+    speeds host-to-device copies, so without an accelerator it is skipped (a no-op here). llm-compressor venv."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
 
 
 def llmc_load(model_dir: str | Path) -> tuple[Any, Any]:

@@ -37,6 +37,7 @@ from typing import Any
 
 from _llmc import (
     DEFAULT_VENV,
+    child_argv,
     dense_forward_passes,
     emit,
     ensure_llmc_venv,
@@ -119,17 +120,11 @@ CHILDREN = {"dense": child_dense, "calibrant": child_calibrant, "llmcompressor":
 
 
 # --------------------------------------------------------------------------------------- parent
+CHILD_OPTIONS = ("ids", "model", "batch_size", "max_eval_tokens", "calibrant_act_order", "no_eval")
+
+
 def run_child(python: Path | str, name: str, args: argparse.Namespace, **extra: str) -> dict:
-    argv = ["--child", name, "--ids", args.ids, "--model", args.model, "--batch-size", str(args.batch_size)]
-    if args.max_eval_tokens:
-        argv += ["--max-eval-tokens", str(args.max_eval_tokens)]
-    if args.calibrant_act_order:
-        argv += ["--calibrant-act-order"]
-    if args.no_eval:
-        argv += ["--no-eval"]
-    for k, v in extra.items():
-        argv += [f"--{k.replace('_', '-')}", v]
-    return _run(python, __file__, argv)
+    return _run(python, __file__, child_argv(name, args, CHILD_OPTIONS, **extra))
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from _llmc import (
     DEFAULT_VENV,
+    child_argv,
     dense_forward_passes,
     emit,
     ensure_llmc_venv,
@@ -136,16 +137,11 @@ CHILDREN = {"dense": child_dense, "calibrant": child_calibrant, "llmcompressor":
 
 
 # --------------------------------------------------------------------------------------- parent
+CHILD_OPTIONS = ("ids", "model", "batch_size", "sparsity", "eval", "max_eval_tokens", "no_eval")
+
+
 def _child(python: Path | str, name: str, args: argparse.Namespace, **extra: str) -> dict:
-    argv = ["--child", name, "--ids", args.ids, "--model", args.model, "--batch-size", str(args.batch_size),
-            "--sparsity", str(args.sparsity), "--eval", args.eval]
-    if args.max_eval_tokens:
-        argv += ["--max-eval-tokens", str(args.max_eval_tokens)]
-    if args.no_eval:
-        argv += ["--no-eval"]
-    for k, v in extra.items():
-        argv += [f"--{k.replace('_', '-')}", v]
-    return run_child(python, __file__, argv)
+    return run_child(python, __file__, child_argv(name, args, CHILD_OPTIONS, **extra))
 
 
 def main() -> None:
