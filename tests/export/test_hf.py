@@ -38,6 +38,10 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         save_model(model, None, out, {})
     assert (out / "keep.txt").read_text() == "user data"
+    with pytest.raises(OutputExistsError, match="not a calibrant output"):
+        save_model(model, None, out, {}, overwrite=True)  # --overwrite never deletes a user's own files
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "calibrant.json").write_text("{}")  # an earlier calibrant output is replaced
     save_model(model, None, out, {"x": 1}, overwrite=True)
     assert read_metadata(out) == {"x": 1} and not (out / "keep.txt").exists()
 

@@ -161,6 +161,9 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         save_packed(model, None, out, {})
     assert (out / "keep.txt").read_text() == "user data"
+    with pytest.raises(OutputExistsError, match="not a calibrant output"):
+        save_packed(model, None, out, {}, overwrite=True)  # --overwrite never deletes a user's own files
+    (out / "calibrant.json").write_text("{}")  # an earlier calibrant output is replaced
     save_packed(model, None, out, {}, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 

@@ -7,6 +7,8 @@ temporary sibling and renamed, so a crash never leaves a directory that looks co
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,72 @@ METADATA_FILE = "calibrant.json"
 EXTRAS_FILE = "calibrant-extras/quant.safetensors"  # what a method keeps beside the dense weights (SpQR)
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; call before any long work."""
+OUTPUT_MARKERS = (METADATA_FILE, "search.json")  # a directory holding one is an earlier calibrant output
+
+
+def check_output(out: str | Path, overwrite: bool, *, inputs: tuple[Any, ...] = (), flag: str = "--out") -> Path:
+    """Refuse, before any long work, an output directory that cannot be written or must not be replaced: an
+    existing one without ``overwrite``; with ``overwrite``, anything but an earlier calibrant output (a
+    directory holding ``calibrant.json`` or ``search.json``) or an empty directory; the current directory
+    or one holding it; an input (``inputs``: model paths) or a directory holding one; a location under a
+    regular file or in a directory that cannot be written."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output '{out}' already exists; pass --overwrite to replace it or choose another --out")
+    target = out.resolve()
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise OutputExistsError(f"{flag} {out} is the current directory (or holds it), which is never replaced; "
+                                f"give a new directory, e.g. {flag} compressed")
+    for source in inputs:
+        source = getattr(source, "path", source)  # a LoadedModel: the directory it was loaded from
+        if isinstance(source, str | Path) and Path(source).exists():
+            held = Path(source).resolve()
+            if target == held or target in held.parents:
+                raise OutputExistsError(f"{flag} {out} is the input model --model {source} (or holds it); writing "
+                                        f"there would replace the model being read — choose another {flag}")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"output '{out}' already exists; pass --overwrite to replace it or choose another "
+                                    f"{flag}")
+        if not out.is_dir():
+            raise OutputExistsError(f"{flag} {out} is a file, not an earlier calibrant output directory; --overwrite "
+                                    f"replaces only those — choose another {flag}")
+        if any(out.iterdir()) and not any((out / marker).is_file() for marker in OUTPUT_MARKERS):
+            raise OutputExistsError(f"{flag} {out} is not a calibrant output (it has no {METADATA_FILE}) and holds "
+                                    f"other files, which --overwrite never deletes; choose another {flag} or empty "
+                                    "the directory yourself")
+    check_writable(out, flag)
     return out
+
+
+def check_output_file(path: str | Path, flag: str, example: str) -> Path:
+    """Refuse, before any long work, an output file path that is an existing directory or cannot be written
+    (``example``: a file name to suggest, e.g. ``results.json``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CalibrantError(f"{flag} {path} is a directory; {flag} takes a file path such as "
+                             f"{path / example if example else 'out.json'}")
+    check_writable(path, flag)
+    return path
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """Refuse a ``path`` that cannot be created: its nearest existing ancestor must be a directory in which a
+    probe directory can be made (and is removed at once); checks permissions, read-only file systems and
+    immutable directories, for root too."""
+    path = Path(path).absolute()
+    parent = path.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CalibrantError(f"cannot write {flag} {path}: {parent} is a file, not a directory; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CalibrantError(f"cannot write {flag} {path}: {parent} is not writable (no write permission); choose "
+                             f"a directory you can write to")
+    try:
+        probe = tempfile.mkdtemp(prefix=".calibrant-probe.", dir=parent)
+    except OSError as exc:
+        raise CalibrantError(f"cannot write {flag} {path}: {parent} is not writable ({exc.strerror or exc}); choose "
+                             f"another {flag}") from None
+    os.rmdir(probe)
 
 
 def save_model(
@@ -62,14 +124,36 @@ def quant_extras(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_metadata(model_dir: str | Path) -> dict[str, Any] | None:
+# calibrant.json's keys that readers index, and the JSON type each must have
+_METADATA_SHAPE = {"recipe": list, "layers": list, "calibration": dict, "base_model": dict, "plans": dict}
+
+
+def read_metadata(model_dir: str | Path, strict: bool = False) -> dict[str, Any] | None:
+    """``calibrant.json`` of a model directory (None without one); a damaged one is one CalibrantError naming it.
+
+    Always checked: a JSON object whose ``layers`` (read when a model is loaded) is a list of objects;
+    ``strict`` (readers that show the record, ``calibrant info``): the recipe, calibration and plans too."""
     path = Path(model_dir) / METADATA_FILE
     if not path.is_file():
         return None
+    fix = f"recreate the output, or delete {path.name} to use the weights without calibrant's record"
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CalibrantError(f"{path} is not UTF-8 text; the output was damaged — {fix}") from None
     except json.JSONDecodeError as exc:
-        raise CalibrantError(f"{path} is not valid JSON ({exc}); the output was damaged — recreate it") from None
+        raise CalibrantError(f"{path} is not valid JSON ({exc}); the output was damaged — {fix}") from None
+    if not isinstance(meta, dict):
+        raise CalibrantError(f"{path} is not a JSON object (it holds a {type(meta).__name__}); the output was "
+                             f"damaged — {fix}")
+    for key, kind in _METADATA_SHAPE.items() if strict else [("layers", list)]:
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or
+                                  (kind is list and not all(isinstance(v, dict) for v in value))):
+            want = "a list of objects" if kind is list else "an object"
+            raise CalibrantError(f"{path}: '{key}' is not {want} (it holds {json.dumps(value)[:40]}); the output was "
+                                 f"damaged — {fix}")
+    return meta
 
 
 def restore_activation_quant(model: torch.nn.Module, metadata: dict[str, Any] | None) -> int:
