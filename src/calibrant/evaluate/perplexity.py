@@ -75,9 +75,11 @@ def perplexity(
     meta: dict[str, Any] | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a 1-D stream of token ids (see the module docstring for the protocol)."""
-    stride = stride or seq_len
+    stride = seq_len if stride is None else stride  # 0 is refused below, not read as "unset"
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if seq_len < 2 or (context and seq_len > context):
+    if seq_len < 2:
+        raise CalibrantError(f"evaluation length (--seq-len) must be at least 2 tokens, got {seq_len}; e.g. --seq-len 512")
+    if context and seq_len > context:
         raise CalibrantError(
             f"evaluation length {seq_len} is outside [2, {context}] (the model's context); pass a smaller --seq-len"
         )
