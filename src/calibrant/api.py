@@ -12,6 +12,7 @@ import torch
 from calibrant import __version__
 from calibrant.calibration import CalibrationSet, heldout_token_ids, make_calibration
 from calibrant.engine import CompressionReport, compress
+from calibrant.errors import CalibrantError, RecipeError
 from calibrant.evaluate.perplexity import PerplexityResult, perplexity
 from calibrant.evaluate.zeroshot import STANDARD_SUITE, ZeroShotResult, check_tasks, evaluate_tasks
 from calibrant.export.hf import check_output, read_metadata, restore_activation_quant, save_model
@@ -38,10 +39,52 @@ def as_loaded(model: str | Path | LoadedModel, device: str | torch.device = "cpu
     """A loaded model; a calibrant output directory gets its simulated activation quantization back."""
     if isinstance(model, LoadedModel):
         return model
+    local = isinstance(model, str | Path) and Path(model).is_dir()
+    meta = read_metadata(model) if local else None  # a damaged calibrant.json is refused before the load
     loaded = load_model(model, device=device, quiet=quiet)
     if loaded.path is not None:
-        restore_activation_quant(loaded.model, read_metadata(loaded.path))
+        restore_activation_quant(loaded.model, meta if local and Path(model).resolve() == Path(loaded.path).resolve()
+                                 else read_metadata(loaded.path))
     return loaded
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a torch.device this build can use; an unknown or unavailable one is one CalibrantError."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CalibrantError(f"unknown device '{device}' for `device`; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise CalibrantError(f"`device` {device}: no CUDA device is available (PyTorch {torch.__version__}, "
+                                 f"{build}); use `device` cpu or leave `device` unset")
+        if dev.index is not None and dev.index >= count:
+            raise CalibrantError(f"`device` {device}: this machine has {count} CUDA device(s), cuda:0"
+                                 f"{f'..cuda:{count - 1}' if count > 1 else ''}; choose one of them")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CalibrantError(f"`device` {device}: MPS is not available on this machine; use `device` cpu")
+    elif dev.type != "cpu":
+        raise CalibrantError(f"`device` {device}: calibrant runs blocks on cpu, cuda or mps; use one of them")
+    return dev
+
+
+def check_pattern_sparsity(sparsity: float | None, pattern: str | None) -> None:
+    """Refuse an explicit ``sparsity`` that contradicts the N:M ``pattern`` (which decides what is pruned)."""
+    from calibrant.methods.sparsity import parse_pattern
+
+    nm = parse_pattern(pattern) if isinstance(pattern, str | tuple) else None
+    if nm is None or sparsity is None or not isinstance(sparsity, int | float):
+        return
+    implied = 1 - nm[0] / nm[1]
+    if abs(float(sparsity) - implied) > 1e-9:
+        raise RecipeError(f"`sparsity` {sparsity:g} contradicts `pattern` {nm[0]}:{nm[1]}, which prunes {nm[1] - nm[0]} "
+                          f"of every {nm[1]} weights (sparsity {implied:g}); drop `sparsity` (the pattern sets it) or "
+                          f"drop `pattern`")
 
 
 def resolve_calibration(
@@ -98,9 +141,11 @@ def compress_model(
     """
     export_format = normalize_format(export_format)
     if out is not None:
-        check_output(out, overwrite)
+        check_output(out, overwrite, inputs=(model,))
+    device = check_device(device)
     if isinstance(method, str):
         methods = make_recipe(method, sparsity=sparsity, pattern=pattern, **method_params)
+        check_pattern_sparsity(sparsity, pattern)
     else:
         methods = [method] if isinstance(method, Method) else list(method)
     if not any(m.reads_data() for m in methods):
@@ -216,6 +261,8 @@ def search_structured(
 
     Bad arguments are refused before the model is loaded.
     """
+    if out is not None:
+        check_output(out, overwrite, inputs=(model,))
     structured_search.check_search(budget, samples, score=score, out=out, overwrite=overwrite,
                                    **{k: options[k] for k in ("rounds", "top_k", "proxy_tokens") if k in options})
     loaded, calib = _loaded_with_scores_data(model, calibration, score, seed, progress)
@@ -242,6 +289,8 @@ def prune_structured(
 
     Bad arguments are refused before the model is loaded.
     """
+    if out is not None:
+        check_output(out, overwrite, inputs=(model,))
     structured_search.check_prune(heads, mlp, score=score, out=out, overwrite=overwrite)
     loaded, calib = _loaded_with_scores_data(model, calibration, score, seed, progress)
     return structured_search.prune_structured(loaded, calib, heads, mlp, score=score, out=out, overwrite=overwrite,

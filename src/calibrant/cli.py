@@ -19,6 +19,24 @@ from calibrant.tables import table
 EXIT_USER_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with calibrant's error format: one line and a pointer to --help, not the usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USER_ERROR, f"calibrant: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (batch sizes, lengths, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -116,6 +134,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "(e.g. arc_easy,piqa)")
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise CalibrantError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if corpora and args.stride is not None and args.stride > args.seq_len:
+        raise CalibrantError(f"--stride {args.stride} is longer than --seq-len {args.seq_len}: tokens between windows "
+                             f"would never be scored; pass --stride {args.seq_len} or less")
+    if args.json:
+        from calibrant.export.hf import check_output_file
+
+        check_output_file(args.json, "--json", "results.json")
     hub = True if args.hub else None
     if tasks:  # refuse bad task names and options before loading the model
         check_tasks(tasks, limit=args.limit, num_fewshot=args.fewshot, batch_size=args.batch_size, hub=hub)
@@ -148,7 +173,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         payload: dict[str, Any] = {n: r.to_dict() for n, r in ppl.items()}
         if zs is not None:
             payload["zeroshot"] = zs.to_dict()
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        from calibrant.cache import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2))
     return 0
 
 
@@ -157,7 +185,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from calibrant.models.loader import resolve_model_dir
 
     path = resolve_model_dir(args.model, quiet=args.quiet)
-    meta = read_metadata(path) or {}
+    meta = read_metadata(path, strict=True) or {}
     w = inspect_weights(path)
     layers = w["layers"]
     if not args.all:
@@ -237,12 +265,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_calib_make(args: argparse.Namespace) -> int:
     from calibrant.api import as_loaded
     from calibrant.calibration import make_calibration
+    from calibrant.export.hf import check_output_file
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
+    if out.exists() and not out.is_dir() and not args.overwrite:
         raise CalibrantError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    if out.suffix != ".safetensors":
+    if out.suffix != ".safetensors" and not out.is_dir():
         raise CalibrantError(f"--out {out} must end in .safetensors (the calibration set is saved as safetensors)")
+    check_output_file(out, "--out", "calibration.safetensors")
     loaded = as_loaded(args.model, quiet=args.quiet)
     calib = make_calibration(args.spec, loaded.tokenizer, seed=args.seed, progress=not args.quiet, model=loaded,
                              max_length=loaded.context_length)
@@ -259,6 +289,10 @@ def cmd_calib_make(args: argparse.Namespace) -> int:
 def cmd_calib_inspect(args: argparse.Namespace) -> int:
     from calibrant.calibration import CalibrationSet, inspect_calibration
 
+    if args.json:
+        from calibrant.export.hf import check_output_file
+
+        check_output_file(args.json, "--json", "diagnostics.json")
     calib = CalibrationSet.load(args.file)  # a bad file is refused before any model is loaded
     loaded = None
     if args.model:
@@ -269,7 +303,10 @@ def cmd_calib_inspect(args: argparse.Namespace) -> int:
                                progress=not args.quiet)
     print(table(diag.rows(), ["metric", "value"]))
     if args.json:
-        Path(args.json).write_text(json.dumps(diag.to_dict(), indent=2, default=str))
+        from calibrant.cache import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(diag.to_dict(), indent=2, default=str))
     return 0
 
 
@@ -278,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     from calibrant.methods import METHODS
     from calibrant.studies.cli import add_study_parser
 
-    p = argparse.ArgumentParser(prog="calibrant", description=__doc__)
+    p = _Parser(prog="calibrant", description=__doc__)
     p.add_argument("--version", action="version", version=f"calibrant {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -293,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--out as dequantized floats (hf, any scheme) or packed integers with scales/zero points "
                         "(compressed-tensors: loads in vLLM and transformers; no LoRC, no dynamic act-order groups, "
                         "group size must divide every input width)")
-    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an earlier calibrant output (never a directory of other files)")
+    c.add_argument("--batch-size", type=positive_int, default=8)
     c.add_argument("--propagate", choices=["compressed", "dense"], default="compressed",
                    help="feed each block the compressed (default) or the dense previous blocks' outputs")
     c.add_argument("--pipeline", choices=["one-pass", "two-pass"], default="one-pass",
@@ -305,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", default=None, help="comma-separated name patterns of linears to leave dense")
     c.add_argument("--device", default=None, help="where blocks run (cpu, cuda, cuda:1); default: the model's")
     c.add_argument("--eval", default=None, help="after compressing, perplexity on these corpora (e.g. wiki,news)")
-    c.add_argument("--max-eval-tokens", type=int, default=None)
+    c.add_argument("--max-eval-tokens", type=positive_int, default=None)
     c.add_argument("--quiet", action="store_true")
     _add_method_options(c)
     c.set_defaults(func=cmd_compress)
@@ -321,10 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fewshot", type=int, default=0, help="few-shot examples per prompt (e.g. 5 for MMLU)")
     e.add_argument("--hub", action="store_true",
                    help="run every task with lm-eval's own definition and Hugging Face data (online)")
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--stride", type=int, default=None, help="window stride (default: seq-len, non-overlapping)")
-    e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N held-out tokens")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--seq-len", type=positive_int, default=512)
+    e.add_argument("--stride", type=positive_int, default=None,
+                   help="window stride (default: seq-len, non-overlapping)")
+    e.add_argument("--max-tokens", type=positive_int, default=None, help="evaluate only the first N held-out tokens")
+    e.add_argument("--batch-size", type=positive_int, default=8)
     e.add_argument("--json", default=None,
                    help="also write the results (with protocol) to this JSON file (zero-shot under 'zeroshot')")
     e.add_argument("--quiet", action="store_true")
@@ -340,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--calibration", default="wiki:32x512")
     d.add_argument("--eval", default="wiki")
-    d.add_argument("--max-eval-tokens", type=int, default=16384)
+    d.add_argument("--max-eval-tokens", type=positive_int, default=16384)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
@@ -360,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--against", default=None,
                     help="comma-separated corpora: JS divergence of unigram distributions to their held-out split")
     ci.add_argument("--model", default=None, help="add the dense model's perplexity on the set")
-    ci.add_argument("--batch-size", type=int, default=8)
+    ci.add_argument("--batch-size", type=positive_int, default=8)
     ci.add_argument("--json", default=None, help="also write the diagnostics to this JSON file")
     ci.add_argument("--quiet", action="store_true")
     ci.set_defaults(func=cmd_calib_inspect)

@@ -6,16 +6,34 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from calibrant.errors import CalibrantError
+from calibrant.errors import CalibrantError, suggest
 from calibrant.tables import table
+
+
+def _load_spec(spec: str) -> Any:
+    """The study of a YAML file or preset; a name that is neither gets the close preset suggested."""
+    from calibrant.studies.spec import StudySpecError, load_study, presets
+
+    try:
+        return load_study(spec)
+    except StudySpecError as exc:
+        hint = suggest(spec, presets()) if not Path(spec).exists() else ""
+        if hint and "neither a study spec file nor a preset" in str(exc):
+            raise StudySpecError(f"{exc}.{hint}") from None
+        raise
+
+
+def _check_db_location(db: str) -> None:
+    from calibrant.export.hf import check_output_file
+
+    check_output_file(db, "--db", "results.sqlite")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from calibrant.studies.runner import estimate, plan_table
-    from calibrant.studies.spec import load_study
     from calibrant.studies.store import ResultStore
 
-    spec = load_study(args.spec)
+    spec = _load_spec(args.spec)
     rows, per_token = estimate(spec, progress=not args.quiet)
     store = ResultStore(args.db, create=False) if args.db and Path(args.db).exists() else None
     try:
@@ -33,9 +51,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from calibrant.studies.runner import run_study
-    from calibrant.studies.spec import load_study
 
-    spec = load_study(args.spec)
+    _check_db_location(args.db)  # before the spec is expanded and any run starts
+    spec = _load_spec(args.spec)
     summary = run_study(spec, args.db, executor=args.executor, workers=args.workers, address=args.address,
                         retry_failed=args.retry_failed, progress=not args.quiet)
     print(summary.line())
@@ -53,9 +71,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(table(rows, ["study", "done", "failed", "interrupted (redone on next run)"]) if rows
               else f"{args.db}: no runs yet")
         if args.spec:
-            from calibrant.studies.spec import load_study
-
-            spec = load_study(args.spec)
+            spec = _load_spec(args.spec)
             have = store.spec_keys(spec.name)
             runs = spec.expand()
             left = [r for r in runs if r.spec_key not in have]
@@ -65,12 +81,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from calibrant.cache import atomic_path
+    from calibrant.export.hf import check_output_file
     from calibrant.studies.store import ResultStore
 
     out = Path(args.csv)
-    if out.exists() and not args.overwrite:
+    if out.exists() and not out.is_dir() and not args.overwrite:
         raise CalibrantError(f"{out} exists; pass --overwrite to replace it or choose another --csv path")
+    check_output_file(out, "--csv", "results.csv")
     with ResultStore(args.db, create=False) as store:
+        studies = store.studies()
+        if args.study is not None and args.study not in studies:
+            held = f"it holds {', '.join(studies)}" if studies else "it holds no studies yet"
+            raise CalibrantError(f"no study '{args.study}' in {args.db}; {held}.{suggest(args.study, studies)} "
+                                 "Leave out --study to export every run")
         frame = store.frame(args.study)
     frame = frame.drop(columns=["details"])
     with atomic_path(out, overwrite=True) as tmp:
@@ -80,8 +103,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from calibrant.export.hf import check_writable
     from calibrant.studies.report import write_report
 
+    check_writable(args.out, "--out")
     rep = write_report(args.db, args.out, study=args.study)
     print(f"wrote {Path(args.out) / 'index.html'} (+ report.md, {len(rep.figures)} figures, tables.json)")
     for line in rep.recommendations:
