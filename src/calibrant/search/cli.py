@@ -64,12 +64,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def add_search_parser(sub: Any) -> None:
+    from calibrant.cli import positive_int  # the CLI module imports this one to register the subcommand
+
     s = sub.add_parser("search", help="structured pruning (KV groups, MLP channels, blocks): predictor-guided "
                                       "search under a parameter budget")
     s.add_argument("--model", default="smollm2-135m", help="alias, HF directory, .gguf file or hub id")
     s.add_argument("--budget", type=float, default=0.8, help="kept fraction of the decoder blocks' parameters, in "
                                                             "(0, 1] (0.8)")
-    s.add_argument("--samples", type=int, default=64, help="configurations measured to train the predictor (64)")
+    s.add_argument("--samples", type=positive_int, default=64, help="configurations measured to train the predictor (64)")
     s.add_argument("--calibration", default="wiki:32x512", help="calibration spec for the importance scores")
     s.add_argument("--score", choices=["wanda", "magnitude"], default="wanda", help="importance score")
     s.add_argument("--out", default=None, help="output directory: pairs.sqlite, search.json, model/")
@@ -77,14 +79,14 @@ def add_search_parser(sub: Any) -> None:
     s.add_argument("--keep", default=None, metavar="HEADS,MLP",
                    help="no search: prune every block to these keep ratios of KV groups and MLP channels")
     s.add_argument("--proxy-corpus", default="wiki", help="held-out corpus of the proxy perplexity")
-    s.add_argument("--proxy-tokens", type=int, default=4096, help="proxy tokens (last ones of the held-out split)")
-    s.add_argument("--quantum", type=int, default=64, help="MLP channels are kept in multiples of this")
+    s.add_argument("--proxy-tokens", type=positive_int, default=4096, help="proxy tokens (last ones of the held-out split)")
+    s.add_argument("--quantum", type=positive_int, default=64, help="MLP channels are kept in multiples of this")
     s.add_argument("--allow-removal", action="store_true", help="let the search remove whole blocks")
     s.add_argument("--predictor", choices=["lightgbm", "forest"], default="lightgbm")
-    s.add_argument("--rounds", type=int, default=1, help="search rounds; each refits on the re-evaluated top-k")
-    s.add_argument("--top-k", type=int, default=6, help="predicted-best configurations measured for real per round")
+    s.add_argument("--rounds", type=positive_int, default=1, help="search rounds; each refits on the re-evaluated top-k")
+    s.add_argument("--top-k", type=positive_int, default=6, help="predicted-best configurations measured for real per round")
     s.add_argument("--heldout", type=int, default=0, help="extra random configurations to test the predictor on")
-    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--batch-size", type=positive_int, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_search)
