@@ -354,8 +354,5 @@ def test_study_spec_typo_suggests_the_preset(tmp_path, capsys, monkeypatch, comm
 
 @pytest.mark.parametrize("option", ["--batch-size", "--samples", "--top-k", "--rounds", "--quantum", "--proxy-tokens"])
 def test_search_counts_refused_at_parse_time(capsys, option):
-    from calibrant.cli import main
-
-    assert main(["search", option, "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "must be a positive integer, got 0" in err[0]
+    code, err = _argparse_error(capsys, "search", option, "0")
+    assert code == 2 and err.count("\n") == 1 and f"argument {option}: must be a positive integer, got 0" in err
