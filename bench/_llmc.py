@@ -301,6 +301,39 @@ def llmc_oneshot(model: Any, tokenizer: Any, ids_path: str | Path, recipe: Any) 
     return {"wall_s": wall, "peak_rss_gb": peak_rss_gb()}
 
 
+def llmc_save_dequantized(model: Any, tokenizer: Any, model_dir: str | Path, out: str | Path) -> dict:
+    """Save llm-compressor's quantized model as a plain fp32 HF directory: a fresh dense copy of
+    ``model_dir`` takes every parameter of ``model`` (AWQ's smoothed norms and balanced weights
+    included), each quantized linear's weight replaced by its dequantized grid values (compressed-tensors'
+    ``forward_quantize``, the quantize-dequantize its own forward applies). Any loader reads the result;
+    calibrant's venv (newer compressed-tensors) cannot read 0.14's asymmetric ``pack-quantized`` checkpoint
+    (a size mismatch on load). Weights only: activation quantization is not carried. Returns the largest
+    logit difference between ``model`` and the copy on a short input (the check that nothing was lost).
+    llm-compressor venv."""
+    import torch
+    from compressed_tensors.quantization import forward_quantize
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    modules = dict(model.named_modules())
+    quantized = 0
+    with torch.no_grad():
+        for name, param in dense.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            src = modules[owner]
+            value = getattr(src, leaf).detach()
+            scheme = getattr(src, "quantization_scheme", None)
+            if leaf == "weight" and scheme is not None and scheme.weights is not None:
+                value = forward_quantize(src, value, "weight", scheme.weights)
+                quantized += 1
+            param.copy_(value.to(param.dtype))
+        ids = torch.arange(1, 65).unsqueeze(0)
+        diff = float((model(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max())
+    dense.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"dequantized_linears": quantized, "dequantized_max_logit_diff": diff}
+
+
 def llmc_version() -> str:
     import llmcompressor
 

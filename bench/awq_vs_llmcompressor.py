@@ -20,7 +20,10 @@ default (the llm-compressor row then fails and says why).
   search) followed by ``QuantizationModifier(targets=["Linear"], ignore=["lm_head"], config_groups=…)``
   with int4, asymmetric, group strategy — what the deprecated ``llmcompressor.modifiers.awq.AWQModifier(
   scheme="W4A16_ASYM", targets=["Linear"], ignore=["lm_head"])`` expands to, with the group size set.
-  Runs in its own venv (``.venv-llmc``, see ``bench/_llmc.py``); saves compressed-tensors (pack-quantized).
+  Runs in its own venv (``.venv-llmc``, see ``bench/_llmc.py``). Its model is saved as a plain fp32
+  directory of the dequantized weights (``_llmc.llmc_save_dequantized``, checked against its own
+  quantized forward): calibrant's venv (compressed-tensors 0.20) fails to load 0.14's asymmetric
+  pack-quantized checkpoint (a size mismatch).
 - calibrant: ``rtn``, ``gptq``, ``awq`` (defaults: grid 20, clip search on) and ``awq+gptq`` with scheme
   ``w4g<size>-asym``; GPTQ with act-order + static groups (llm-compressor's GPTQ default, ``actorder=
   "static"``; ``--no-act-order`` for calibrant's plain order), block 128, damping 0.01.
@@ -53,6 +56,7 @@ from _llmc import (
     llmc_cpu_patches,
     llmc_load,
     llmc_oneshot,
+    llmc_save_dequantized,
     llmc_version,
     machine_line,
     prepare_ids,
@@ -89,8 +93,9 @@ def child_llmcompressor(args: argparse.Namespace) -> dict:
         "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
                                            "group_size": args.group_size}}})
     res = llmc_oneshot(model, tokenizer, args.ids, [awq, quant])
-    model.save_pretrained(args.out, save_compressed=True)
-    tokenizer.save_pretrained(args.out)
+    # a plain fp32 directory with the dequantized weights: calibrant's venv cannot read llm-compressor
+    # 0.14's asymmetric pack-quantized checkpoint (see llmc_save_dequantized)
+    res.update(llmc_save_dequantized(model, tokenizer, args.model_dir, args.out))
     settings = {k: str(v) for k, v in awq.model_dump().items() if k in ("mappings", "duo_scaling", "n_grid")}
     settings["mappings"] = [f"{m.smooth_layer} -> {m.balance_layers}" for m in (awq.mappings or [])] or "inferred"
     return {**res, "version": llmc_version(), "settings": settings}
