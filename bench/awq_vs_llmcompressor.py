@@ -197,6 +197,9 @@ def _compare(args: argparse.Namespace, recipes: list[str], model_dir: Path, cali
             print(f"{key} settings: {json.dumps(r['settings'])}")
         if "timings" in r:
             print(f"{key} time split: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items()))
+        if "dequantized_linears" in r:
+            print(f"{key} saved as dequantized fp32: {r['dequantized_linears']} linears, largest logit difference to "
+                  f"its own quantized forward {r['dequantized_max_logit_diff']:.2e}")
     print(f"llm-compressor side: {llmc_note}")
     print("note: SmolLM2's weights already sit on a Q4_1 grid (blocks of 32) (so groups of 32 would flatter 4-bit).")
     if args.json:
