@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from calibrant.argtypes import positive_int
 from calibrant.errors import CalibrantError
 from calibrant.tables import table
 
@@ -24,17 +25,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(EXIT_USER_ERROR, f"calibrant: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0 (batch sizes, lengths, counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _csv(value: str | None) -> list[str] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from calibrant.argtypes import positive_int
 from calibrant.errors import CalibrantError
 from calibrant.tables import table
 
@@ -64,8 +65,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def add_search_parser(sub: Any) -> None:
-    from calibrant.cli import positive_int  # the CLI module imports this one to register the subcommand
-
     s = sub.add_parser("search", help="structured pruning (KV groups, MLP channels, blocks): predictor-guided "
                                       "search under a parameter budget")
     s.add_argument("--model", default="smollm2-135m", help="alias, HF directory, .gguf file or hub id")
