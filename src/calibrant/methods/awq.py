@@ -97,7 +97,7 @@ def _quantize_groups(Wg: torch.Tensor, scheme: Any, lo: int, hi: int) -> torch.T
 
 class AWQ(BlockMethod):
     name = "awq"
-    relative_cost = 3.0  # a guess until a bench measures it: one observing pass, searches, one forward
+    relative_cost = 7.2  # bench/awq_vs_llmcompressor.py (w4g64-asym, 32x512; the scale and clip searches dominate)
     param_help = {
         "scheme": "quantization scheme (default w4g128-asym, as AWQ); rtn/gptq grids",
         "grid": "AWQ: points of the α grid in [0, 1) for the scale search, and of the clip ratio (default 20)",
