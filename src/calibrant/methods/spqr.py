@@ -11,8 +11,9 @@ columns in act-order (descending ``H_jj``, the paper's default):
    with ``stat_bits`` bits (default 3) over chunks of ``stat_group`` consecutive rows (default 16), and
    the weights are rounded on the *dequantized* statistics (what a SpQR kernel reconstructs);
 3. **outliers**: the OBS error of rounding a weight is ``((w − q) / U_jj)²``, the increase of the layer's
-   output error. A weight whose error exceeds ``τ · σ̄²`` stays unquantized (16 bit) and passes no error
-   on. ``σ̄² = mean_j Var_rows(W_:,j) / U_jj²`` is the layer's error scale — the OBS error of replacing
+   output error. A weight whose error exceeds ``τ · σ̄²`` stays unquantized and passes no error on (the
+   dense weight keeps the model's dtype; the side file stores it in fp16 and the bit count charges 16
+   bits, as the paper, whose models are fp16). ``σ̄² = mean_j Var_rows(W_:,j) / U_jj²`` is the layer's error scale — the OBS error of replacing
    every column by its mean — so ``τ`` is relative and the same τ means the same thing in every layer
    (default 0.2, the paper's). ``τ = inf`` keeps no outliers: SpQR is then GPTQ with quantized
    statistics. Before a group's grid is fitted, weights that would be outliers *because they stretch
