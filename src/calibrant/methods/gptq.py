@@ -14,7 +14,7 @@ import torch
 
 from calibrant.errors import RecipeError
 from calibrant.methods.base import LayerContext, LayerStats, Method, single_threaded
-from calibrant.methods.hessian import SOLVER_PARAM_HELP, damped_inverse_cholesky, solve_dtype, undamped_loss
+from calibrant.methods.hessian import SOLVER_PARAM_HELP, solve_dtype, stacked_problem, undamped_loss
 from calibrant.methods.quant import (
     QuantScheme,
     QuantState,
@@ -217,14 +217,8 @@ class GPTQ(Method):
             raise RecipeError("LoRC cannot follow pruning: the rank-r correction would fill the pruned weights")
         if scheme.granularity == "tensor" and len(weights) > 1:  # one scale per layer: solve them one by one
             return [self.compress_group([w], stats, [c])[0] for w, c in zip(weights, ctxs, strict=True)]
-        perm = torch.argsort(torch.diagonal(stats.hessian), descending=True) if self.act_order else None
-        U, dead, damp_used = damped_inverse_cholesky(stats, self.damp, ctxs[0].name, perm, self._dtype)
-        W = torch.cat(weights, 0).to(self._dtype)
-        W[:, dead] = 0.0
-        mask = None
-        if any(c.mask is not None for c in ctxs):
-            mask = torch.cat([c.mask if c.mask is not None else torch.zeros_like(w, dtype=torch.bool)
-                              for w, c in zip(weights, ctxs, strict=True)], 0)
+        W, mask, U, perm, dead, damp_used = stacked_problem(weights, [c.mask for c in ctxs], stats, self.damp,
+                                                            ctxs[0].name, self.act_order, self._dtype)
         loss = None if scheme.lorc_rank else torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
         Q, scale, zero, g_idx = gptq_quantize(
             W, U.to(W.device), scheme, blocksize=self.blocksize, perm=None if perm is None else perm.to(W.device),

@@ -105,3 +105,21 @@ def undamped_loss(loss: torch.Tensor, W: torch.Tensor, Q: torch.Tensor, stats: L
     diag = torch.diagonal(stats.hessian).to(torch.float64) / stats.tokens
     lam = damp_used * float(torch.where(dead, 1.0, diag).mean())
     loss -= lam * (W - Q).square().sum(1).to(torch.float64)
+
+
+def stacked_problem(
+    weights: list[torch.Tensor], masks: list[torch.Tensor | None], stats: LayerStats, damp: float, where: str,
+    act_order: bool, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
+    """What a column-wise OBS solver (GPTQ, SpQR) starts from for linears that read one input:
+    ``(W, mask, U, perm, dead, damp_used)`` — the weights stacked in ``dtype`` with dead columns zeroed,
+    their pruning masks stacked (None if none), and the damped inverse factor in act-order when asked."""
+    perm = torch.argsort(torch.diagonal(stats.hessian), descending=True) if act_order else None
+    U, dead, damp_used = damped_inverse_cholesky(stats, damp, where, perm, dtype)
+    W = torch.cat(weights, 0).to(dtype)
+    W[:, dead] = 0.0
+    mask = None
+    if any(m is not None for m in masks):
+        mask = torch.cat([m if m is not None else torch.zeros_like(w, dtype=torch.bool)
+                          for w, m in zip(weights, masks, strict=True)], 0)
+    return W, mask, U, perm, dead, damp_used

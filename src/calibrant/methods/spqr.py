@@ -40,7 +40,7 @@ import torch
 
 from calibrant.errors import RecipeError
 from calibrant.methods.base import LayerContext, LayerStats, Method, single_threaded
-from calibrant.methods.hessian import SOLVER_PARAM_HELP, damped_inverse_cholesky, solve_dtype, undamped_loss
+from calibrant.methods.hessian import SOLVER_PARAM_HELP, solve_dtype, stacked_problem, undamped_loss
 from calibrant.methods.quant import QuantScheme, QuantState, parse_scheme, qparams
 
 NOT_PACKABLE = ("SpQR keeps unstructured 16-bit outliers and quantized group statistics, which no runtime format "
@@ -269,14 +269,8 @@ class SpQR(Method):
         self, weights: list[torch.Tensor], stats: LayerStats | None, ctxs: list[LayerContext]
     ) -> list[torch.Tensor]:
         assert stats is not None
-        perm = torch.argsort(torch.diagonal(stats.hessian), descending=True) if self.act_order else None
-        U, dead, damp_used = damped_inverse_cholesky(stats, self.damp, ctxs[0].name, perm, self._dtype)
-        W = torch.cat(weights, 0).to(self._dtype)
-        W[:, dead] = 0.0
-        mask = None
-        if any(c.mask is not None for c in ctxs):
-            mask = torch.cat([c.mask if c.mask is not None else torch.zeros_like(w, dtype=torch.bool)
-                              for w, c in zip(weights, ctxs, strict=True)], 0)
+        W, mask, U, perm, dead, damp_used = stacked_problem(weights, [c.mask for c in ctxs], stats, self.damp,
+                                                            ctxs[0].name, self.act_order, self._dtype)
         loss = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
         full = spqr_quantize(
             W, U.to(W.device), self._scheme.bits, self.group, self.stat_bits, self.stat_group,
