@@ -36,11 +36,19 @@ def pruned_dir(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
     return out, ids, expected
 
 
-@pytest.mark.parametrize("order", ["calibrant first", "transformers first"])
+IMPORTS = {
+    "calibrant first": "import calibrant\nimport transformers",
+    "transformers first": "import transformers\ntransformers.AutoModelForCausalLM\nimport calibrant",
+    # the Auto classes load while LlamaConfig's module is half-initialised: registration must wait for it
+    "a config class first": "import warnings\nwarnings.simplefilter('error')\nimport calibrant\n"
+                            "from transformers import LlamaConfig, LlamaForCausalLM\nimport transformers",
+}
+
+
+@pytest.mark.parametrize("order", sorted(IMPORTS))
 def test_import_calibrant_registers_structured_types(pruned_dir, order):
     out, _, _ = pruned_dir
-    imports = "import calibrant\nimport transformers" if order == "calibrant first" else \
-        "import transformers\ntransformers.AutoModelForCausalLM\nimport calibrant"
+    imports = IMPORTS[order]
     proc = _fresh(f"""
         {imports.replace(chr(10), chr(10) + '        ')}
         import torch

@@ -63,15 +63,33 @@ class _RegisterAfterAutoModels:
             exec_module(module)
             try:
                 _register_structured_types()
-            except Exception as exc:  # noqa: BLE001 - never break transformers' own import
-                import warnings
-
-                warnings.warn(f"calibrant could not register its structured model types with transformers "
-                              f"({type(exc).__name__}: {exc}); load such directories with calibrant.models.load_model",
-                              stacklevel=2)
+            except Exception:  # noqa: BLE001 - never break transformers' own import
+                # e.g. `from transformers import LlamaConfig` loads the Auto classes while LlamaConfig's own
+                # module is half-initialised: try again as later imports happen, once that one has finished
+                sys.meta_path.insert(0, _RetryRegistration())
 
         loader.exec_module = exec_then_register
         return spec
+
+
+class _RetryRegistration:
+    """A meta-path finder that finds nothing: at each import it retries the registration until it succeeds."""
+
+    busy = False
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if self.busy:
+            return None
+        self.busy = True
+        try:
+            _register_structured_types()
+        except Exception:  # noqa: BLE001 - still half-initialised: the next import tries again
+            return None
+        finally:
+            self.busy = False
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        return None
 
 
 if _AUTO_MODELS in sys.modules:
