@@ -39,7 +39,7 @@ from typing import IO, TypeVar
 
 from tqdm import tqdm
 
-from calibrant.cache import cache_dir, file_lock, sha256_file
+from calibrant.cache import cache_dir, file_lock, owner_tag, sha256_file, tracked
 from calibrant.errors import CalibrantError, one_line
 
 __all__ = [
@@ -80,9 +80,10 @@ class PyPIFile:
 @contextlib.contextmanager
 def scratch_dir(prefix: str, area: str = "downloads") -> Iterator[Path]:
     """A fresh folder under ``$CALIBRANT_CACHE/<area>`` (the cache's disk: downloads are big), removed on exit."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=cache_dir(area)))
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}.{owner_tag()}.", dir=cache_dir(area)))
     try:
-        yield path
+        with tracked(path):  # removed by the next command if this process is killed (cache.sweep_stale)
+            yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
 

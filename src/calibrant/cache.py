@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,33 +43,136 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+# ---------------------------------------------------------------- temporaries a kill -9 may leave behind
+# Every temporary calibrant writes beside an output (or in the cache) carries its owner in its name,
+# ``.<final>.<pid>@<host>.<random>.tmp``, and is listed in ``$CALIBRANT_CACHE/inflight/`` while it
+# exists. A process killed with SIGKILL cannot clean up; the next calibrant command that starts
+# (:func:`sweep_stale`, from the CLI) or writes beside the same output removes what a dead owner left.
+# Only names carrying a dead owner's tag are ever removed, never a user's files.
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+_TAGGED = re.compile(r"\.(\d+)@([0-9a-f]{6})\.")
+
+
+def owner_tag(pid: int | None = None) -> str:
+    return f"{os.getpid() if pid is None else pid}@{HOST}"
+
+
+def _dead_owner(name: str) -> bool:
+    """True when ``name`` carries the tag of a process of this host that no longer runs."""
+    m = _TAGGED.search(name)
+    if not m or m[2] != HOST:
+        return False
+    pid = int(m[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def tracked(path: Path) -> Iterator[None]:
+    """List ``path`` (a tagged temporary) in the cache's ``inflight`` register for the duration."""
+    marker = None
+    try:
+        folder = cache_dir("inflight")
+        fd, name = tempfile.mkstemp(prefix=f"{owner_tag()}.", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(path.resolve()))
+        marker = Path(name)
+    except OSError:  # an unwritable cache must not stop the work; the sibling sweep still applies
+        pass
+    try:
+        yield
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+
+
+def _clean(path: Path) -> str | None:
+    """Remove (or, for a swapped-out ``.old``, restore) a dead owner's temporary; what was done, or None."""
+    if not _dead_owner(path.name) or not (path.exists() or path.is_symlink()):
+        return None
+    if path.name.endswith(".old"):  # killed between moving the old output aside and the new one in
+        final = path.with_name(path.name[1:_TAGGED.search(path.name).start()])
+        if not final.exists():
+            os.replace(path, final)
+            return f"restored {final} (a replacement was interrupted)"
+    _remove(path)
+    return f"removed {path}"
+
+
+def sweep_stale() -> list[str]:
+    """Remove the temporaries that killed calibrant processes of this host left (see ``inflight``);
+    returns one line per action. Never raises: cleanup must not stop a command."""
+    done: list[str] = []
+    try:
+        markers = list(cache_dir("inflight").iterdir())
+    except OSError:
+        return done
+    for marker in markers:
+        if not _dead_owner("." + marker.name):
+            continue
+        try:
+            path = Path(marker.read_text().strip())
+            if path.name and (line := _clean(path)):
+                done.append(line)
+            marker.unlink(missing_ok=True)
+        except OSError:
+            continue
+    return done
+
+
+def _sweep_siblings(final: Path) -> None:
+    """Dead owners' temporaries of this same output (the register may live in another cache)."""
+    try:
+        for path in final.parent.glob(f".{glob.escape(final.name)}.*"):
+            _clean(path)
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it onto ``final``.
 
     Works for files and directories: the caller writes whatever it wants at the yielded path. On
-    an exception the temporary is removed and ``final`` is untouched, so a crash never leaves a
-    half-written output that looks whole.
+    an exception (SIGINT and SIGTERM included, see :mod:`calibrant.interrupts`) the temporary is
+    removed and ``final`` is untouched, so a crash never leaves a half-written output that looks
+    whole; after a SIGKILL, the next calibrant command removes it (:func:`sweep_stale`).
     """
+    from calibrant.interrupts import deferred
+
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    _sweep_siblings(final)
+    tag = owner_tag()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}.", suffix=".tmp", dir=final.parent))
     tmp.rmdir()  # the caller decides whether it is a file or a directory
+    old = final.with_name(f".{final.name}.{tag}.old")
     try:
-        yield tmp
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(final)
-            old = final.with_name(f".{final.name}.old")
-            if old.exists():
-                _remove(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            _remove(old)
-        else:
-            os.replace(tmp, final)
+        with tracked(tmp):
+            yield tmp
+            if final.exists():
+                if not overwrite:
+                    raise FileExistsError(final)
+                with tracked(old), deferred():  # a signal waits until the swap is done
+                    _remove(old)
+                    os.replace(final, old)
+                    try:
+                        os.replace(tmp, final)
+                    except BaseException:
+                        os.replace(old, final)  # the user's earlier output goes back in place
+                        raise
+                    _remove(old)
+            else:
+                os.replace(tmp, final)
     finally:
-        if tmp.exists():
+        if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
 
 

@@ -429,14 +429,22 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
+    from calibrant import interrupts
+    from calibrant.cache import sweep_stale
+
+    interrupts.install()
     try:
+        for line in sweep_stale():  # what killed (SIGKILL) calibrant processes left behind
+            print(f"calibrant: {line} (left by a killed calibrant process)", file=sys.stderr)
         return args.func(args)
     except CalibrantError as exc:
         print(f"calibrant: error: {_cli_names(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("calibrant: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "SIGTERM" if interrupts.exit_code(exc) == 143 else "interrupted (SIGINT)"
+        kept = getattr(args, "on_interrupt", "nothing was written")
+        print(f"calibrant: {what}; stopped: {kept}", file=sys.stderr)
+        return interrupts.exit_code(exc)
 
 
 if __name__ == "__main__":

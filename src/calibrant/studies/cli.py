@@ -145,7 +145,8 @@ def add_study_parser(sub: Any) -> None:
     r.add_argument("--address", default=None, help="Ray cluster address, e.g. ray://head:10001 or auto")
     r.add_argument("--retry-failed", action="store_true", help="redo runs recorded as failed")
     r.add_argument("--quiet", action="store_true")
-    r.set_defaults(func=cmd_run)
+    r.set_defaults(func=cmd_run,
+                   on_interrupt="the runs already finished are kept in --db; rerun the same command to resume")
 
     s = ssub.add_parser("status", help="done / failed / interrupted runs per study in --db")
     s.add_argument("spec", nargs="?", default=None, help="also count what is left of this spec")
