@@ -96,6 +96,54 @@ def test_store_refuses_bad_databases(tmp_path):
         ResultStore(other)
 
 
+def _meta_only(path, version: str, runs_sql: str | None = None):
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (version,))
+        if runs_sql:
+            conn.execute(runs_sql)
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_store_refuses_damaged_and_foreign_schemas(tmp_path, create):
+    _meta_only(tmp_path / "abc.sqlite", "abc")
+    with pytest.raises(StoreError, match="unreadable study schema version 'abc'"):
+        ResultStore(tmp_path / "abc.sqlite", create=create)
+    _meta_only(tmp_path / "foreign.sqlite", "1", "CREATE TABLE runs (a INTEGER)")
+    with pytest.raises(StoreError, match="tables do not match.*runs lacks .*not written by calibrant"):
+        ResultStore(tmp_path / "foreign.sqlite", create=create)
+
+
+def test_read_only_opening_changes_nothing(tmp_path, study_env):
+    """status / export / report open with create=False: the file keeps its journal mode and its tables."""
+    db = tmp_path / "r.sqlite"
+    spec = load_study(write_spec(tmp_path / "s.yaml", study_env, methods=[{"name": "dense"}]))
+    run_study(spec, db, progress=False)
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("DROP TABLE study_runs")  # as an older calibrant wrote it
+    before = db.read_bytes()
+    with ResultStore(db, create=False) as store:
+        assert store.counts(spec.name) == {"done": 1}
+    assert db.read_bytes() == before
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    with pytest.raises(StoreError, match="empty file, not a calibrant study database"):
+        ResultStore(empty, create=False)
+    assert empty.read_bytes() == b""
+
+
+def test_disk_errors_are_not_called_foreign_databases(tmp_path):
+    from calibrant.studies.store import store_error
+
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    assert "disk full" in str(store_error(tmp_path / "r.sqlite", full))
+    assert "not a calibrant" not in str(store_error(tmp_path / "r.sqlite", full))
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]

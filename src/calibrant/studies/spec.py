@@ -329,7 +329,11 @@ def load_study(spec: str | Path | dict[str, Any]) -> StudySpec:
         return parse_study(spec, "<dict>")
     path = Path(spec)
     if path.is_file():
-        text, source = path.read_text(), str(path)
+        try:
+            text, source = path.read_bytes().decode("utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise StudySpecError(f"{path} is not a text file (byte {exc.start} is not UTF-8); give the path of a "
+                                 "study YAML file ('calibrant study preset impact' prints one to start from)") from None
     elif str(spec) in presets():
         text, source = preset_text(str(spec)), f"preset:{spec}"
     else:

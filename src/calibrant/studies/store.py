@@ -69,6 +69,23 @@ class StoreError(CalibrantError):
     """The results database cannot be used (wrong schema, locked by another study, not a database)."""
 
 
+# the columns every reader relies on (a version-1 meta over other tables is someone else's database)
+_REQUIRED = {"runs": RUN_COLUMNS, "metrics": ("run_key", "name", "value"), "attempts": ("run_key", "study")}
+
+
+def store_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    """One line for an SQLite failure: a file that is not a database is not the same fault as a full disk."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_NOTADB:
+        return StoreError(f"{path} is not a calibrant study database ({exc}); give a new --db path")
+    if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR) or "disk" in str(exc):
+        return StoreError(f"could not read or write {path}: {exc} (disk full or failing?); free space or move "
+                          "--db, then rerun: the database keeps every run it had")
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return StoreError(f"cannot open {path}: {exc}; check its permissions or give another --db")
+    return StoreError(f"{path}: {exc}; if the file is not a calibrant study database, give a new --db path")
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -78,23 +95,31 @@ class ResultStore:
     the only writer until :meth:`close`."""
 
     def __init__(self, path: str | Path, *, create: bool = True, lock: bool = False):
+        """``create=False`` opens an existing database read-only: nothing in the file is changed (its
+        journal mode included), so status, export and report can be pointed at any file safely."""
         self.path = Path(path)
         self._lock_file = None
+        self.readonly = not create
         if not self.path.exists() and not create:
             raise StoreError(f"no study database at {self.path}; run 'calibrant study run SPEC --db {self.path}' first")
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory; --db takes a file path such as results.sqlite")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         if lock:
             self._take_lock()
         try:
             self.conn = sqlite3.connect(str(self.path), timeout=30.0)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
+            if not self.readonly:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=NORMAL")
             self._check_schema()
         except sqlite3.DatabaseError as exc:
             self._release_lock()
-            raise StoreError(f"{self.path} is not a calibrant study database ({exc}); give a new --db path") from None
+            raise store_error(self.path, exc) from None
+        except BaseException:
+            self._release_lock()
+            raise
 
     # ------------------------------------------------------------ locking
     def _take_lock(self) -> None:
@@ -143,21 +168,43 @@ class ResultStore:
                              f"{', '.join(sorted(tables))}); give a new --db path")
         if "meta" in tables:
             row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            version = int(row[0]) if row else None
+            try:
+                version = int(row[0]) if row else None
+            except (TypeError, ValueError):
+                raise StoreError(f"{self.path} has an unreadable study schema version {row[0]!r} (a damaged or "
+                                 "foreign database); give a new --db path") from None
             if version != SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path} has study schema version {version}, this calibrant writes version {SCHEMA_VERSION}; "
                     "export its results with the calibrant that wrote it ('calibrant study export --csv') and start "
                     "a new --db, or rerun the study into a new --db (finished runs cannot be mixed across schemas)")
+            missing = {table: sorted(set(columns) - self._columns(table)) for table, columns in _REQUIRED.items()}
+            missing = {t: c for t, c in missing.items() if c}
+            if missing:
+                raise StoreError(f"{self.path} says study schema version {version} but its tables do not match ("
+                                 + "; ".join(f"{t} lacks {', '.join(c[:3])}{', …' if len(c) > 3 else ''}"
+                                             for t, c in missing.items())
+                                 + "); it was not written by calibrant: give a new --db path")
+            if self.readonly:  # older databases lack study_runs: derive it in a temporary table, not in the file
+                if "study_runs" not in tables:
+                    self.conn.executescript(_MEMBERS.replace("CREATE TABLE IF NOT EXISTS study_runs",
+                                                             "CREATE TEMP TABLE study_runs"))
+                return
             with self.conn:
                 self.conn.executescript(_MEMBERS)
             return
+        if self.readonly:
+            raise StoreError(f"{self.path} is an empty file, not a calibrant study database; run 'calibrant study "
+                             f"run SPEC --db {self.path}' first")
         from calibrant import __version__
 
         with self.conn:
             self.conn.executescript(_SCHEMA + _MEMBERS)
             self.conn.executemany("INSERT INTO meta VALUES (?, ?)", [
                 ("schema_version", str(SCHEMA_VERSION)), ("created", now()), ("calibrant_version", __version__)])
+
+    def _columns(self, table: str) -> set[str]:
+        return {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
 
     # ------------------------------------------------------------ writing
     def record_attempt(self, key: str, study: str, pid: int | None = None) -> None:
