@@ -95,5 +95,5 @@ def test_suggests_closest_key(tmp_path):
 def test_binary_spec_file_refused(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_bytes(b"name: x\n\xd0\xff\x00binary")
-    with pytest.raises(StudySpecError, match=r"not a text file \(byte 9 is not UTF-8\)"):
+    with pytest.raises(StudySpecError, match=r"not a text file \(byte 8 is not UTF-8\)"):
         load_study(path)
