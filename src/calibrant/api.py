@@ -15,7 +15,14 @@ from calibrant.engine import CompressionReport, compress
 from calibrant.errors import CalibrantError, RecipeError
 from calibrant.evaluate.perplexity import PerplexityResult, perplexity
 from calibrant.evaluate.zeroshot import STANDARD_SUITE, ZeroShotResult, check_tasks, evaluate_tasks
-from calibrant.export.hf import check_output, read_metadata, restore_activation_quant, save_model
+from calibrant.export.hf import (
+    check_output,
+    check_space,
+    model_bytes,
+    read_metadata,
+    restore_activation_quant,
+    save_model,
+)
 from calibrant.export.packed import check_packable_recipe, normalize_format, save_packed
 from calibrant.methods import Method, make_recipe
 from calibrant.models.loader import LoadedModel, load_model
@@ -155,6 +162,9 @@ def compress_model(
     loaded = as_loaded(model, quiet=not progress)
     if out is not None and export_format != "hf":
         check_packable_recipe(methods, loaded.model, include, exclude)
+    if out is not None:  # a packed export is smaller: count its floor (fp32 / 8: 4 bits a weight)
+        dense = model_bytes(loaded.model)
+        check_space(out, dense if export_format == "hf" else dense // 8, "--out")
     calib = resolve_calibration(calibration, loaded.tokenizer, seed, loaded.context_length,
                                 model=loaded, progress=None if progress else False)
     report = compress(

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from calibrant.argtypes import positive_int
-from calibrant.errors import CalibrantError
+from calibrant.errors import CalibrantError, disk_full
 from calibrant.tables import table
 
 EXIT_USER_ERROR = 2
@@ -439,6 +439,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CalibrantError as exc:
         print(f"calibrant: error: {_cli_names(str(exc))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        print(f"calibrant: error: {full}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         what = "SIGTERM" if interrupts.exit_code(exc) == 143 else "interrupted (SIGINT)"

@@ -45,3 +45,32 @@ def suggest(name: str, choices: Iterable[str]) -> str:
     """' Did you mean X?' when a close match exists, else ''."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+_FULL = {28: "no space left on the device", 27: "the file-size limit was reached", 122: "the disk quota was reached"}
+
+
+def disk_full_reason(exc: BaseException) -> str | None:
+    """Why a write failed when the disk (or a size limit) was full; None for any other error. Recognises
+    OSError and the errors of libraries that wrap the OS's (safetensors: ``I/O error: … (os error 28)``,
+    SQLite: ``database or disk is full``)."""
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code not in _FULL:
+        code = next((c for c in _FULL if any(f.format(c) in text for f in ("(os error {})", "code: {},", "[Errno {}]"))),
+                    None)
+    if code is None and "disk is full" in text:
+        code = 28
+    return None if code is None else _FULL[code]
+
+
+def disk_full(exc: BaseException, what: str | None = None, needed: str | None = None) -> str | None:
+    """One line for a write the full disk stopped: what could not be written, why, how much it needs and
+    what to do; None when ``exc`` is not such an error."""
+    reason = disk_full_reason(exc)
+    if reason is None:
+        return None
+    what = what or getattr(exc, "filename", None)
+    return (f"could not write{f' {what}' if what else ''}: {reason}"
+            f"{f' (it needs about {needed})' if needed else ''}; nothing was kept — free space (or raise the "
+            "limit) and run the command again")

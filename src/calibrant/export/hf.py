@@ -6,9 +6,12 @@ temporary sibling and renamed, so a crash never leaves a directory that looks co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from calibrant.cache import atomic_path
-from calibrant.errors import CalibrantError, OutputExistsError
+from calibrant.errors import CalibrantError, OutputExistsError, disk_full
 from calibrant.models.adapter import TRANSPOSED_WEIGHTS
 
 METADATA_FILE = "calibrant.json"
@@ -71,6 +74,39 @@ def check_output_file(path: str | Path, flag: str, example: str) -> Path:
     return path
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as a dense save writes them (tied weights once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def check_space(path: str | Path, needed: int, flag: str) -> None:
+    """Refuse, before the long work, an output whose disk has less than ``needed`` bytes (+5 %) free.
+
+    The old output an ``--overwrite`` replaces stays until the new one is complete, so it frees nothing.
+    """
+    path = Path(path).absolute()
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if free < needed * 1.05:
+        raise CalibrantError(f"not enough disk space for {flag} {path}: it needs about {_gb(needed)} and {parent} has "
+                             f"{_gb(free)} free; free some space or choose another {flag}")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
 def check_writable(path: str | Path, flag: str) -> None:
     """Refuse a ``path`` that cannot be created: its nearest existing ancestor must be a directory in which a
     probe directory can be made (and is removed at once); checks permissions, read-only file systems and
@@ -92,11 +128,23 @@ def check_writable(path: str | Path, flag: str) -> None:
     os.rmdir(probe)
 
 
+@contextlib.contextmanager
+def disk_errors(out: Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a write the full disk (or a file-size limit) stopped into one line naming ``out`` and its size."""
+    try:
+        yield
+    except Exception as exc:
+        line = disk_full(exc, str(out), _gb(needed) if needed else None)
+        if line is None:
+            raise
+        raise CalibrantError(line) from None
+
+
 def save_model(
     model: torch.nn.Module, tokenizer: Any, out: str | Path, metadata: dict[str, Any], overwrite: bool = False
 ) -> Path:
     out = check_output(out, overwrite)
-    with atomic_path(out, overwrite=overwrite) as tmp:
+    with disk_errors(out, model_bytes(model)), atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

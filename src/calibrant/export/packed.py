@@ -38,7 +38,7 @@ from torch import nn
 
 from calibrant.cache import atomic_path
 from calibrant.errors import CalibrantError
-from calibrant.export.hf import METADATA_FILE, check_output
+from calibrant.export.hf import METADATA_FILE, check_output, disk_errors
 from calibrant.methods.quant import (
     QuantScheme,
     QuantState,
@@ -312,7 +312,8 @@ def save_packed(
     """
     out = check_output(out, overwrite)
     state, compressor, summary = build_packed(model)
-    with atomic_path(out, overwrite=overwrite) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in state.values())
+    with disk_errors(out, needed), atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         compressor.update_config(str(tmp))  # adds quantization_config (quant_method: compressed-tensors)
