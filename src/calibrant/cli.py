@@ -172,9 +172,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from calibrant.export.hf import inspect_weights, read_metadata
-    from calibrant.models.loader import resolve_model_dir
+    from calibrant.models.loader import check_model_dir, resolve_model_dir
 
     path = resolve_model_dir(args.model, quiet=args.quiet)
+    check_model_dir(path)  # a truncated or garbled checkpoint or config: one line naming the file
     meta = read_metadata(path, strict=True) or {}
     w = inspect_weights(path)
     layers = w["layers"]

@@ -12,6 +12,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -80,23 +81,44 @@ def load_model(
             f"{_fix_for(path)}"
         ) from exc
     try:
-        model = _from_pretrained(path, dtype)
+        model, info = _from_pretrained(path, dtype)
     except Exception as exc:
+        if "ignore_mismatched_sizes" in str(exc) or "size mismatch" in str(exc):
+            raise ModelError(f"{path / 'config.json'} does not describe the weights beside it: some tensor shapes "
+                             f"differ (hidden or intermediate size, heads, vocabulary). Use the config.json these "
+                             f"weights were saved with. {_fix_for(path)}") from exc
         raise ModelError(
             f"could not load the model from {path}: {type(exc).__name__}: {one_line(exc)}. {_fix_for(path)}"
         ) from exc
+    _check_loading_info(path, model, info)
     model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=str(spec), path=path, model_hash=digest)
 
 
-def _from_pretrained(path: Path, dtype: torch.dtype) -> transformers.PreTrainedModel:
+def _from_pretrained(path: Path, dtype: torch.dtype) -> tuple[transformers.PreTrainedModel, dict[str, Any]]:
     """``from_pretrained``; structurally pruned directories (model type ``calibrant_*``) register their classes first."""
     if json.loads((path / "config.json").read_text()).get("model_type", "").startswith("calibrant_"):
         from calibrant.models.structured import register_structured_families
 
         register_structured_families()
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+
+
+def _check_loading_info(path: Path, model: torch.nn.Module, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors and config.json disagree: weights the config has no place for (a
+    config declaring fewer layers), or places the checkpoint has no weights for (they would be random)."""
+    unexpected, missing = sorted(info.get("unexpected_keys") or ()), sorted(info.get("missing_keys") or ())
+    if not unexpected and not missing:
+        return
+    layers = getattr(model.config, "num_hidden_layers", None)
+    said = f" (it says num_hidden_layers={layers})" if layers is not None else ""
+    if unexpected:
+        detail = f"the checkpoint holds {len(unexpected)} tensors config.json has no place for, e.g. {unexpected[0]}"
+    else:
+        detail = f"config.json declares {len(missing)} tensors the checkpoint lacks, e.g. {missing[0]}"
+    raise ModelError(f"{path / 'config.json'} does not match the weights beside it{said}: {detail}. Use the "
+                     f"config.json these weights were saved with. {_fix_for(path)}")
 
 
 def resolve_model_dir(spec: str | Path, *, quiet: bool = False) -> Path:
@@ -145,9 +167,12 @@ def check_model_dir(path: Path) -> None:
             f"{path} has no config.json, so it is not a Hugging Face model directory. {_fix_for(path)}"
         )
     try:
-        json.loads(config.read_text())
+        parsed = json.loads(config.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{config} is not valid JSON ({one_line(exc)}). {_fix_for(path)}") from exc
+    if not isinstance(parsed, dict):
+        raise ModelError(f"{config} holds a JSON {type(parsed).__name__}, not the object a model config is. "
+                         f"{_fix_for(path)}")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
