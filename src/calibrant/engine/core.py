@@ -31,9 +31,10 @@ from calibrant.engine.plan import Plan, make_plan
 from calibrant.engine.report import CompressionReport
 from calibrant.engine.runner import BlockwiseRunner
 from calibrant.engine.stopwatch import Stopwatch
+from calibrant.errors import NumericalError
 from calibrant.heap import bound_heap, relax_heap, release_freed_memory
 from calibrant.methods.base import Method
-from calibrant.methods.stats import LayerStats
+from calibrant.methods.stats import LayerStats, all_finite
 from calibrant.models.adapter import inference_mode, weight_of
 
 TIMINGS = ("plan_s", "capture_s", "block_s", "forward_s", "stats_s", "compress_s")
@@ -63,6 +64,7 @@ def compress(
     :mod:`calibrant.engine.pipelines`); with dense propagation every block runs two-pass.
     """
     methods = [recipe] if isinstance(recipe, Method) else list(recipe)
+    check_finite_weights(model)
     plan = make_plan(model, calibration, methods, propagate=propagate, pipeline=pipeline, include=include,
                      exclude=exclude)
     runner = BlockwiseRunner(model, device=device, batch_size=batch_size)
@@ -90,6 +92,29 @@ def compress(
     return report
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model whose parameters hold NaN/Inf, naming the first such tensor: the checkpoint is at fault,
+    not the calibration data or the method (one min/max pass per tensor)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not all_finite(p.detach()):
+            bad = int((~torch.isfinite(p.detach())).sum())
+            raise NumericalError(f"the model's weight {name} holds {bad} NaN/Inf value{'s' * (bad != 1)} before "
+                                 "any compression: the checkpoint is damaged (or overflowed when cast to a lower "
+                                 "precision); re-save or re-download it")
+
+
+def check_finite_inputs(inps: torch.Tensor, block: int) -> None:
+    """Refuse NaN/Inf activations entering ``block``, naming the calibration sequences that carry them."""
+    if all_finite(inps):
+        return
+    rows = [r for r in range(inps.shape[0]) if not all_finite(inps[r])]
+    shown = ", ".join(map(str, rows[:8])) + (", …" if len(rows) > 8 else "")
+    source = "the embeddings" if block == 0 else f"block {block - 1}"
+    raise NumericalError(f"the activations entering block {block} are NaN/Inf for calibration sequence"
+                         f"{'s' * (len(rows) != 1)} {shown} (of {inps.shape[0]}): {source} overflows on them — "
+                         "load the model in float32, or calibrate on other text")
+
+
 def _data_free(runner: BlockwiseRunner, plan: Plan, report: CompressionReport, clock: Stopwatch, plans: Plans,
                progress: bool) -> None:
     for layer_map in tqdm(plan.targets, desc=f"compress {plan.methods[0].name}", disable=not progress):
@@ -111,6 +136,7 @@ def _layer_sequential(runner: BlockwiseRunner, plan: Plan, report: CompressionRe
     for i in bar:
         layers = plan.targets[i]
         block = adapter.blocks[i]
+        check_finite_inputs(inps, i)
         moved = runner.device != runner.model_device
         if moved:
             block.to(runner.device)
