@@ -158,8 +158,13 @@ def atomic_path(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
         with tracked(tmp):
             yield tmp
             if final.exists():
-                if not overwrite:
-                    raise FileExistsError(final)
+                if not overwrite:  # someone else created it while this ran: keep this result beside it
+                    from calibrant.errors import OutputExistsError
+
+                    kept = final.with_name(f"{final.name}.{os.getpid()}")
+                    os.replace(tmp, kept)
+                    raise OutputExistsError(f"{final} appeared while this command ran (written by another process); "
+                                            f"this result is kept as {kept} instead")
                 with tracked(old), deferred():  # a signal waits until the swap is done
                     _remove(old)
                     os.replace(final, old)
@@ -181,6 +186,50 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+_CLAIMS: dict[str, Any] = {}  # outputs this process is writing: resolved path -> open, locked file
+
+
+def claim_output(path: str | Path, flag: str = "--out") -> None:
+    """Make this process the only calibrant process writing ``path`` until :func:`release_output` (or exit).
+
+    A second command given the same output is refused at once, naming the process that holds it, rather
+    than both working for hours and one result replacing the other. The lock lives in the cache
+    (``locks/``, keyed by the resolved path), so nothing is added beside the output. POSIX only.
+    """
+    key = str(Path(path).absolute().resolve())
+    if key in _CLAIMS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    from calibrant.errors import OutputExistsError
+
+    try:
+        f = open(cache_dir("locks") / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock", "a+")  # noqa: SIM115
+    except OSError:  # an unwritable cache: no lock, the final rename still refuses to clobber
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another calibrant process"
+        f.close()
+        raise OutputExistsError(f"{flag} {path} is being written by {holder}; wait for it to finish or choose "
+                                f"another {flag}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    _CLAIMS[key] = f
+
+
+def release_output(path: str | Path) -> None:
+    f = _CLAIMS.pop(str(Path(path).absolute().resolve()), None)
+    if f is not None:
+        f.close()  # closing the file drops the lock
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

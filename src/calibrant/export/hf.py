@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from calibrant.cache import atomic_path
+from calibrant.cache import atomic_path, claim_output, release_output
 from calibrant.errors import CalibrantError, OutputExistsError, disk_full
 from calibrant.models.adapter import TRANSPOSED_WEIGHTS
 
@@ -60,6 +60,7 @@ def check_output(out: str | Path, overwrite: bool, *, inputs: tuple[Any, ...] = 
                                     f"other files, which --overwrite never deletes; choose another {flag} or empty "
                                     "the directory yourself")
     check_writable(out, flag)
+    claim_output(out, flag)
     return out
 
 
@@ -155,6 +156,7 @@ def save_model(
             save_file(extras, str(tmp / EXTRAS_FILE))
             metadata = {**metadata, "extras_file": EXTRAS_FILE}
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    release_output(out)
     return out
 
 

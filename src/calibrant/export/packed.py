@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibrant.cache import atomic_path
+from calibrant.cache import atomic_path, release_output
 from calibrant.errors import CalibrantError
 from calibrant.export.hf import METADATA_FILE, check_output, disk_errors
 from calibrant.methods.quant import (
@@ -321,4 +321,5 @@ def save_packed(
             tokenizer.save_pretrained(tmp)
         meta = {**metadata, "export": summary}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    release_output(out)
     return out
