@@ -178,19 +178,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     check_model_dir(path)  # a truncated or garbled checkpoint or config: one line naming the file
     meta = read_metadata(path, strict=True) or {}
     w = inspect_weights(path)
-    layers = w["layers"]
-    if not args.all:
-        layers = [lay for lay in layers if lay["sparsity"] > 0] or layers
-    quant = {f"{lay['name']}.weight": lay for lay in meta.get("layers", []) if lay.get("scheme")}
-    if quant and not args.all:
-        layers = [lay for lay in w["layers"] if lay["sparsity"] > 0 or lay["name"] in quant]
-    rows = [[lay["name"], "x".join(map(str, lay["shape"])), f"{lay['sparsity']:.4f}", lay["pattern"] or "-",
-             quant.get(lay["name"], {}).get("scheme", lay["dtype"]),
-             f"{quant[lay['name']]['effective_bits']:.3f}" if lay["name"] in quant else "32" if lay["dtype"] == "float32" else "16"]
-            for lay in layers]
+    meta_layers = {f"{lay['name']}.weight": lay for lay in meta.get("layers", [])}
+    for lay in w["layers"]:  # packed weights: their sparsity is what the compression recorded, if anything
+        if lay["sparsity"] is None and "sparsity" in meta_layers.get(lay["name"], {}):
+            lay["recorded_sparsity"] = meta_layers[lay["name"]]["sparsity"]
+    quant = {name: lay for name, lay in meta_layers.items() if lay.get("scheme")}
+    shown = [lay for lay in w["layers"] if args.all or (lay["sparsity"] or 0) > 0 or lay["name"] in quant
+             or lay.get("bits") is not None]
+    rows = [[lay["name"], "x".join(map(str, lay["shape"] or ["?"])), _sparsity_cell(lay), lay["pattern"] or "-",
+             quant.get(lay["name"], {}).get("scheme", lay["dtype"]), _bits_cell(lay, quant)]
+            for lay in shown or w["layers"]]
     print(table(rows, ["tensor", "shape", "sparsity", "N:M", "format", "bits/weight"]))
-    sparse = [lay for lay in w["layers"] if lay["sparsity"] > 0]
-    print(f"\n{path}: {w['parameters']:,} parameters, {w['nonzero_parameters']:,} non-zero "
+    if any("recorded_sparsity" in lay for lay in shown):
+        print("* as recorded at compression: packed weights are not unpacked here")
+    packed = w["packed"]
+    known = "" if not packed else " (packed weights counted by their shape, as non-zero: their zeros are not read)"
+    print(f"\n{path}: {w['parameters']:,} parameters, {w['nonzero_parameters']:,} non-zero{known} "
           f"({1 - w['nonzero_parameters'] / w['parameters']:.2%} zeros overall), {w['bytes_on_disk'] / 1e6:.1f} MB on disk")
     if meta:
         recipe = ", ".join(f"{r['method']}({', '.join(f'{k}={v}' for k, v in r.items() if k != 'method' and v is not None)})"
@@ -200,7 +203,12 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"base: {meta.get('base_model', {}).get('spec')}")
         for method, plan in (meta.get("plans") or {}).items():
             print(_plan_line(method, plan, {lay["name"]: lay for lay in meta.get("layers", [])}))
-        if meta.get("effective_bits"):
+        if meta.get("effective_bits") and packed:
+            export = meta.get("export") or {}
+            print(f"quantized layers: {meta['effective_bits']:.3f} effective bits per weight; stored packed "
+                  f"({export.get('quantization_format', 'compressed-tensors')}): the bits/weight column is what "
+                  "each takes on disk")
+        elif meta.get("effective_bits"):
             print(f"quantized layers: {meta['effective_bits']:.3f} effective bits per weight (scales, zero points and "
                   "LoRC factors included); stored here as dequantized floats — use a packed export for the real size")
         outliers = [lay for lay in meta.get("layers", []) if "outlier_fraction" in lay]
@@ -210,6 +218,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"SpQR: {kept:,} outlier weights kept in 16 bit ({kept / total:.3%} of the quantized weights); "
                   f"their positions and values and the quantized statistics are in {meta.get('extras_file', '-')} — "
                   "no runtime reads SpQR's packed format, the weights here are dense")
+    # a few zeros from rounding are not sparsity: the notes are for layers pruned on purpose
+    sparse = [lay for lay in w["layers"] if (lay["sparsity"] or 0) >= PRUNED]
     if sparse:
         patterns = {lay["pattern"] for lay in sparse}
         if patterns == {None}:
@@ -220,6 +230,23 @@ def cmd_info(args: argparse.Namespace) -> int:
             print("note: weights are stored dense; the N:M pattern shown can be packed by sparse kernels (e.g. 2:4 "
                   "semi-structured sparsity on NVIDIA Ampere+), which is where its speed-up comes from.")
     return 0
+
+
+PRUNED = 0.05  # a layer with fewer zeros than this was not pruned (quantization rounds a few weights to 0)
+
+
+def _sparsity_cell(lay: dict[str, Any]) -> str:
+    if lay["sparsity"] is not None:
+        return f"{lay['sparsity']:.4f}"
+    return f"{lay['recorded_sparsity']:.4f}*" if "recorded_sparsity" in lay else "-"
+
+
+def _bits_cell(lay: dict[str, Any], quant: dict[str, dict[str, Any]]) -> str:
+    if lay.get("bits") is not None:
+        return f"{lay['bits']:.3f}"
+    if lay["name"] in quant:
+        return f"{quant[lay['name']]['effective_bits']:.3f}"
+    return {"float32": "32", "float64": "64"}.get(lay["dtype"], "16")
 
 
 def _plan_line(method: str, plan: dict[str, dict[str, Any]], layers: dict[str, dict[str, Any]]) -> str:

@@ -208,3 +208,30 @@ def test_api_and_cli_export_format(tiny_dir, tmp_path, capsys):
                  "compressed-tensors", "--out", str(tmp_path / "bad"), "--quiet"])
     _, err = capsys.readouterr()
     assert code == 2 and "LoRC" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("scheme, bits", [("w4g32", 4 + 2 * 16 / 32), ("w8-channel", None)])
+def test_info_reads_a_packed_export_as_stored(tiny_dir, tmp_path, capsys, scheme, bits):
+    """info on a compressed-tensors export: every quantized linear listed with its real shape and its bytes
+    on disk per weight, the parameter count of the model, no 'dequantized floats' or sparsity note."""
+    out = tmp_path / "packed"
+    result = compress_model(tiny_dir, "rtn", scheme=scheme, out=out, export_format="compressed-tensors",
+                            progress=False)
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    linears = {n: m for n, m in result.loaded.model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n != "lm_head"}
+    for name, module in linears.items():
+        line = next(row for row in text.splitlines() if row.startswith(f"{name}.weight "))
+        assert f"{module.out_features}x{module.in_features}" in line
+        stored = float(line.split()[-1])
+        n = module.out_features * module.in_features
+        shape = 2 * 64 / n  # the int64 weight_shape tensor
+        if bits is not None:  # packed int4, a 16-bit scale and zero point per group of 32
+            assert stored == pytest.approx(bits + shape, abs=1e-3), line
+        else:  # int8, one float32 scale per row
+            assert stored == pytest.approx(8 + 32 / module.in_features + shape, abs=1e-3), line
+    params = sum(p.numel() for p in result.loaded.model.parameters())
+    assert f": {params:,} parameters" in text
+    assert "dequantized floats" not in text and "unstructured sparsity" not in text

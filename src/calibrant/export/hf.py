@@ -232,8 +232,19 @@ def nm_pattern_of(weight: torch.Tensor, candidates: tuple[tuple[int, int], ...] 
     return f"{best[0]}:{best[1]}" if best else None
 
 
+# tensors a compressed-tensors export stores beside a quantized weight (not parameters of the model)
+_QUANT_COMPANIONS = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
+                     "input_zero_point")
+
+
 def inspect_weights(model_dir: str | Path) -> dict[str, Any]:
-    """Per-tensor sparsity and sizes read from the safetensors files themselves (not the metadata)."""
+    """Per-tensor sparsity and sizes read from the safetensors files themselves (not the metadata).
+
+    A compressed-tensors export is read as what it stores: a packed weight (``weight_packed`` + scales,
+    zero points and its ``weight_shape``) counts as one ``[out, in]`` weight of ``out·in`` parameters, its
+    ``bits`` the bytes it takes on disk per weight (statistics included) and its sparsity unknown (None:
+    the values are packed); an int8 weight with a ``weight_scale`` counts its scales in its ``bits``.
+    """
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -245,7 +256,22 @@ def inspect_weights(model_dir: str | Path) -> dict[str, Any]:
     total = nonzero = 0
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+            keys = set(f.keys())
+            quantized = {k.rsplit(".", 1)[0] for k in keys if k.endswith((".weight_packed", ".weight_scale"))}
+
+            for key in sorted(keys):
+                prefix, _, leaf = key.rpartition(".")
+                if prefix in quantized and leaf in _QUANT_COMPANIONS:
+                    continue  # counted with its weight
+                if leaf == "weight_packed":
+                    shape = [int(v) for v in f.get_tensor(f"{prefix}.weight_shape").tolist()] \
+                        if f"{prefix}.weight_shape" in keys else None
+                    n = shape[0] * shape[1] if shape else f.get_slice(key).get_shape()[0]
+                    total += n
+                    nonzero += n  # unknown without unpacking: counted as non-zero
+                    layers.append({"name": f"{prefix}.weight", "shape": shape, "sparsity": None, "pattern": None,
+                                   "dtype": "packed", "bits": 8 * (_nbytes(f, key) + _side_bytes(f, keys, prefix)) / n})
+                    continue
                 t = f.get_tensor(key)
                 n, nz = t.numel(), int(torch.count_nonzero(t))
                 total += n
@@ -253,19 +279,36 @@ def inspect_weights(model_dir: str | Path) -> dict[str, Any]:
                 if t.dim() == 2 and key.endswith("weight"):
                     if key.endswith(transposed):
                         t = t.t()  # report every weight as [out, in] so N:M groups run along inputs
-                    layers.append(
-                        {
-                            "name": key,
-                            "shape": list(t.shape),
-                            "sparsity": 1 - nz / n,
-                            "pattern": nm_pattern_of(t) if nz < n else None,
-                            "dtype": str(t.dtype).replace("torch.", ""),
-                        }
-                    )
+                    layer = {"name": key, "shape": list(t.shape), "sparsity": 1 - nz / n,
+                             "pattern": nm_pattern_of(t) if nz < n else None, "dtype": str(t.dtype).replace("torch.", "")}
+                    if prefix in quantized:  # an int8 weight stored with its scales
+                        layer["bits"] = 8 * (t.numel() * t.element_size() + _side_bytes(f, keys, prefix)) / n
+                    layers.append(layer)
     return {
         "files": [f.name for f in files],
         "bytes_on_disk": sum(f.stat().st_size for f in files),
         "parameters": total,
         "nonzero_parameters": nonzero,
+        "packed": any(lay.get("bits") is not None for lay in layers),
         "layers": layers,
     }
+
+
+def _side_bytes(f: Any, keys: set[str], prefix: str) -> int:
+    """Bytes of the scales, zero points and other companions stored beside quantized weight ``prefix``."""
+    return sum(_nbytes(f, f"{prefix}.{c}") for c in _QUANT_COMPANIONS if f"{prefix}.{c}" in keys)
+
+
+def _nbytes(f: Any, key: str) -> int:
+    """Bytes of tensor ``key`` in the open safetensors file ``f``, read from its header only."""
+    view = f.get_slice(key)
+    size = torch.empty((), dtype=getattr(torch, _ST_DTYPES.get(view.get_dtype(), "float32"))).element_size()
+    numel = 1
+    for d in view.get_shape():
+        numel *= d
+    return numel * size
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
