@@ -356,3 +356,20 @@ def test_study_spec_typo_suggests_the_preset(tmp_path, capsys, monkeypatch, comm
 def test_search_counts_refused_at_parse_time(capsys, option):
     code, err = _argparse_error(capsys, "search", option, "0")
     assert code == 2 and err.count("\n") == 1 and f"argument {option}: must be a positive integer, got 0" in err
+
+
+def test_saved_set_longer_than_the_context_refused_by_inspect_and_compress(tmp_path, capsys):
+    """A saved set is held to the model's context like a spec is: calib inspect and compress agree."""
+    long_ctx = tiny_model_dir(tmp_path / "long", TEXT, context=256)
+    short_ctx = tiny_model_dir(tmp_path / "short", TEXT, context=64)  # the same tokenizer
+    (tmp_path / "calib.txt").write_text(TEXT)
+    calib = tmp_path / "c.safetensors"
+    code, _, err = _run(capsys, "calib", "make", f"file:{tmp_path / 'calib.txt'}:2x100", "--model", long_ctx,
+                        "--out", calib, "--quiet")
+    assert code == 0, err
+    for argv in (["calib", "inspect", calib, "--model", short_ctx, "--quiet"],
+                 ["compress", "--model", short_ctx, "--method", "wanda", "--calibration", calib, "--out",
+                  tmp_path / "out", "--quiet"]):
+        code, _, err = _run(capsys, *argv)
+        _one_line(code, err, "L=100 tokens exceed the model's context length 64")
+    assert not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ import torch
 from calibrant import __version__
 from calibrant.calibration import CalibrationSet, heldout_token_ids, make_calibration
 from calibrant.engine import CompressionReport, compress
-from calibrant.errors import CalibrantError, RecipeError
+from calibrant.errors import CalibrantError, CalibrationError, RecipeError
 from calibrant.evaluate.perplexity import PerplexityResult, perplexity
 from calibrant.evaluate.zeroshot import STANDARD_SUITE, ZeroShotResult, check_tasks, evaluate_tasks
 from calibrant.export.hf import (
@@ -114,7 +114,15 @@ def resolve_calibration(
         return make_calibration(str(calibration), tokenizer, seed=seed, max_length=max_length, model=model,
                                 progress=progress)
     calib.check_tokenizer(tokenizer)
+    check_fits_context(calib, max_length)
     return calib
+
+
+def check_fits_context(calib: CalibrationSet, max_length: int | None) -> None:
+    """Refuse a set whose sequences are longer than the model's context (as a spec asking for them is)."""
+    if max_length is not None and calib.seq_len > max_length:
+        raise CalibrationError(f"calibration sequences of L={calib.seq_len} tokens exceed the model's context length "
+                               f"{max_length}; make a set with L <= {max_length}")
 
 
 def compress_model(

@@ -314,9 +314,10 @@ def cmd_calib_inspect(args: argparse.Namespace) -> int:
     calib = CalibrationSet.load(args.file)  # a bad file is refused before any model is loaded
     loaded = None
     if args.model:
-        from calibrant.api import as_loaded
+        from calibrant.api import as_loaded, check_fits_context
 
         loaded = as_loaded(args.model, quiet=args.quiet)
+        check_fits_context(calib, loaded.context_length)
     diag = inspect_calibration(calib, against=_csv(args.against) or [], model=loaded, batch_size=args.batch_size,
                                progress=not args.quiet)
     print(table(diag.rows(), ["metric", "value"]))
