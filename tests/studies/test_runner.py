@@ -149,6 +149,14 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
 def _count(db, status="done") -> int:
     if not db.exists():
         return 0
@@ -159,7 +167,7 @@ def _count(db, status="done") -> int:
         return 0
 
 
-@pytest.mark.parametrize("victim", ["worker", "driver"])
+@pytest.mark.parametrize("victim", ["worker", "driver", "sigterm"])
 def test_kill_mid_study_then_resume_loses_and_duplicates_nothing(study_env, tmp_path, victim):
     methods = [{"name": "dense"}, {"name": "sparsegpt", "sparsity": [0.3, 0.5, 0.7]}]
     spec_path = write_spec(tmp_path / "s.yaml", study_env, methods=methods,
@@ -175,16 +183,26 @@ def test_kill_mid_study_then_resume_loses_and_duplicates_nothing(study_env, tmp_
         time.sleep(0.05)
     before = _count(db)
     assert proc.poll() is None and before < total, "the study finished before it could be interrupted"
+    workers = _children(proc.pid)
     if victim == "worker":
-        os.kill(_children(proc.pid)[-1], signal.SIGKILL)
+        os.kill(workers[-1], signal.SIGKILL)
+    elif victim == "sigterm":  # the driver only (as `kill PID` does): it must stop its workers itself
+        os.kill(proc.pid, signal.SIGTERM)
     else:
-        for child in _children(proc.pid):
+        for child in workers:
             os.kill(child, signal.SIGKILL)
         os.kill(proc.pid, signal.SIGKILL)
+    stopping = time.time()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     if victim == "worker":
         assert "worker process died" in err and "rerun the same command" in err
+    if victim == "sigterm":
+        assert proc.returncode == 143 and time.time() - stopping < 30, err
+        assert err.strip().splitlines()[-1] == ("calibrant: SIGTERM; stopped: the runs already finished are kept in "
+                                                "--db; rerun the same command to resume"), err
+        time.sleep(1)
+        assert not [w for w in workers if _alive(w)], "workers outlived their driver"
     after_kill = _rows(db)
     assert len(after_kill) >= before and len({r[0] for r in after_kill}) == len(after_kill)
     with sqlite3.connect(db) as conn:

@@ -10,11 +10,13 @@ anywhere loses at most the runs in flight, which the next invocation redoes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -194,6 +196,19 @@ def _row_for(run: PlannedRun) -> dict[str, Any]:
 # ---------------------------------------------------------------- executors
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    # the driver stops the workers (SIGTERM, from _stop_workers): Ctrl-C reaches it alone, and a worker told to
+    # stop unwinds quietly (SystemExit), releasing what it holds
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_worker)
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock, which a stopped worker would leak
+
+
+def _exit_worker(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
 
 
 def _processes(tasks: list[Task], workers: int, address: str | None, ws: Workspace) -> Iterator[tuple[Task, Any]]:
@@ -206,16 +221,35 @@ def _processes(tasks: list[Task], workers: int, address: str | None, ws: Workspa
                              initargs=(threads,)) as pool:
         futures = {pool.submit(execute_task, t): t for t in tasks}
         pending = set(futures)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                try:
-                    yield futures[fut], fut.result()
-                except BrokenProcessPool:
-                    for other in pending:
-                        other.cancel()
-                    raise StudyInterrupted("a worker process died (killed or out of memory); finished runs are "
-                                           "saved — rerun the same command to resume") from None
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    try:
+                        yield futures[fut], fut.result()
+                    except BrokenProcessPool:
+                        for other in pending:
+                            other.cancel()
+                        raise StudyInterrupted("a worker process died (killed or out of memory); finished runs "
+                                               "are saved — rerun the same command to resume") from None
+        except KeyboardInterrupt:  # SIGINT/SIGTERM to this process: stop the workers' runs now, not after them
+            _stop_workers(pool)
+            raise
+
+
+def _stop_workers(pool: Any) -> None:
+    """Terminate a process pool's workers (their unfinished runs stay unrecorded: the next run redoes them)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate()  # SIGTERM: the worker exits through SystemExit (_init_worker)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    pool.shutdown(wait=True, cancel_futures=True)  # the workers are gone: this only releases the queues
 
 
 def _ray(tasks: list[Task], workers: int, address: str | None, ws: Workspace) -> Iterator[tuple[Task, Any]]:
