@@ -68,7 +68,7 @@ def test_too_little_space_refused_before_compressing(tiny, tmp_path, capsys, mon
 
     monkeypatch.setattr("calibrant.api.compress", boom)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("calibrant.export.hf.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr("calibrant.cache.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     code, _, err = run_cli(capsys, "compress", "--model", model, "--method", "wanda", "--sparsity", "0.5",
                            "--calibration", f"file:{text}:4x16", "--out", tmp_path / "out", "--quiet")
     assert code == 2 and err.count("\n") == 1, err

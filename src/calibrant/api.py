@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from calibrant import __version__
+from calibrant.cache import check_space
 from calibrant.calibration import CalibrationSet, heldout_token_ids, make_calibration
 from calibrant.engine import CompressionReport, compress
 from calibrant.errors import CalibrantError, CalibrationError, RecipeError
@@ -17,7 +18,6 @@ from calibrant.evaluate.perplexity import PerplexityResult, perplexity
 from calibrant.evaluate.zeroshot import STANDARD_SUITE, ZeroShotResult, check_tasks, evaluate_tasks
 from calibrant.export.hf import (
     check_output,
-    check_space,
     model_bytes,
     read_metadata,
     restore_activation_quant,

@@ -232,6 +232,30 @@ def release_output(path: str | Path) -> None:
         f.close()  # closing the file drops the lock
 
 
+def check_space(path: str | Path, needed: int, flag: str, fix: str | None = None) -> None:
+    """Refuse, before the long work, an output whose disk has less than ``needed`` bytes (+5 %) free.
+
+    The old output an ``--overwrite`` replaces stays until the new one is complete, so it frees nothing.
+    """
+    path = Path(path).absolute()
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if free < needed * 1.05:
+        from calibrant.errors import CalibrantError
+
+        raise CalibrantError(f"not enough disk space for {flag} {path}: it needs about {human_bytes(needed)} and "
+                             f"{parent} has {human_bytes(free)} free; {fix or f'free some space or choose another {flag}'}")
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

