@@ -251,3 +251,18 @@ def test_runs_are_shared_between_studies(study_env, tmp_path):
         assert store.studies() == ["a", "b"]
         assert store.counts("a") == {"done": 6} and store.counts("b") == {"done": 9}
         assert len(store.frame("b")) == 9 and len(store.frame()) == 10
+
+
+def test_disk_full_while_recording_names_the_database(study_env, tmp_path, monkeypatch):
+    from calibrant.studies.store import ResultStore as Store
+
+    def full(self, row, metrics):
+        exc = sqlite3.OperationalError("database or disk is full")
+        exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise exc
+
+    monkeypatch.setattr(Store, "record_run", full)
+    spec = load_study(write_spec(tmp_path / "s.yaml", study_env, methods=[{"name": "dense"}]))
+    with pytest.raises(StoreError, match=r"could not read or write .*r\.sqlite: database or disk is full .*"
+                                         r"the database keeps every run it had"):
+        run_study(spec, tmp_path / "r.sqlite", progress=False)

@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import sys
 import time
 import traceback
@@ -34,7 +35,7 @@ from calibrant.calibration import CalibrationSet, heldout_token_ids, make_calibr
 from calibrant.errors import CalibrantError
 from calibrant.models.loader import LoadedModel, load_model
 from calibrant.studies.spec import DENSE, PlannedRun, StudySpec
-from calibrant.studies.store import ResultStore, now
+from calibrant.studies.store import ResultStore, now, store_error
 
 EXECUTORS = ("local", "processes", "ray")
 
@@ -347,13 +348,23 @@ def run_study(
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> StudySummary:
     """Run every run of ``spec`` that ``db`` does not hold yet; results are written as each run finishes."""
-    from tqdm.auto import tqdm
 
     if executor not in EXECUTORS:
         raise CalibrantError(f"unknown executor '{executor}'; choose one of {', '.join(EXECUTORS)}")
     if workers < 1:
         raise CalibrantError(f"--workers must be at least 1, got {workers}")
     t0 = time.perf_counter()
+    try:
+        return _run_into(spec, db, executor, workers, address, retry_failed, progress, on_result, t0)
+    except sqlite3.Error as exc:  # a full disk or a failing file while recording: say which, keep what is there
+        raise store_error(Path(db), exc) from None
+
+
+def _run_into(spec: StudySpec, db: str | Path, executor: str, workers: int, address: str | None,
+              retry_failed: bool, progress: bool, on_result: Callable[[dict[str, Any]], None] | None,
+              t0: float) -> StudySummary:
+    from tqdm.auto import tqdm
+
     with ResultStore(db, lock=True) as store:
         ws = Workspace(progress=progress)
         tasks, failures = prepare(spec, ws, progress=progress)
