@@ -74,3 +74,22 @@ def test_too_little_space_refused_before_compressing(tiny, tmp_path, capsys, mon
     assert code == 2 and err.count("\n") == 1, err
     assert f"not enough disk space for --out {tmp_path / 'out'}: it needs about " in err and "1.0 kB free" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_file_size_limit_while_saving_a_calibration_set(tiny, tmp_path):
+    model, text = tiny
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))  # the set's 64x16 int64 ids alone are 8 kB
+
+    out = tmp_path / "work" / "calib.safetensors"
+    out.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "calibrant", "calib", "make", f"file:{text}:64x16", "--model",
+                           str(model), "--out", str(out), "--quiet"], capture_output=True, text=True,
+                          preexec_fn=cap, cwd=ROOT, timeout=300,
+                          env={**os.environ, "CALIBRANT_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"calibrant: error: could not write {out}: the file-size limit was reached "
+                                  "(it needs about 8.2 kB)"), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert list(out.parent.iterdir()) == []

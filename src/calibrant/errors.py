@@ -6,8 +6,10 @@ exits with code 2.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 
 
 class CalibrantError(Exception):
@@ -61,6 +63,8 @@ def disk_full_reason(exc: BaseException) -> str | None:
                     None)
     if code is None and "disk is full" in text:
         code = 28
+    if code is None and re.search(r"\b\d+ requested and \d+ written\b", text):  # numpy's short write
+        return "the write was cut short (a full disk or a file-size limit)"
     return None if code is None else _FULL[code]
 
 
@@ -74,3 +78,15 @@ def disk_full(exc: BaseException, what: str | None = None, needed: str | None = 
     return (f"could not write{f' {what}' if what else ''}: {reason}"
             f"{f' (it needs about {needed})' if needed else ''}; nothing was kept — free space (or raise the "
             "limit) and run the command again")
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, needed: str | None = None) -> Iterator[None]:
+    """Turn a write the full disk (or a file-size limit) stopped into one CalibrantError naming ``what``."""
+    try:
+        yield
+    except Exception as exc:
+        line = disk_full(exc, what, needed)
+        if line is None:
+            raise
+        raise CalibrantError(line) from None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,12 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrant.cache import atomic_path, cache_dir, quiet_loggers, sha256_file, stable_hash
+from calibrant.cache import atomic_path, cache_dir, human_bytes, quiet_loggers, sha256_file, stable_hash
 from calibrant.calibration.corpora import HUB_CORPORA, OFFLINE_CORPORA, get_corpus, get_hf_corpus
 from calibrant.calibration.sampling import document_windows, packed_documents, random_windows
 from calibrant.calibration.selfgen import generate_self_calibration, parse_self_options
 from calibrant.calibration.spec import DEFAULT_SAMPLING, SAMPLING_MODES, SPEC_FORM, CalibSpec, parse_spec
-from calibrant.errors import CalibrationError, suggest
+from calibrant.errors import CalibrationError, disk_errors, disk_full_reason, suggest
 
 SAVE_FORMAT = "calibrant.calibset/1"
 TOKEN_CACHE_FORMAT = 1
@@ -151,8 +152,14 @@ def _load_array(path: Path) -> np.ndarray | None:
 
 
 def _save_array(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
+    """Cache ``arr``; a full disk only costs the cache entry (the work goes on, recomputed next time)."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+    except Exception as exc:
+        if disk_full_reason(exc) is None:
+            raise
+        logging.getLogger("calibrant").debug("not cached (%s): %s", disk_full_reason(exc), path)
 
 
 def document_token_ids(docs: Sequence[str], tokenizer: Any, content_key: dict[str, Any], label: str,
@@ -295,7 +302,7 @@ class CalibrationSet:
 
         metadata = {"format": SAVE_FORMAT, "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
                     "hash": self.hash}
-        with atomic_path(path) as tmp:
+        with disk_errors(str(path), human_bytes(self.input_ids.numel() * 8)), atomic_path(path) as tmp:
             save_file({"input_ids": self.input_ids}, str(tmp), metadata=metadata)
 
     @classmethod

@@ -6,11 +6,9 @@ temporary sibling and renamed, so a crash never leaves a directory that looks co
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from calibrant.cache import atomic_path, claim_output, human_bytes, release_output
-from calibrant.errors import CalibrantError, OutputExistsError, disk_full
+from calibrant.errors import CalibrantError, OutputExistsError, disk_errors
 from calibrant.models.adapter import TRANSPOSED_WEIGHTS
 
 METADATA_FILE = "calibrant.json"
@@ -106,23 +104,11 @@ def check_writable(path: str | Path, flag: str) -> None:
     os.rmdir(probe)
 
 
-@contextlib.contextmanager
-def disk_errors(out: Path, needed: int | None = None) -> Iterator[None]:
-    """Turn a write the full disk (or a file-size limit) stopped into one line naming ``out`` and its size."""
-    try:
-        yield
-    except Exception as exc:
-        line = disk_full(exc, str(out), human_bytes(needed) if needed else None)
-        if line is None:
-            raise
-        raise CalibrantError(line) from None
-
-
 def save_model(
     model: torch.nn.Module, tokenizer: Any, out: str | Path, metadata: dict[str, Any], overwrite: bool = False
 ) -> Path:
     out = check_output(out, overwrite)
-    with disk_errors(out, model_bytes(model)), atomic_path(out, overwrite=overwrite) as tmp:
+    with disk_errors(str(out), human_bytes(model_bytes(model))), atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

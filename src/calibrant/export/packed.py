@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibrant.cache import atomic_path, release_output
-from calibrant.errors import CalibrantError
-from calibrant.export.hf import METADATA_FILE, check_output, disk_errors
+from calibrant.cache import atomic_path, human_bytes, release_output
+from calibrant.errors import CalibrantError, disk_errors
+from calibrant.export.hf import METADATA_FILE, check_output
 from calibrant.methods.quant import (
     QuantScheme,
     QuantState,
@@ -313,7 +313,7 @@ def save_packed(
     out = check_output(out, overwrite)
     state, compressor, summary = build_packed(model)
     needed = sum(t.numel() * t.element_size() for t in state.values())
-    with disk_errors(out, needed), atomic_path(out, overwrite=overwrite) as tmp:
+    with disk_errors(str(out), human_bytes(needed)), atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         compressor.update_config(str(tmp))  # adds quantization_config (quant_method: compressed-tensors)
