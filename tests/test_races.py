@@ -64,3 +64,29 @@ def test_output_appearing_meanwhile_is_not_clobbered_and_the_result_is_kept(tmp_
             final.write_text("theirs")
     assert final.read_text() == "theirs"
     assert (tmp_path / f"out.{os.getpid()}").read_text() == "ours"
+
+
+ACQUIRE = """
+import pathlib, sys, time
+from calibrant.acquire import acquire_once
+log, target = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+def ready():
+    return target.read_text() if target.is_file() else None
+def acquire():
+    with open(log, "a") as f:
+        f.write("acquired\\n")
+    time.sleep(2)
+    target.write_text("asset")
+print(acquire_once("models", ready, acquire), flush=True)
+"""
+
+
+def test_two_processes_acquiring_one_asset_acquire_it_once(tmp_path):
+    env = {**os.environ, "CALIBRANT_CACHE": str(tmp_path / "cache")}
+    args = [str(tmp_path / "log"), str(tmp_path / "asset")]
+    procs = [subprocess.Popen([sys.executable, "-c", ACQUIRE, *args], stdout=subprocess.PIPE, text=True, env=env,
+                              cwd=ROOT) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs == ["asset\n", "asset\n"]
+    assert (tmp_path / "log").read_text() == "acquired\n"  # the second waited for the first, then found it ready

@@ -125,3 +125,16 @@ def test_recommendations_state_the_float32_arithmetic_floor_for_gptq_and_sparseg
     floor = [("Arithmetic floor" in line, "no evidence" in line) for line in lines]
     assert floor == [(True, True), (False, False), (True, False), (False, False)]
     assert f"up to {ARITHMETIC_FLOOR_PCT:g}%" in lines[0] and ARITHMETIC_FLOOR_PCT > 0
+
+
+def test_report_while_a_study_holds_the_database(finished_db, tmp_path):
+    """A report (read-only) can be written while another study run holds the database's writer lock, and
+    it leaves the database as it found it."""
+    from calibrant.studies.store import ResultStore
+
+    with ResultStore(finished_db, lock=True) as writer:
+        rep = write_report(finished_db, tmp_path / "report")
+        writer.record_attempt("k", "another")  # the writer still writes after the report
+    assert rep.summary and (tmp_path / "report" / "report.md").is_file()
+    with sqlite3.connect(finished_db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM attempts WHERE run_key='k'").fetchone()[0] == 1
