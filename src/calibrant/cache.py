@@ -201,29 +201,37 @@ def claim_output(path: str | Path, flag: str = "--out") -> None:
     key = str(Path(path).absolute().resolve())
     if key in _CLAIMS:
         return
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return
     from calibrant.errors import OutputExistsError
 
     try:
-        f = open(cache_dir("locks") / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock", "a+")  # noqa: SIM115
-    except OSError:  # an unwritable cache: no lock, the final rename still refuses to clobber
+        f, holder = try_lock(cache_dir("locks") / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock")
+    except (OSError, ImportError):  # an unwritable cache or no fcntl (Windows): the final rename still refuses
         return
+    if f is None:
+        raise OutputExistsError(f"{flag} {path} is being written by {holder or 'another calibrant process'}; wait "
+                                f"for it to finish or choose another {flag}")
+    _CLAIMS[key] = f
+
+
+def try_lock(path: Path, note: str = "") -> tuple[Any, str]:
+    """Take an exclusive, non-blocking lock on ``path`` (POSIX ``flock``), held while the returned file
+    stays open; the file then says who holds it (``pid … on host`` + ``note``). Returns (file, "") or,
+    when another process holds it, (None, what that process wrote)."""
+    import fcntl
+
+    f = open(path, "a+")  # noqa: SIM115 - held for the lock's lifetime
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        holder = f.read().strip() or "another calibrant process"
+        holder = f.read().strip()
         f.close()
-        raise OutputExistsError(f"{flag} {path} is being written by {holder}; wait for it to finish or choose "
-                                f"another {flag}") from None
+        return None, holder
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}{note}")
     f.flush()
-    _CLAIMS[key] = f
+    return f, ""
 
 
 def release_output(path: str | Path) -> None:

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from calibrant.cache import try_lock
 from calibrant.errors import CalibrantError
 
 SCHEMA_VERSION = 1
@@ -123,22 +124,10 @@ class ResultStore:
 
     # ------------------------------------------------------------ locking
     def _take_lock(self) -> None:
-        import fcntl
-
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        f = open(lock_path, "a+")  # noqa: SIM115 - held for the store's lifetime
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise StoreError(f"{self.path} is locked by another running study ({holder}); wait for it to finish "
-                             "or give a different --db") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()}")
-        f.flush()
+        f, holder = try_lock(self.path.with_name(self.path.name + ".lock"), f" since {now()}")
+        if f is None:
+            raise StoreError(f"{self.path} is locked by another running study ({holder or 'another process'}); "
+                             "wait for it to finish or give a different --db")
         self._lock_file = f
 
     def _release_lock(self) -> None:
