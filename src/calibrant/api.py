@@ -236,18 +236,23 @@ def evaluate_zeroshot(
     batch_size: int = 8,
     hub: bool | None = None,
     progress: bool = True,
+    scorer: str = "prefix",
+    token_budget: int | None = None,
 ) -> ZeroShotResult:
     """Zero-/few-shot accuracy through lm-eval on the in-memory model (compressed or not, never saved first).
 
     ``tasks`` default to the pruning papers' 7-task suite; offline tasks run from pinned local data
     (:mod:`calibrant.evaluate.zeroshot`), other lm-eval task names run online (``hub``). Bad task names
-    and options are refused before the model is loaded.
+    and options are refused before the model is loaded. ``scorer``: ``"prefix"`` (calibrant's shared-prefix
+    scorer: each distinct token once, batches of ``token_budget`` tokens) or ``"hf"`` (lm-eval's HF
+    backend, batches of ``batch_size`` requests); both give the same answers.
     """
     names = list(tasks) if not isinstance(tasks, str) else tasks
-    check_tasks(names, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, hub=hub)
+    check_tasks(names, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, hub=hub, scorer=scorer,
+                token_budget=token_budget)
     loaded = as_loaded(model, quiet=not progress)
     return evaluate_tasks(loaded.model, loaded.tokenizer, names, limit=limit, num_fewshot=num_fewshot,
-                          batch_size=batch_size, progress=progress, hub=hub)
+                          batch_size=batch_size, progress=progress, hub=hub, scorer=scorer, token_budget=token_budget)
 
 
 def _loaded_with_scores_data(

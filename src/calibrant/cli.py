@@ -133,7 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_output_file(args.json, "--json", "results.json")
     hub = True if args.hub else None
     if tasks:  # refuse bad task names and options before loading the model
-        check_tasks(tasks, limit=args.limit, num_fewshot=args.fewshot, batch_size=args.batch_size, hub=hub)
+        check_tasks(tasks, limit=args.limit, num_fewshot=args.fewshot, batch_size=args.batch_size, hub=hub,
+                    scorer=args.scorer, token_budget=args.token_budget)
     loaded = as_loaded(args.model, quiet=args.quiet)
     rows: list[list[Any]] = []
     ppl = {}
@@ -150,14 +151,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from calibrant.evaluate.zeroshot import format_table
 
         zs = evaluate_zeroshot(loaded, tasks, limit=args.limit, num_fewshot=args.fewshot,
-                               batch_size=args.batch_size, hub=hub, progress=not args.quiet)
+                               batch_size=args.batch_size, hub=hub, progress=not args.quiet, scorer=args.scorer,
+                               token_budget=args.token_budget)
         rows += [[*r[:-1], f"{r[-1]} items/s"] for r in format_table(zs)]
     print(table(rows, ["evaluation", "data", "n", "perplexity | acc ± stderr", "acc_norm ± stderr", "seconds",
                        "rate"]))
     if zs is not None:
         shots = f"{zs.num_fewshot}-shot" if zs.num_fewshot else "zero-shot"
         print(f"{shots} via lm-eval {zs.lm_eval_version}, data {zs.protocol.get('data')}; "
-              f"limit {zs.limit if zs.limit else 'none'} per task; average = mean acc over tasks "
+              f"limit {zs.limit if zs.limit else 'none'} per task; scored by {zs.protocol.get('scorer')}; "
+              "average = mean acc over tasks "
               f"(* acc_norm where the task defines it, else acc)")
     if args.json:
         payload: dict[str, Any] = {n: r.to_dict() for n, r in ppl.items()}
@@ -376,13 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "commonsense_qa, mmlu); other lm-eval task names run online")
     e.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     e.add_argument("--fewshot", type=int, default=0, help="few-shot examples per prompt (e.g. 5 for MMLU)")
+    e.add_argument("--scorer", default="prefix",
+                   help="how log-likelihoods are computed: prefix (calibrant's shared-prefix scorer, each distinct "
+                        "token once; default) or hf (lm-eval's Hugging Face backend); same answers")
+    e.add_argument("--token-budget", type=positive_int, default=None,
+                   help="tokens per forward of the prefix scorer (default 4096, or the longest request)")
     e.add_argument("--hub", action="store_true",
                    help="run every task with lm-eval's own definition and Hugging Face data (online)")
     e.add_argument("--seq-len", type=positive_int, default=512)
     e.add_argument("--stride", type=positive_int, default=None,
                    help="window stride (default: seq-len, non-overlapping)")
     e.add_argument("--max-tokens", type=positive_int, default=None, help="evaluate only the first N held-out tokens")
-    e.add_argument("--batch-size", type=positive_int, default=8)
+    e.add_argument("--batch-size", type=positive_int, default=8,
+                   help="perplexity windows per forward, and the HF scorer's requests per batch")
     e.add_argument("--json", default=None,
                    help="also write the results (with protocol) to this JSON file (zero-shot under 'zeroshot')")
     e.add_argument("--quiet", action="store_true")

@@ -206,6 +206,8 @@ def test_cli_eval_errors_are_one_line(capsys, monkeypatch):
         (["eval", "--model", "/nonexistent", "--quiet"], "--tasks"),
         (["eval", "--model", "/nonexistent", "--tasks", "arc_easy", "--limit", "0", "--quiet"], "--limit"),
         (["eval", "--model", "/nonexistent", "--tasks", "winogrand", "--quiet"], "winogrande"),
+        (["eval", "--model", "/nonexistent", "--tasks", "rte", "--scorer", "fast", "--quiet"],
+         "Choose from: prefix (calibrant's shared-prefix scorer, the default), hf"),
     ]:
         code = main(argv)
         err = capsys.readouterr().err
@@ -278,6 +280,20 @@ def test_cli_prints_one_table(synthetic_store, model, tok, tmp_path, capsys):
     assert "validation (lm-eval's standard: test)" in out and "limit 3 per task" in out
     payload = json.loads((tmp_path / "r.json").read_text())
     assert payload["zeroshot"]["tasks"]["piqa"]["n_items"] == 3
+    assert "scored by calibrant shared-prefix" in out
+    # lm-eval's backend, selected by --scorer hf, gives the same numbers
+    assert main(["eval", "--model", str(tmp_path / "m"), "--tasks", "arc_easy,piqa", "--limit", "3", "--scorer", "hf",
+                 "--json", str(tmp_path / "hf.json"), "--quiet"]) == 0
+    assert "scored by lm-eval HF backend" in capsys.readouterr().out
+    hf = json.loads((tmp_path / "hf.json").read_text())["zeroshot"]["tasks"]
+    for task in ("arc_easy", "piqa"):
+        assert hf[task]["metrics"] == pytest.approx(payload["zeroshot"]["tasks"][task]["metrics"], abs=1e-9)
+    # a token budget below the longest request: one line with the minimum, exit 2, no results file
+    assert main(["eval", "--model", str(tmp_path / "m"), "--tasks", "piqa", "--limit", "3", "--token-budget", "4",
+                 "--json", str(tmp_path / "small.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--token-budget 4 is smaller than the longest request" in err
+    assert not (tmp_path / "small.json").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -57,6 +57,13 @@ def test_run_key_identity(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "__version__", "9.9.9")
     changed.add(run_key(run, "m" * 16, "c" * 16))
     assert key not in changed and len(changed) == 5
+    monkeypatch.undo()
+    # how zero-shot requests are scored is not part of a result's identity: choosing a scorer reruns nothing
+    for evaluation in ({"tasks": ["rte"], "scorer": "hf"}, {"tasks": ["rte"], "scorer": "prefix", "token_budget": 512}):
+        s = load_study(write_spec(tmp_path / "s.yaml", tmp_path / "m", evaluation=evaluation)).expand()[1]
+        base = load_study(write_spec(tmp_path / "t.yaml", tmp_path / "m", evaluation={"tasks": ["rte"]})).expand()[1]
+        assert s.eval_dict != base.eval_dict and s.eval_dict["scorer"] == evaluation["scorer"]
+        assert (s.spec_key, run_key(s, "m" * 16, "c" * 16)) == (base.spec_key, run_key(base, "m" * 16, "c" * 16))
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -72,6 +79,10 @@ def test_run_key_identity(monkeypatch, tmp_path):
     ("- just\n- a list\n", "is not a mapping"),
     ("models: [a]\nmethods: [{name: dense}]\nevaluation: {perplxity: [wiki]}\n", "Did you mean 'perplexity'"),
     ("models: [a]\nmethods: [{name: wanda}]\ncalibration: {sources: [nosuch]}\n", "unknown calibration source 'nosuch'"),
+    ("models: [a]\nmethods: [{name: dense}]\nevaluation: {tasks: [rte], scorer: fast}\n",
+     "line 3, column 28: unknown evaluation scorer 'fast'; choose from prefix, hf"),
+    ("models: [a]\nmethods: [{name: dense}]\nevaluation: {tasks: [rte], token_budget: -4}\n",
+     "token_budget must be a positive number of tokens, got -4"),
 ])
 def test_bad_specs(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"

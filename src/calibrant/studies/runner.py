@@ -65,7 +65,8 @@ def run_key(run: PlannedRun, model_hash: str, calib_hash: str | None) -> str:
         "model_hash": model_hash, "method": run.method, "params": run.params_dict,
         "propagate": run.options_dict.get("propagate", "compressed"),
         "pipeline": run.options_dict.get("pipeline", "one-pass"), "calib_hash": calib_hash,
-        "evaluation": run.eval_dict, "calibrant_version": __version__,
+        "evaluation": run.measured_eval,
+        "calibrant_version": __version__,
     }, length=20)
 
 
@@ -159,6 +160,7 @@ def execute_task(task: Task, workspace: Workspace | None = None) -> dict[str, An
         if ev.get("tasks"):
             zs = evaluate_tasks(loaded.model, loaded.tokenizer, list(ev["tasks"]), limit=ev.get("limit"),
                                 num_fewshot=int(ev.get("num_fewshot", 0)), batch_size=int(ev.get("batch_size", 8)),
+                                scorer=ev.get("scorer", "prefix"), token_budget=ev.get("token_budget"),
                                 progress=False)
             for name, tr in zs.tasks.items():
                 for metric in ("acc", "acc_norm"):

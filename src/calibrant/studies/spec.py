@@ -45,10 +45,15 @@ class StudySpecError(CalibrantError):
 
 TOP_KEYS = {"name", "description", "models", "methods", "calibration", "evaluation", "options"}
 CALIB_KEYS = {"sources", "n", "length", "seeds", "sampling"}
-EVAL_KEYS = {"perplexity", "max_tokens", "seq_len", "tasks", "limit", "num_fewshot", "batch_size"}
+EVAL_KEYS = {"perplexity", "max_tokens", "seq_len", "tasks", "limit", "num_fewshot", "batch_size", "scorer",
+             "token_budget"}
 OPTION_KEYS = {"batch_size", "propagate", "pipeline", "device"}
 EVAL_DEFAULTS: dict[str, Any] = {"perplexity": ["wiki"], "max_tokens": 16384, "seq_len": 512, "tasks": [],
-                                 "limit": None, "num_fewshot": 0, "batch_size": 8}
+                                 "limit": None, "num_fewshot": 0, "batch_size": 8, "scorer": "prefix",
+                                 "token_budget": None}
+# how zero-shot requests are scored, not what is measured (both scorers give the same log-likelihoods):
+# left out of a run's key, so choosing one never reruns a study
+EVAL_EXECUTION_KEYS = ("scorer", "token_budget")
 OPTION_DEFAULTS: dict[str, Any] = {"batch_size": 8, "propagate": "compressed", "pipeline": "one-pass", "device": None}
 
 
@@ -128,6 +133,11 @@ class PlannedRun:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.evaluation}
 
     @property
+    def measured_eval(self) -> dict[str, Any]:
+        """The evaluation without how it is executed (``EVAL_EXECUTION_KEYS``): what identifies a result."""
+        return {k: v for k, v in self.eval_dict.items() if k not in EVAL_EXECUTION_KEYS}
+
+    @property
     def options_dict(self) -> dict[str, Any]:
         return dict(self.options)
 
@@ -144,7 +154,7 @@ class PlannedRun:
         Cheap (no model or data is read); the content key that decides whether a run is done also
         includes the model's and the calibration set's content hashes and calibrant's version."""
         return stable_hash({"model": self.model, "method": self.method, "params": self.params_dict,
-                            "calibration": self.calibration, "seed": self.seed, "evaluation": self.eval_dict,
+                            "calibration": self.calibration, "seed": self.seed, "evaluation": self.measured_eval,
                             "options": self.options_dict})
 
 
@@ -291,6 +301,16 @@ def parse_study(data: Any, source: str = "") -> StudySpec:
         evaluation.update(data["evaluation"])
     for key in ("perplexity", "tasks"):
         evaluation[key] = [str(x) for x in _as_list(evaluation[key] or [])]
+    if evaluation["tasks"]:
+        from calibrant.evaluate.zeroshot.tasks import SCORERS
+
+        if evaluation["scorer"] not in SCORERS:
+            raise StudySpecError(f"{_at(data['evaluation'], 'scorer')}unknown evaluation scorer "
+                                 f"{evaluation['scorer']!r}; choose from {', '.join(SCORERS)}")
+        budget = evaluation["token_budget"]
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise StudySpecError(f"{_at(data['evaluation'], 'token_budget')}evaluation token_budget must be a "
+                                 f"positive number of tokens, got {budget!r}")
     if not evaluation["perplexity"] and not evaluation["tasks"]:
         raise StudySpecError(f"{_at(data, 'evaluation')}the evaluation measures nothing; give 'perplexity' corpora "
                              "or 'tasks'")

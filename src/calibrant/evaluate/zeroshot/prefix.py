@@ -269,6 +269,7 @@ class TokenBudgetError(ValueError):
         self.budget, self.longest = budget, longest
 
 
+@torch.no_grad()
 def probe(model: Any, device: torch.device, vocab: int) -> str | None:
     """Why the shared-prefix scorer would not reproduce the plain forward on this model (None: it does).
 
