@@ -157,9 +157,9 @@ def test_packing_places_each_request_once_with_its_positions_and_ancestors():
     rows = prefix.pack(reqs, 24)
     seen = set()
     for row in rows:
-        assert len(row) <= row.capacity and row.capacity == max(24, row.capacity)
+        assert len(row) <= row.capacity == 24  # no request is longer than a row here
         mask = prefix.row_mask(row, len(row) + 3)
-        for (shared, path), (index, _scored) in zip(row.paths, row.scored, strict=True):
+        for (_shared, path), (index, _scored) in zip(row.paths, row.scored, strict=True):
             r = reqs[index]
             assert [row.tokens[p] for p in path] == list(r.tokens)  # the path spells the request
             assert [row.positions[p] for p in path] == list(range(len(r.tokens)))
