@@ -1,5 +1,7 @@
 """Zero-shot benchmark on the real default model: dense vs Wanda 50 % vs GPTQ W4 (g64).
 
+Scored by calibrant's shared-prefix scorer (``--scorer hf``: lm-eval's HF backend, as before issue 16).
+
 For each model: compression wall time, perplexity on the held-out `wiki` and `news` corpora, and the
 7-task zero-shot suite of the pruning papers (BoolQ, RTE, HellaSwag, WinoGrande, ARC-Easy,
 ARC-Challenge, OpenBookQA) through lm-eval on the in-memory model, offline. Prints markdown tables.
@@ -59,7 +61,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
     out["ppl_s"] = time.perf_counter() - t0
     out["ppl"] = {k: {"ppl": r.ppl, "tokens": r.tokens} for k, r in ppl.items()}
     zs = evaluate_zeroshot(loaded, args.tasks.split(","), limit=args.limit, num_fewshot=args.fewshot,
-                           batch_size=args.batch_size, progress=not args.quiet)
+                           batch_size=args.batch_size, progress=not args.quiet, scorer=args.scorer,
+                           token_budget=args.token_budget)
     out["zeroshot"] = zs.to_dict()
     print(f"# done {name}: compress {out['compress_s']:.1f}s, zero-shot {zs.seconds:.1f}s "
           f"({zs.n_items / zs.seconds:.2f} items/s), avg acc {zs.average:.4f}", file=sys.stderr, flush=True)
@@ -73,7 +76,8 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
     print(f"## Zero-shot — {args.model}, {'zero-shot' if not args.fewshot else f'{args.fewshot}-shot'}, "
           f"limit {args.limit or 'none (full splits)'}")
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"lm-eval {first['lm_eval_version']}; data {first['protocol'].get('data')}; zero-shot batch {args.batch_size}; "
+          f"lm-eval {first['lm_eval_version']}; data {first['protocol'].get('data')}; scored by "
+          f"{first['protocol'].get('scorer', f'lm-eval HF backend (batch {args.batch_size})')}; "
           f"calibration {args.calibration} seed {args.seed}; perplexity on held-out documents"
           f"{f', first {args.max_eval_tokens} tokens' if args.max_eval_tokens else ''}, seq_len 512. "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
@@ -122,7 +126,9 @@ def main() -> None:
     p.add_argument("--tasks", default=",".join(STANDARD_SUITE))
     p.add_argument("--limit", type=int, default=None, help="first N documents of each task (default: all)")
     p.add_argument("--fewshot", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (--scorer hf)")
+    p.add_argument("--scorer", default="prefix", help="prefix (calibrant's shared-prefix scorer) or hf (lm-eval's)")
+    p.add_argument("--token-budget", type=int, default=None, help="tokens per forward of the prefix scorer")
     p.add_argument("--json", default=None, help="also write all raw results here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args()
@@ -136,7 +142,8 @@ def main() -> None:
         p.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     from calibrant.evaluate.zeroshot import check_tasks
 
-    check_tasks(args.tasks, limit=args.limit, num_fewshot=args.fewshot, batch_size=args.batch_size, hub=False)
+    check_tasks(args.tasks, limit=args.limit, num_fewshot=args.fewshot, batch_size=args.batch_size, hub=False,
+                scorer=args.scorer, token_budget=args.token_budget)
     results = [r for r in (run_config(c, args) for c in names) if r is not None]
     if not results:
         sys.exit("nothing ran")

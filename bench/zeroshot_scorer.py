@@ -42,18 +42,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def forward_throughput(model: Any, tokenizer: Any, sequences: int) -> dict[str, float]:
-    """Tokens/s of plain forward passes (batch 8 × 512, logits for every position) over held-out wiki."""
+def forward_throughput(model: Any, tokenizer: Any, sequences: int, batch: int = 8) -> dict[str, float]:
+    """Tokens/s of plain forward passes (``batch`` × 512, logits for every position) over held-out wiki."""
     from calibrant.calibration.calibset import heldout_token_ids
 
     ids, _ = heldout_token_ids("wiki", tokenizer)
     n = sequences * 512
-    batch = torch.as_tensor(ids[:n]).reshape(sequences, 512)
+    tokens, size = torch.as_tensor(ids[:n]).reshape(sequences, 512), batch
     with torch.no_grad():
-        model(input_ids=batch[:1, :16], use_cache=False)  # warm-up
+        model(input_ids=tokens[:1, :16], use_cache=False)  # warm-up
         t0 = time.perf_counter()
-        for b in range(0, sequences, 8):
-            model(input_ids=batch[b:b + 8], use_cache=False)
+        for b in range(0, sequences, size):
+            model(input_ids=tokens[b:b + size], use_cache=False)
         seconds = time.perf_counter() - t0
     return {"tokens": n, "seconds": seconds, "tokens_per_s": n / seconds}
 

@@ -84,3 +84,16 @@ def test_logits_memory_bound_lowers_the_batch_not_the_result(monkeypatch):
     bounded = P.perplexity(model, ids, seq_len=32, batch_size=8, progress=False)
     assert bounded.tokens == free.tokens
     assert abs(bounded.nll - free.nll) < 1e-6
+
+
+def test_estimate_is_printed_after_the_first_batch(capsys):
+    """Long evaluations say up front how many tokens they will score and about how long it will take."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1000,), generator=torch.Generator().manual_seed(3))
+    res = perplexity(model, ids, seq_len=64, batch_size=4, progress=True, meta={"corpus": "wiki"})
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("calibrant: perplexity")]
+    assert len(lines) == 1
+    assert f"on wiki: {res.tokens:,} tokens in 16 windows of 64 (batch 4), about " in lines[0]
+    assert lines[0].endswith("tokens/s")
+    perplexity(model, ids, seq_len=64, progress=False)
+    assert "calibrant: perplexity" not in capsys.readouterr().err  # quiet runs print nothing

@@ -10,6 +10,7 @@ last, shorter window is kept (tail included). The result is the token-weighted m
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -61,6 +62,10 @@ def bounded_batch(model: nn.Module, seq_len: int, batch_size: int) -> int:
     return max(1, min(int(batch_size), MAX_LOGITS_BYTES // (seq_len * int(vocab) * 4)))
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -102,10 +107,12 @@ def perplexity(
             groups.append([span])
     total_nll = torch.zeros((), dtype=torch.float64)
     scored = 0
+    to_score = sum(e - first for _b, e, first in spans)
+    label = (meta or {}).get("corpus", "")
     start = time.perf_counter()
     with inference_mode(model):
-        bar = tqdm(groups, desc="perplexity", unit="batch", disable=not progress)
-        for group in bar:
+        bar = tqdm(groups, desc=f"perplexity {label}".strip(), unit="batch", disable=not progress)
+        for i, group in enumerate(bar):
             batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
             logits = model(input_ids=batch).logits
             for row, (b, _e, first) in enumerate(group):
@@ -115,6 +122,11 @@ def perplexity(
                 total_nll += part.double().sum().cpu()
                 scored += part.numel()
             del logits
+            if progress and i == 0 and len(groups) > 1:  # the estimate, once the first batch has been timed
+                rate = scored / (time.perf_counter() - start)
+                tqdm.write(f"calibrant: perplexity{' on ' + label if label else ''}: {to_score:,} tokens in "
+                           f"{len(spans)} windows of {seq_len} (batch {batch_size}), about "
+                           f"{_duration(to_score / rate)} at {rate:.0f} tokens/s", file=sys.stderr)
             if progress:
                 bar.set_postfix(ppl=f"{math.exp(total_nll.item() / scored):.2f}", tok_s=f"{scored / (time.perf_counter() - start):.0f}")
     mean = total_nll.item() / scored
