@@ -27,7 +27,7 @@ from calibrant.engine.stopwatch import Stopwatch
 from calibrant.errors import NumericalError
 from calibrant.heap import prefault_for_write
 from calibrant.methods.base import LayerContext, Method
-from calibrant.methods.quant import attach_quant_state, fake_quant_activations, quant_state_of
+from calibrant.methods.quant import attach_quant_state, quant_state_of
 from calibrant.methods.stats import LayerStats, all_finite
 from calibrant.models.adapter import is_linear, set_weight, weight_of
 
@@ -139,8 +139,7 @@ def one_pass(
             scheduler.switch()  # park; resumed once every batch has reached this group and it is compressed
             state = quant_state_of(module)
             if state is not None and state.scheme.act_bits:  # its hook was added during this very call
-                scheme = state.scheme
-                return (fake_quant_activations(args[0], scheme.act_bits, scheme.act_granularity), *args[1:])
+                return (state.fake_quant_input(args[0]), *args[1:])
             return None
 
         return hook
@@ -279,5 +278,7 @@ def compress_linears(
                 attach_quant_state(module, ctx.quant)
                 ctx.info["scheme"] = ctx.quant.scheme.name
                 ctx.info["effective_bits"] = ctx.quant.effective_bits(tuple(weight.shape))
+                if ctx.quant.input_amax is not None:  # a static activation scale: restored from calibrant.json
+                    ctx.info["input_amax"] = float(ctx.quant.input_amax.reshape(-1)[0])
             records.append(LayerRecord(n, tuple(weight.shape), zeros, seconds, error, ctx.info))
     return records

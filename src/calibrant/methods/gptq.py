@@ -6,6 +6,12 @@ static groups (group parameters fixed from the original weight before any update
 keeps contiguous groups), and a pruning mask from an earlier method that stays exactly zero.
 Linears that read the same input (q/k/v, gate/up) are solved as one stacked matrix: GPTQ is row-wise
 independent given the shared Hessian, so this is exact and saves a loop per extra linear.
+
+Float grids (``fp8``, ``nvfp4``: :mod:`calibrant.methods.quant.floatgrid`) run the same column loop:
+each column is divided by its scale and rounded onto the E4M3 / E2M1 grid instead of the integers, and
+its error is fed back exactly as for an integer grid. nvfp4's global scale is fixed from the whole
+stacked weight before the loop (shared by the fused linears); its block scales are chosen per group of
+16 columns like integer group scales (on the fly, or from the original weight with static groups).
 """
 
 from __future__ import annotations
@@ -19,11 +25,20 @@ from calibrant.methods.quant import (
     QuantScheme,
     QuantState,
     lorc,
+    nvfp4_global_scale,
     parse_scheme,
     qparams,
     qrange,
+    round_e4m3,
     weight_qparams,
 )
+from calibrant.methods.quant.floatgrid import (
+    fp8_channel_scale,
+    nvfp4_block_scales,
+    nvfp4_effective,
+    round_float_,
+)
+from calibrant.methods.rtn import SCHEME_HELP, input_amax
 
 SUBBLOCK = 32  # columns per rank-1 update slice inside a lazy block (see _gptq_loop)
 
@@ -39,6 +54,7 @@ def gptq_quantize(
     mask: torch.Tensor | None = None,
     loss: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``W`` [out, in] given ``U`` (``UᵀU = H⁻¹``, already permuted if ``perm``).
 
@@ -49,8 +65,17 @@ def gptq_quantize(
     The solve runs in ``W``'s dtype; ``out_dtype`` (default: the same) is the dtype of ``Ŵ`` and the
     scales, which are rounded to it before the integer codes are scaled, so ``Ŵ`` lies exactly on the
     grid it reports.
+
+    Float grids: ``fp8`` returns its per-row scales; ``nvfp4`` its E4M3 block scales, under
+    ``global_scale`` (default: ``W``'s own, ``448 · 6 / max|W|``); its values are formed in float32 as
+    ``e2m1 · (block / global)`` and then cast to ``out_dtype``, as a reader of the exported scales forms them.
     """
     rows, cols = W.shape
+    fmt = scheme.float_fmt
+    if fmt == "nvfp4" and global_scale is None:
+        global_scale = nvfp4_global_scale(W.abs().amax() if W.numel() else 0.0)
+    if global_scale is not None:
+        global_scale = global_scale.to(device=W.device, dtype=torch.float32)
     lo, hi = qrange(scheme.bits, scheme.symmetric)
     grouped = scheme.granularity == "group"
     g = scheme.group_size or cols
@@ -64,7 +89,7 @@ def gptq_quantize(
         g_idx = torch.zeros(cols, dtype=torch.long, device=W.device)
     n_groups = int(g_idx.max()) + 1
     if not grouped or static_groups:  # parameters fixed from the original weight
-        scale, zero = weight_qparams(W, scheme)
+        scale, zero = _float_qparams(W, fmt, global_scale, g) if fmt else weight_qparams(W, scheme)
         on_the_fly = False
     else:
         scale = torch.ones(rows, n_groups, dtype=W.dtype, device=W.device)
@@ -80,12 +105,33 @@ def gptq_quantize(
     groups_p = g_idx[order]
     with single_threaded():
         _gptq_loop(WpT, U, QT, scaleT, zeroT, groups_p.tolist(), maskT, scheme, lo, hi, g, blocksize, on_the_fly,
-                   loss)
+                   loss, global_scale)
     out_dtype = out_dtype or W.dtype
+    if fmt == "nvfp4":  # float32 values from the float32 effective scales; report the E4M3 block scales
+        eff = scaleT.to(torch.float32)
+        QT = QT.to(torch.float32).mul_(eff.index_select(0, groups_p)).to(out_dtype)
+        out = QT.index_select(0, torch.argsort(order)).t().contiguous()
+        blocks = round_e4m3(eff * global_scale).t().contiguous()
+        return out, blocks, torch.zeros_like(blocks), g_idx
     QT, scaleT, zeroT = QT.to(out_dtype), scaleT.to(out_dtype), zeroT.to(out_dtype)  # no copies at W's dtype
     QT.mul_(scaleT.index_select(0, groups_p))  # integer codes (zero point taken off) → values
     out = QT.index_select(0, torch.argsort(order)).t().contiguous()
     return out, scaleT.t().contiguous(), zeroT.t().contiguous(), g_idx
+
+
+def _float_qparams(W: torch.Tensor, fmt: str, global_scale: torch.Tensor | None,
+                   g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float grid's scales ``[rows, n_groups]`` (nvfp4: the effective ``block / global``) from ``W``, computed
+    in float32 and returned in ``W``'s dtype, with zero points 0."""
+    Wf = W.to(torch.float32)
+    if fmt == "fp8":
+        scale = fp8_channel_scale(Wf)[:, None]
+    else:
+        assert global_scale is not None
+        amax = torch.stack([Wf[:, c:c + g].abs().amax(dim=1) for c in range(0, W.shape[1], g)], dim=1)
+        scale = nvfp4_effective(nvfp4_block_scales(amax, global_scale), global_scale)
+    scale = scale.to(W.dtype)
+    return scale, torch.zeros_like(scale)
 
 
 def _gptq_loop(
@@ -103,6 +149,7 @@ def _gptq_loop(
     blocksize: int,
     on_the_fly: bool,
     loss: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> None:
     """The column loop of :func:`gptq_quantize` on the transposed, permuted weight ``WpT`` [in, out]
     (updated in place); fills ``QT`` with each column's integer codes minus its zero point (the caller
@@ -116,8 +163,10 @@ def _gptq_loop(
 
     Five ops per column: the code ``t = clamp(round(w / s), lo − z, hi − z)`` (three, into ``QT``), the
     rounding error ``w − t·s`` (one ``addcmul``) and its update. GPTQ's error is that difference over
-    ``U_jj``; the division is folded into the rows of ``V = U / diag(U)``, which carry every update."""
+    ``U_jj``; the division is folded into the rows of ``V = U / diag(U)``, which carry every update.
+    Float grids round ``w / s`` onto their grid (:func:`round_float_`) in place of round-and-clamp."""
     cols = WpT.shape[0]
+    fmt = scheme.float_fmt
     inv_d = 1.0 / torch.diagonal(U)
     V = U * inv_d[:, None]
     zero_point = not scheme.symmetric
@@ -141,18 +190,24 @@ def _gptq_loop(
         for s1, s2 in zip(bounds[:-1], bounds[1:], strict=True):
             for j in range(s1, s2):
                 grp = groups_p[j]
-                if on_the_fly and j % g == 0:  # group's parameters from its current (error-updated) weights
+                if on_the_fly and j % g == 0 and fmt:  # nvfp4: the block's E4M3 scale from its current weights
+                    assert global_scale is not None
+                    amax = WpT[j : j + g].abs().amax(0).to(torch.float32)
+                    scaleT[grp] = nvfp4_effective(nvfp4_block_scales(amax, global_scale), global_scale)
+                elif on_the_fly and j % g == 0:  # group's parameters from its current (error-updated) weights
                     sc, z = qparams(WpT[j : j + g].t(), scheme.bits, scheme.symmetric, scheme.clip)
                     scaleT[grp], zeroT[grp] = sc, z
                     if zero_point:
                         torch.sub(lo, z, out=lowT[grp])
                         torch.sub(hi, z, out=highT[grp])
                 w, scale = wrows[j], srows[grp]
-                t = torch.div(w, scale, out=qrows[j]).round_()
-                if zero_point:
-                    t.clamp_(lrows[grp], hrows[grp])
+                t = torch.div(w, scale, out=qrows[j])
+                if fmt:
+                    round_float_(t, fmt)
+                elif zero_point:
+                    t.round_().clamp_(lrows[grp], hrows[grp])
                 else:
-                    t.clamp_(lo, hi)
+                    t.round_().clamp_(lo, hi)
                 if mrows is not None:
                     t.masked_fill_(mrows[j], 0.0)
                 err = torch.addcmul(w, t, scale, value=-1.0, out=erows[j - i1])
@@ -169,9 +224,8 @@ def _gptq_loop(
 class GPTQ(Method):
     name = "gptq"
     relative_cost = 1.9  # bench/gptq_vs_llmcompressor.py
-    statistics = ("hessian",)
     param_help = {
-        "scheme": "quantization scheme: w4g128, w4g64-asym, w8-channel, w8a8, w3g64+lorc8, ... (default w4g128)",
+        "scheme": SCHEME_HELP,
         "act_order": "quantize columns by descending Hessian diagonal",
         "static_groups": "fix group scales from the original weight before any update",
         **SOLVER_PARAM_HELP,
@@ -200,6 +254,10 @@ class GPTQ(Method):
         self.precision = precision
         self._scheme = parsed
 
+    @property
+    def statistics(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("hessian", "max_abs") if self._scheme.act_static else ("hessian",)
+
     def quant_plan(self) -> QuantState:
         """Act-order with dynamic groups leaves a non-contiguous g_idx (static groups keep them contiguous)."""
         dynamic = self.act_order and not self.static_groups and self._scheme.granularity == "group"
@@ -220,9 +278,14 @@ class GPTQ(Method):
         W, mask, U, perm, dead, damp_used = stacked_problem(weights, [c.mask for c in ctxs], stats, self.damp,
                                                             ctxs[0].name, self.act_order, self._dtype)
         loss = None if scheme.lorc_rank else torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
+        global_scale = None
+        if scheme.fmt == "nvfp4":  # one global scale for the linears vLLM fuses (they read one input)
+            global_scale = nvfp4_global_scale(torch.stack([w.abs().amax() for w in weights]).amax())
+        amax = input_amax(scheme, stats)
         Q, scale, zero, g_idx = gptq_quantize(
             W, U.to(W.device), scheme, blocksize=self.blocksize, perm=None if perm is None else perm.to(W.device),
             static_groups=self.static_groups, mask=mask, loss=loss, out_dtype=weights[0].dtype,
+            global_scale=global_scale,
         )
         if loss is not None:
             undamped_loss(loss, W, Q, stats, damp_used, dead)
@@ -232,7 +295,9 @@ class GPTQ(Method):
             q = Q[r0:r1]
             if scheme.lorc_rank:
                 q = q + lorc(w - q, scheme.lorc_rank)
-            ctx.quant = QuantState(scheme, scale[r0:r1], zero[r0:r1], g_idx, act_order=self.quant_plan().act_order)
+            ctx.quant = QuantState(scheme, scale[r0:r1], zero[r0:r1], g_idx, act_order=self.quant_plan().act_order,
+                                   global_scale=None if global_scale is None else global_scale.cpu(),
+                                   input_amax=amax)
             if damp_used != self.damp:
                 ctx.info["damp_used"] = damp_used
             if loss is not None:

@@ -1,4 +1,11 @@
-"""Quantization schemes: the ``w4g128``-style strings users type, parsed into one frozen object."""
+"""Quantization schemes: the ``w4g128``-style strings users type, parsed into one frozen object.
+
+Integer schemes follow ``w<bits>[a<bits>][g<size>|-channel|-tensor][-asym][-mse][+lorc<r>]``; the float
+schemes are named: ``fp8`` (E4M3 weights per output channel, dynamic per-token E4M3 activations),
+``fp8-static`` (the activations' one scale calibrated from the calibration set) and ``nvfp4`` (E2M1
+weights with an E4M3 scale per 16 and a global scale; activations likewise, their global scale
+calibrated). See :mod:`calibrant.methods.quant.floatgrid`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,11 @@ from dataclasses import dataclass
 
 from calibrant.errors import RecipeError
 
-SCHEME_EXAMPLES = ("w4g128", "w4g64-asym", "w8-channel", "w4-tensor", "w8a8", "w4a8g128", "w3g64+lorc8", "w4g64-mse")
+SCHEME_EXAMPLES = ("w4g128", "w4g64-asym", "w8-channel", "w4-tensor", "w8a8", "w4a8g128", "w3g64+lorc8", "w4g64-mse",
+                   "fp8", "fp8-static", "nvfp4")
+FLOAT_FORMATS = ("fp8", "nvfp4")
+_FLOAT_SCHEME = re.compile(r"^(?P<fmt>fp8|nvfp4)(?:g(?P<group>\d+)|-(?P<gran>channel|tensor))?"
+                           r"(?P<flags>(?:-(?:static|dynamic))*)$")
 _SCHEME = re.compile(
     r"^w(?P<bits>\d+)"
     r"(?:a(?P<abits>\d+)(?P<atensor>t)?)?"
@@ -26,10 +37,18 @@ class QuantScheme:
     symmetric: bool = True
     clip: str = "none"  # "none" | "mse": search a shrunk range per group minimising the rounding error
     act_bits: int | None = None  # dynamic fake-quant of the linear's inputs
-    act_granularity: str = "token"  # "token" | "tensor"
+    act_granularity: str = "token"  # "token" | "tensor" | "group" (nvfp4: blocks of 16 inputs)
     lorc_rank: int = 0  # ZeroQuant-V2 low-rank compensation of the quantization error
+    fmt: str = "int"  # "int" | "fp8" (E4M3) | "nvfp4" (E2M1, E4M3 block scales, a global scale)
+    act_static: bool = False  # activation scale calibrated once (max |x| over the calibration tokens)
 
     def __post_init__(self) -> None:
+        if self.fmt != "int":
+            self._check_float()
+            return
+        if self.act_static:
+            raise RecipeError("static activation scales are for the float schemes (fp8-static, nvfp4); integer "
+                              "activation schemes (w8a8) are dynamic")
         if not 2 <= self.bits <= 8:
             raise RecipeError(f"weight bits {self.bits} outside 2–8; use e.g. w4g128 or w8-channel")
         if self.act_bits is not None and not 4 <= self.act_bits <= 8:
@@ -39,9 +58,36 @@ class QuantScheme:
         if self.lorc_rank < 0:
             raise RecipeError("LoRC rank must be ≥ 0")
 
+    def _check_float(self) -> None:
+        from calibrant.methods.quant.floatgrid import NVFP4_BLOCK, require_float8
+
+        if self.fmt not in FLOAT_FORMATS:
+            raise RecipeError(f"unknown number format '{self.fmt}'; use int, fp8 or nvfp4")
+        if self.fmt == "nvfp4" and (self.granularity != "group" or self.group_size != NVFP4_BLOCK):
+            size = f"group size {self.group_size}" if self.granularity == "group" else f"{self.granularity} scales"
+            raise RecipeError(f"nvfp4 uses blocks of {NVFP4_BLOCK} weights (one E4M3 scale each), not {size}; "
+                              f"write 'nvfp4', or an integer scheme such as w4g{self.group_size or 128}")
+        if self.fmt == "fp8" and self.granularity != "channel":
+            size = f"groups of {self.group_size}" if self.granularity == "group" else f"{self.granularity} scales"
+            raise RecipeError(f"fp8 scales each output channel, not {size}; write 'fp8' or 'fp8-static'")
+        expected = {"fp8": (8, 8), "nvfp4": (4, 4)}[self.fmt]
+        if (self.bits, self.act_bits) != expected or not self.symmetric or self.clip != "none" or self.lorc_rank:
+            raise RecipeError(f"{self.fmt} is symmetric with {expected[0]}-bit weights and activations, without "
+                              "clipping search or LoRC; write 'fp8', 'fp8-static' or 'nvfp4'")
+        if self.fmt == "nvfp4" and not self.act_static:
+            raise RecipeError("nvfp4 calibrates its activations' global scale; there is no dynamic nvfp4 variant")
+        require_float8(self.fmt)
+
+    @property
+    def float_fmt(self) -> str | None:
+        """``"fp8"`` / ``"nvfp4"`` for the float schemes, None for integer ones."""
+        return None if self.fmt == "int" else self.fmt
+
     @property
     def name(self) -> str:
         """Canonical scheme string; ``parse_scheme(s.name) == s``."""
+        if self.fmt != "int":
+            return self.fmt + ("-static" if self.fmt == "fp8" and self.act_static else "")
         s = f"w{self.bits}"
         if self.act_bits:
             s += f"a{self.act_bits}" + ("t" if self.act_granularity == "tensor" else "")
@@ -52,8 +98,12 @@ class QuantScheme:
         return s
 
     def effective_bits(self, shape: tuple[int, int]) -> float:
-        """Bits per weight including scales (16 bit), zero points (``bits`` bit, asymmetric only) and LoRC factors (16 bit)."""
+        """Bits per weight including scales (16 bit), zero points (``bits`` bit, asymmetric only) and LoRC factors
+        (16 bit). ``fp8``: a 16-bit scale per row (the model's dtype, as exported); ``nvfp4``: an 8-bit E4M3
+        scale per 16 weights and one 32-bit global scale."""
         rows, cols = shape
+        if self.fmt == "nvfp4":
+            return self.bits + 8 / self.group_size + 32 / (rows * cols)
         per_group = 16 + (0 if self.symmetric else self.bits)
         if self.granularity == "tensor":
             overhead = per_group / (rows * cols)
@@ -69,13 +119,16 @@ def parse_scheme(text: str | QuantScheme) -> QuantScheme:
     """Parse a scheme string such as ``w4g128``, ``w4g64-asym``, ``w8-channel``, ``w8a8``, ``w3g64+lorc8``."""
     if isinstance(text, QuantScheme):
         return text
+    fm = _FLOAT_SCHEME.match(str(text).strip().lower())
+    if fm:
+        return _float_scheme(str(text), fm)
     m = _SCHEME.match(str(text).strip().lower())
     if not m:
         close = difflib.get_close_matches(str(text).lower(), SCHEME_EXAMPLES, n=1, cutoff=0.3)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise RecipeError(
             f"unknown scheme '{text}'.{hint} Form: w<bits>[a<bits>][g<size>|-channel|-tensor][-asym][-mse][+lorc<r>], "
-            f"e.g. {', '.join(SCHEME_EXAMPLES[:5])}"
+            f"e.g. {', '.join(SCHEME_EXAMPLES[:5])}; or fp8, fp8-static, nvfp4"
         )
     flags = set(filter(None, m["flags"].split("-")))
     if {"asym", "sym"} <= flags:
@@ -94,3 +147,26 @@ def parse_scheme(text: str | QuantScheme) -> QuantScheme:
         act_granularity="tensor" if m["atensor"] else "token",
         lorc_rank=int(m["rank"] or 0),
     )
+
+
+def _float_scheme(text: str, m: re.Match) -> QuantScheme:
+    fmt = m["fmt"]
+    flags = set(filter(None, m["flags"].split("-")))
+    if {"static", "dynamic"} <= flags:
+        raise RecipeError(f"scheme '{text}' says both -static and -dynamic; pick one")
+    if fmt == "nvfp4" and "dynamic" in flags:
+        raise RecipeError("nvfp4 calibrates its activations' global scale; there is no dynamic nvfp4 variant — "
+                          "write 'nvfp4'")
+    if fmt == "nvfp4" and "static" in flags:
+        flags.discard("static")  # nvfp4 is always static: nvfp4-static is nvfp4
+    if m["group"] is not None:
+        granularity, group = "group", int(m["group"])
+    else:
+        granularity, group = m["gran"] or ("group" if fmt == "nvfp4" else "channel"), None
+    if fmt == "nvfp4" and granularity == "group" and group is None:
+        group = 16
+    bits = 8 if fmt == "fp8" else 4
+    static = fmt == "nvfp4" or "static" in flags
+    return QuantScheme(bits=bits, group_size=group, granularity=granularity, act_bits=bits,
+                       act_granularity="tensor" if fmt == "fp8" and static else "token" if fmt == "fp8" else "group",
+                       fmt=fmt, act_static=static)
