@@ -74,7 +74,8 @@ def fp8_channel_scale(W: torch.Tensor) -> torch.Tensor:
 def nvfp4_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
     """``448 · 6 / amax`` as a float32 ``[1]`` tensor; 1 where ``amax`` is 0 or not finite (nothing to scale)."""
     amax = torch.as_tensor(amax, dtype=torch.float32).reshape(1)
-    g = (E4M3_MAX * E2M1_MAX) / amax.clamp(min=torch.finfo(torch.float32).tiny)
+    # a tensor division (correctly rounded); ``scalar / tensor`` is computed as a reciprocal times the scalar
+    g = torch.full_like(amax, E4M3_MAX * E2M1_MAX) / amax.clamp(min=torch.finfo(torch.float32).tiny)
     return torch.where(torch.isfinite(g) & (amax > 0), g, torch.ones_like(g))
 
 
