@@ -4,7 +4,8 @@
     .venv/bin/python bench/perplexity_speed.py --max-tokens 8192            # smoke test
 
 The forward's best rate: plain forward passes (fp32, logits for every position, no KV cache) over
-``--forward-sequences`` held-out wiki sequences of 512 tokens, at batch 1, 2, 4 and 8; the fastest is the
+``--forward-sequences`` held-out wiki sequences of 512 tokens, at batch 1, 2, 4 and 8, once before and
+once after the perplexity runs (a shared machine drifts: the mean of the two); the fastest batch is the
 machine's best rate in this process. Then ``calibrant.api.evaluate_perplexity`` (seq_len 512,
 non-overlapping windows, the tail included — calibrant's protocol) on each corpus's whole held-out split
 at the CLI's default batch (8, lowered so one batch's logits stay under 256 MB: 2 for a 49k vocabulary),
@@ -41,9 +42,11 @@ def main() -> None:
     p.add_argument("--forward-sequences", type=int, default=16)
     args = p.parse_args()
     loaded = load_model(args.model, quiet=True)
-    rates = {b: forward_throughput(loaded.model, loaded.tokenizer, args.forward_sequences, batch=b)["tokens_per_s"]
-             for b in (1, 2, 4, 8)}
-    best = max(rates.values())
+    def measure() -> dict[int, float]:
+        return {b: forward_throughput(loaded.model, loaded.tokenizer, args.forward_sequences, batch=b)["tokens_per_s"]
+                for b in (1, 2, 4, 8)}
+
+    before = measure()
     rows = []
     for corpus in args.corpora.split(","):
         err = io.StringIO()
@@ -55,12 +58,16 @@ def main() -> None:
         eta = re.search(r"calibrant: perplexity.*", err.getvalue())
         rows.append((corpus, r, wall, eta.group(0) if eta else "(no estimate printed)"))
         print(f"# {corpus}: {r.tokens} tokens, {wall:.0f} s", file=sys.stderr, flush=True)
+    after = measure()
+    rates = {b: (before[b] + after[b]) / 2 for b in before}
+    best = max(rates.values())
     print(f"## Perplexity throughput — {args.model}, full held-out splits{'' if not args.max_tokens else f' (first {args.max_tokens} tokens)'}")
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print()
-    print("Forward rate (batch × 512, logits for every position): " +
-          ", ".join(f"batch {b}: {v:.0f} tok/s" for b, v in rates.items()) + f"; best {best:.0f} tok/s.")
+    print("Forward rate (batch × 512, logits for every position; mean of a measurement before and one after the "
+          "perplexity runs): " + ", ".join(f"batch {b}: {v:.0f} tok/s ({before[b]:.0f} / {after[b]:.0f})"
+                                          for b, v in rates.items()) + f"; best {best:.0f} tok/s.")
     print()
     print("| corpus | tokens scored | windows | ppl | wall s | tokens/s | x best forward rate | estimate printed after the first batch |")
     print("|---|---|---|---|---|---|---|---|")

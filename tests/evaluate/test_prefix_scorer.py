@@ -17,7 +17,7 @@ import transformers as T
 
 from calibrant.evaluate.zeroshot import TaskError, evaluate_tasks, prefix
 from calibrant.evaluate.zeroshot import scorer as zs_scorer
-from tests.conftest import tiny_config
+from tests.conftest import FAMILIES, tiny_config
 from tests.evaluate.test_zeroshot import byte_tokenizer
 
 TOL = 1e-4
@@ -177,6 +177,27 @@ def test_batches_respect_the_budget():
     groups = prefix.batches(rows, 128)
     assert sorted(len(r) for g in groups for r in g) == sorted(len(r) for r in rows)
     assert all(len(g) * max(len(r) for r in g) <= 128 for g in groups)
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["llama-eager"])
+def test_every_family_gets_lm_evals_numbers(tok, family):
+    """Each supported family either takes the packed forward (and then matches lm-eval's backend) or is
+    handed to lm-eval's backend by the probe; either way the numbers are lm-eval's."""
+    cfg = tiny_config(family.removesuffix("-eager"))
+    cfg.vocab_size = len(tok)
+    # eager attention adds the mask to the scores: the booleans must become 0 / -inf
+    impl = "eager" if family.endswith("-eager") else None
+    torch.manual_seed(0)
+    m = T.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+    assert m.config._attn_implementation == (impl or "sdpa")
+    reqs = [r for r in request_mix(m, seed=6) if len(r[1]) + len(r[2]) <= 100]
+    hf = zs_scorer._lm_class()(m, tok, 4, False)
+    lm = zs_scorer.make_lm(m, tok, progress=False)
+    with torch.no_grad():
+        want = hf._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert_same(want, lm._loglikelihood_tokens(reqs, disable_tqdm=True))
+    if family in ("llama", "llama-eager", "gemma3", "gpt2", "gpt_neox"):  # these take explicit positions
+        assert isinstance(lm, zs_scorer._prefix_lm_class()), family
 
 
 class IgnoresMask(T.LlamaForCausalLM):
