@@ -235,3 +235,156 @@ def test_info_reads_a_packed_export_as_stored(tiny_dir, tmp_path, capsys, scheme
     params = sum(p.numel() for p in result.loaded.model.parameters())
     assert f": {params:,} parameters" in text
     assert "dequantized floats" not in text and "unstructured sparsity" not in text
+
+
+# ---- float schemes: fp8 (float-quantized) and nvfp4 (nvfp4-pack-quantized) ---------------------------------
+
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _quantized_modules(model):
+    return {n: m for n, m in model.named_modules() if n.endswith(QUANTIZED)}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-static"])
+def test_fp8_export_reloads_in_transformers_with_identical_logits(tmp_path, method, scheme):
+    """Loaded by transformers as it is stored (compressed-tensors decompresses the E4M3 weights with their
+    per-channel scales and quantizes each linear's input itself: per token, or with the stored input_scale),
+    a float32 model gives exactly the logits of calibrant's fake-quant model."""
+    model = _quantized(method, scheme)
+    out = save_packed(model, None, tmp_path / "packed", {})
+    cfg = _qconfig(out)
+    assert cfg["format"] == "float-quantized" and cfg["ignore"] == ["lm_head"]
+    (group,) = cfg["config_groups"].values()
+    w, a = group["weights"], group["input_activations"]
+    assert (w["num_bits"], w["type"], w["strategy"], w["symmetric"], w["dynamic"]) == (8, "float", "channel", True, False)
+    static = scheme == "fp8-static"
+    assert (a["num_bits"], a["type"], a["symmetric"]) == (8, "float", True)
+    assert (a["strategy"], a["dynamic"]) == (("tensor", False) if static else ("token", True))
+    assert a.get("observer") == ("static_minmax" if static else None)
+
+    tensors = _tensors(out)
+    for name, module in _quantized_modules(model).items():
+        state = module.calibrant_quant
+        assert tensors[f"{name}.weight"].dtype == torch.float8_e4m3fn
+        assert torch.equal(tensors[f"{name}.weight"].float() * tensors[f"{name}.weight_scale"], module.weight)
+        assert torch.equal(tensors[f"{name}.weight_scale"], state.scale) and state.scale.shape == (module.out_features, 1)
+        if static:
+            assert torch.equal(tensors[f"{name}.input_scale"], state.input_amax / 448)
+        else:
+            assert f"{name}.input_scale" not in tensors
+
+    expected = _logits(model)
+    reloaded = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.equal(_logits(reloaded), expected)
+    for name, module in _quantized_modules(reloaded).items():
+        assert torch.equal(module.weight, dict(model.named_modules())[name].weight), name
+    # dequantize=True: the same weights, the input quantization dropped (so the logits move, slightly)
+    dense = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **DEQUANTIZE).eval()
+    assert torch.equal(dense.model.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
+    assert 0 < (_logits(dense) - expected).abs().max() < 0.1
+
+
+def _ct_reload_nvfp4(path):
+    """The checkpoint read back with compressed-tensors' own maths in float32: unpack_fp4_from_uint8 and
+    dequantize (weight_scale / weight_global_scale per block of 16) for the weights; for the inputs, the
+    library's dynamic block scales under input_global_scale (compute_dynamic_scales_and_zp) and fake_quantize."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    (group,) = _qconfig(path)["config_groups"].values()
+    wargs, aargs = QuantizationArgs(**group["weights"]), QuantizationArgs(**group["input_activations"])
+    tensors = _tensors(path)
+    prefixes = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")}
+    state = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in prefixes}
+    for p in prefixes:
+        packed = tensors[f"{p}.weight_packed"]
+        codes = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2, dtype=torch.float32)
+        state[f"{p}.weight"] = dequantize(codes, tensors[f"{p}.weight_scale"].to(torch.float32), args=wargs,
+                                          global_scale=tensors[f"{p}.weight_global_scale"], dtype=torch.float32)
+    model = T.AutoModelForCausalLM.from_config(T.AutoConfig.from_pretrained(path)).eval()
+    model.load_state_dict(state, strict=True)
+    for p in prefixes:
+        gs = tensors[f"{p}.input_global_scale"]
+
+        def quantize_input(module, args, gs=gs):
+            scale, zero = compute_dynamic_scales_and_zp(args[0], aargs, module, global_scale=gs)
+            return (fake_quantize(args[0], scale, zero, aargs, global_scale=gs), *args[1:])
+
+        model.get_submodule(p).register_forward_pre_hook(quantize_input)
+    return model
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_nvfp4_export_reloads_with_identical_logits(tmp_path, method):
+    """transformers cannot run an NVFP4 checkpoint in float32 on CPU: compressed-tensors (0.20) unpacks the E2M1
+    codes to bfloat16, so the decompressed weight meets float32 inputs (a dtype error), and dequantize=True
+    rounds the weights to bfloat16 and drops the input quantization. The checkpoint is therefore read back
+    with compressed-tensors' own unpacking, dequantization and input fake-quant in float32 (``_ct_reload_nvfp4``),
+    which gives exactly the logits of calibrant's fake-quant model; and transformers, loading it in bfloat16,
+    decompresses exactly calibrant's weights cast to bfloat16."""
+    model = _quantized(method, "nvfp4")
+    out = save_packed(model, None, tmp_path / "packed", {})
+    cfg = _qconfig(out)
+    assert cfg["format"] == "nvfp4-pack-quantized"
+    (group,) = cfg["config_groups"].values()
+    for args, dynamic in ((group["weights"], False), (group["input_activations"], "local")):
+        assert (args["num_bits"], args["type"], args["strategy"], args["group_size"], args["symmetric"]) == (
+            4, "float", "tensor_group", 16, True)
+        assert args["dynamic"] == dynamic and args["scale_dtype"] == "torch.float8_e4m3fn"
+
+    tensors = _tensors(out)
+    for name, module in _quantized_modules(model).items():
+        state, (rows, cols) = module.calibrant_quant, module.weight.shape
+        packed, scale = tensors[f"{name}.weight_packed"], tensors[f"{name}.weight_scale"]
+        assert packed.dtype == torch.uint8 and packed.shape == (rows, cols // 2)
+        assert scale.dtype == torch.float8_e4m3fn and torch.equal(scale.float(), state.scale)
+        assert torch.equal(tensors[f"{name}.weight_global_scale"], state.global_scale)
+        assert torch.equal(tensors[f"{name}.input_global_scale"], torch.tensor([448.0 * 6]) / state.input_amax)
+        assert f"{name}.weight" not in tensors
+    for block in ("model.layers.0.self_attn.", "model.layers.1.mlp."):  # fused linears share one global scale
+        scales = {float(v) for k, v in tensors.items() if k.startswith(block) and k.endswith("weight_global_scale")
+                  and "o_proj" not in k and "down_proj" not in k}
+        assert len(scales) == 1
+    summary = read_metadata(out)["export"]  # 4 bits + an E4M3 scale per 16 weights, two float32 per layer
+    assert summary["quantized_weight_bytes"] == pytest.approx(summary["dense_weight_bytes"] * 4.5 / 32, rel=0.01)
+
+    torch.testing.assert_close(_logits(_ct_reload_nvfp4(out)), _logits(model), atol=0, rtol=0)
+
+    reloaded = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    _logits(reloaded)  # compressed-tensors decompresses on the first forward
+    for name, module in _quantized_modules(reloaded).items():
+        assert torch.equal(module.weight, dict(model.named_modules())[name].weight.to(torch.bfloat16)), name
+
+
+def test_float_export_refusals(tmp_path):
+    out = tmp_path / "packed"
+    changed = _quantized("gptq", "nvfp4")
+    with torch.no_grad():
+        changed.model.layers[1].mlp.up_proj.weight.mul_(1.01)
+    with pytest.raises(ExportError, match="up_proj.*not on their nvfp4 grid"):
+        save_packed(changed, None, out, {})
+    unscaled = _quantized("rtn", "fp8-static")
+    unscaled.model.layers[0].mlp.down_proj.calibrant_quant.input_amax = None
+    with pytest.raises(ExportError, match="down_proj.*calibrated activation scale.*--format hf"):
+        save_packed(unscaled, None, out, {})
+    assert not out.exists()
+
+
+def test_cli_float_schemes(tiny_dir, tmp_path, capsys):
+    code = main(["compress", "--model", str(tiny_dir), "--method", "rtn", "--scheme", "fp8", "--format",
+                 "compressed-tensors", "--out", str(tmp_path / "fp8"), "--quiet"])
+    assert code == 0 and _qconfig(tmp_path / "fp8")["format"] == "float-quantized"
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "fp8")]) == 0
+    line = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("model.layers.0.mlp.down_proj.weight "))
+    assert line.split()[-2:] == ["fp8", "8.500"]  # E4M3 weights and a float32 scale per row of 64
+    for scheme, message in [("nvfp4g32", "nvfp4 uses blocks of 16"), ("fp8g64", "fp8 scales each output channel")]:
+        code = main(["compress", "--model", str(tiny_dir), "--method", "gptq", "--scheme", scheme, "--format",
+                     "compressed-tensors", "--out", str(tmp_path / "bad"), "--quiet"])
+        _, err = capsys.readouterr()
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

@@ -390,3 +390,23 @@ def test_missing_float8_names_the_torch_version(monkeypatch):
         with pytest.raises(RecipeError, match=rf"torch ≥ 2\.1 .*installed torch is {re.escape(torch.__version__)}.*pip"):
             make_method("gptq", scheme=scheme)  # refused when the recipe is made, before any model is loaded
     assert make_method("rtn", scheme="w8a8").scheme == "w8a8-channel"  # integer schemes do not need it
+
+
+@pytest.mark.parametrize("scheme", ["fp8-static", "nvfp4", "fp8"])
+def test_dequantized_export_restores_the_calibrated_activation_scale(tmp_path, scheme):
+    """``--format hf`` stores dequantized floats; the calibrated maximum travels in calibrant.json (``input_amax``)
+    and restore_activation_quant re-attaches the activation quantization: identical logits."""
+    import transformers as T
+
+    from calibrant.export import read_metadata, restore_activation_quant, save_model
+
+    model = tiny_model("llama")
+    report = compress(model, token_batch(), make_method("gptq", scheme=scheme), progress=False)
+    ids = token_batch(n=2, length=16, seed=5)
+    with torch.no_grad():
+        logits = model(ids).logits
+    out = save_model(model, None, tmp_path / "out", {"layers": [{"name": r.name, **r.info} for r in report.layers]})
+    reloaded = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert restore_activation_quant(reloaded, read_metadata(out)) == len(report.layers)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)

@@ -178,7 +178,9 @@ def restore_activation_quant(model: torch.nn.Module, metadata: dict[str, Any] | 
     for layer in (metadata or {}).get("layers", []):
         scheme = layer.get("scheme")
         if scheme and parse_scheme(scheme).act_bits and layer["name"] in modules:
-            attach_quant_state(modules[layer["name"]], QuantState(parse_scheme(scheme)))
+            amax = layer.get("input_amax")  # a static activation scale (fp8-static, nvfp4)
+            attach_quant_state(modules[layer["name"]], QuantState(
+                parse_scheme(scheme), input_amax=None if amax is None else torch.tensor([float(amax)])))
             count += 1
     return count
 
@@ -197,7 +199,7 @@ def nm_pattern_of(weight: torch.Tensor, candidates: tuple[tuple[int, int], ...] 
 
 # tensors a compressed-tensors export stores beside a quantized weight (not parameters of the model)
 _QUANT_COMPANIONS = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
-                     "input_zero_point")
+                     "input_zero_point", "weight_global_scale", "input_global_scale")
 
 
 def inspect_weights(model_dir: str | Path) -> dict[str, Any]:
@@ -229,6 +231,9 @@ def inspect_weights(model_dir: str | Path) -> dict[str, Any]:
                 if leaf == "weight_packed":
                     shape = [int(v) for v in f.get_tensor(f"{prefix}.weight_shape").tolist()] \
                         if f"{prefix}.weight_shape" in keys else None
+                    packed_shape = f.get_slice(key).get_shape()
+                    if shape is None and f.get_slice(key).get_dtype() == "U8":  # nvfp4: two E2M1 codes a byte
+                        shape = [packed_shape[0], 2 * packed_shape[1]]
                     n = shape[0] * shape[1] if shape else f.get_slice(key).get_shape()[0]
                     total += n
                     nonzero += n  # unknown without unpacking: counted as non-zero
@@ -236,6 +241,9 @@ def inspect_weights(model_dir: str | Path) -> dict[str, Any]:
                                    "dtype": "packed", "bits": 8 * (_nbytes(f, key) + _side_bytes(f, keys, prefix)) / n})
                     continue
                 t = f.get_tensor(key)
+                dtype, nbytes = str(t.dtype).replace("torch.", ""), t.numel() * t.element_size()
+                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    t = t.to(torch.float32)  # count_nonzero has no float8 kernel
                 n, nz = t.numel(), int(torch.count_nonzero(t))
                 total += n
                 nonzero += nz
@@ -243,9 +251,9 @@ def inspect_weights(model_dir: str | Path) -> dict[str, Any]:
                     if key.endswith(transposed):
                         t = t.t()  # report every weight as [out, in] so N:M groups run along inputs
                     layer = {"name": key, "shape": list(t.shape), "sparsity": 1 - nz / n,
-                             "pattern": nm_pattern_of(t) if nz < n else None, "dtype": str(t.dtype).replace("torch.", "")}
+                             "pattern": nm_pattern_of(t) if nz < n else None, "dtype": dtype}
                     if prefix in quantized:  # an int8 weight stored with its scales
-                        layer["bits"] = 8 * (t.numel() * t.element_size() + _side_bytes(f, keys, prefix)) / n
+                        layer["bits"] = 8 * (nbytes + _side_bytes(f, keys, prefix)) / n
                     layers.append(layer)
     return {
         "files": [f.name for f in files],

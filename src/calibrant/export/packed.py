@@ -18,6 +18,18 @@ Weight-only schemes are written as ``pack-quantized`` (all bit widths 2–8), sc
 quantize activations (w8a8, w4a8) as ``int-quantized`` with dynamic symmetric per-token (or
 per-tensor) input quantization — the formats the library itself picks for those schemes.
 
+Float schemes (:mod:`calibrant.methods.quant.floatgrid`), in the formats of the library's FP8_DYNAMIC /
+NVFP4 presets with calibrant's own numbers:
+
+- ``fp8`` / ``fp8-static`` → ``float-quantized``: ``weight`` in ``float8_e4m3fn`` ``[out, in]``,
+  ``weight_scale`` ``[out, 1]`` (strategy channel); inputs per token and dynamic, or (``fp8-static``)
+  per tensor with ``input_scale`` ``[1]`` float32 ``= amax / 448`` (``observer: static_minmax``);
+- ``nvfp4`` → ``nvfp4-pack-quantized`` (strategy ``tensor_group``, group size 16): ``weight_packed``
+  ``uint8 [out, in / 2]`` (two E2M1 codes a byte, low nibble first), ``weight_scale`` ``float8_e4m3fn
+  [out, in / 16]``, ``weight_global_scale`` float32 ``[1]``; inputs ``dynamic: local`` (block scales at
+  run time) under the calibrated ``input_global_scale`` float32 ``[1]``. Both global scales are
+  multipliers (``448 · 6 / amax``): a value is ``e2m1 · weight_scale / weight_global_scale``.
+
 Refused, with the alternative named: LoRC (the low-rank correction is not part of the format),
 act-order GPTQ with dynamic groups (``g_idx``; compressed-tensors ≥ 0.20 removed it — rerun with
 static groups), a group size that does not divide the input dimension (the format has no short
@@ -72,9 +84,30 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if quant_state_of(m) is not None}
 
 
+def _ct_float_args(scheme: QuantScheme) -> tuple[Any, Any]:
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if scheme.fmt == "nvfp4":
+        fp8 = {"scale_dtype": torch.float8_e4m3fn, "zp_dtype": torch.float8_e4m3fn}
+        weights = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group",
+                                   group_size=scheme.group_size, dynamic=False, **fp8)
+        acts = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group",
+                                group_size=scheme.group_size, dynamic="local", observer="static_minmax", **fp8)
+        return weights, acts
+    weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel", dynamic=False)
+    if scheme.act_static:
+        acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False,
+                                observer="static_minmax")
+    else:
+        acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
+    return weights, acts
+
+
 def _ct_args(scheme: QuantScheme) -> tuple[Any, Any | None]:
     from compressed_tensors.quantization import QuantizationArgs
 
+    if scheme.float_fmt:
+        return _ct_float_args(scheme)
     if scheme.granularity == "group":
         weights = QuantizationArgs(num_bits=scheme.bits, type="int", symmetric=scheme.symmetric, strategy="group",
                                    group_size=scheme.group_size)
@@ -89,6 +122,9 @@ def _ct_args(scheme: QuantScheme) -> tuple[Any, Any | None]:
 
 
 def _short_group_error(name: str, cols: int, scheme: QuantScheme) -> ExportError:
+    if scheme.fmt == "nvfp4":
+        return ExportError(f"{name} has {cols} input columns, not a multiple of 16: nvfp4 stores blocks of 16 — "
+                           f"exclude it (--exclude), use fp8, or {_HF_HINT}")
     g = scheme.group_size or cols
     fit = next((d for d in range(g - 1, 0, -1) if cols % d == 0 and d & (d - 1) == 0), 1)  # a power of two
     return ExportError(
@@ -99,7 +135,7 @@ def _short_group_error(name: str, cols: int, scheme: QuantScheme) -> ExportError
 
 def _check_representable(name: str, module: nn.Module, quant: QuantState) -> QuantScheme:
     scheme = quant.scheme
-    if not quant.has_grid:
+    if not quant.has_grid or (scheme.fmt == "nvfp4" and quant.global_scale is None):
         raise ExportError(
             f"{name} has no quantization grid (scales/zero points) in memory — a model loaded from a dequantized "
             f"directory cannot be packed; export right after compression (calibrant compress --format {FORMAT_NAME})"
@@ -110,6 +146,9 @@ def _check_representable(name: str, module: nn.Module, quant: QuantState) -> Qua
         )
     if quant.unpackable:
         raise ExportError(f"{name}: {quant.unpackable} — {_HF_HINT}")
+    if scheme.act_static and quant.input_amax is None:
+        raise ExportError(f"{name}: scheme {scheme.name} needs its calibrated activation scale, which this model "
+                          f"does not carry; export right after compression, or {_HF_HINT}")
     if quant.lorc:
         raise ExportError(
             f"scheme {scheme.name} adds a LoRC low-rank correction, which {FORMAT_NAME} cannot store — {_HF_HINT}, "
@@ -203,9 +242,60 @@ def integer_weight(name: str, weight: torch.Tensor, scheme: QuantScheme, scale: 
     return q
 
 
+def float_codes(name: str, weight: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor) -> torch.Tensor:
+    """The E4M3 (``fp8``) or E2M1 (``nvfp4``) codes ``W / scale`` (float32, on the grid) of a dequantized weight,
+    ``scale`` being the effective ``[out, n_groups]`` scale; refuses a weight that is off its grid."""
+    from calibrant.methods.quant import round_e2m1, round_e4m3
+
+    W = weight.detach().to(torch.float32)
+    exact = W / expand_groups(scale.to(W.device, torch.float32), W.shape[1], scheme)
+    if scheme.fmt == "fp8":
+        q = round_e4m3(exact)
+        spacing = torch.exp2(torch.floor(torch.log2(q.abs().clamp(min=2.0**-6))) - 3)  # subnormals: 2^-9
+    else:
+        q = round_e2m1(exact)
+        spacing = torch.where(q.abs() < 2, 0.5, torch.where(q.abs() < 4, 1.0, 2.0))
+    off_grid = float(((exact - q).abs() / spacing).max()) if W.numel() else 0.0
+    limit = 0.01 if weight.dtype in (torch.float32, torch.float64) else 0.3  # 16-bit weights carry their own rounding
+    if not off_grid <= limit:
+        raise ExportError(
+            f"{name}'s weights are not on their {scheme.name} grid (off by up to {off_grid:.3g} steps); was the model "
+            f"changed after compression? Re-run the compression, or {_HF_HINT}"
+        )
+    return q
+
+
+def _float_tensors(name: str, module: nn.Linear, quant: QuantState, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+
+    from calibrant.methods.quant.floatgrid import nvfp4_effective
+
+    weight = module.weight.data.cpu()
+    rows, cols = weight.shape
+    scale = quant.scale.detach().to(torch.float32).cpu()
+    n_groups = len(group_slices(cols, scheme))
+    if tuple(scale.shape) != (rows, n_groups):
+        raise ExportError(f"{name}: scales of shape {tuple(scale.shape)} do not match {scheme.name} on a "
+                          f"{tuple(weight.shape)} weight; re-run the compression")
+    if scheme.fmt == "nvfp4":
+        global_scale = quant.global_scale.detach().to(torch.float32).cpu().reshape(1)
+        q = float_codes(name, weight, scheme, nvfp4_effective(scale, global_scale))
+        out = {"weight_packed": pack_fp4_to_uint8(q), "weight_scale": scale.to(torch.float8_e4m3fn),
+               "weight_global_scale": global_scale, "input_global_scale": quant.input_global_scale.cpu()}
+    else:
+        q = float_codes(name, weight, scheme, scale)
+        scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        out = {"weight": q.to(torch.float8_e4m3fn), "weight_scale": scale.to(scale_dtype)}
+        if scheme.act_static:
+            out["input_scale"] = quant.input_scale.cpu()
+    return {k: v.contiguous().clone() for k, v in out.items()}  # own storage: fused linears share a global scale
+
+
 def _module_tensors(name: str, module: nn.Linear, quant: QuantState, scheme: QuantScheme, fmt: str,
                     pack_to_int32: Any) -> dict[str, torch.Tensor]:
     """The tensors that replace one quantized linear's ``weight`` in the checkpoint, under their local names."""
+    if scheme.float_fmt:
+        return _float_tensors(name, module, quant, scheme)
     weight = module.weight.data
     scale = quant.scale.detach().to(torch.float32).cpu()
     zero = quant.zero.detach().to(torch.float32).cpu()
