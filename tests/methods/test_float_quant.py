@@ -410,3 +410,20 @@ def test_dequantized_export_restores_the_calibrated_activation_scale(tmp_path, s
     assert restore_activation_quant(reloaded, read_metadata(out)) == len(report.layers)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, logits)
+
+
+def test_nvfp4_refuses_a_width_it_cannot_block_before_any_work():
+    import transformers as T
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.intermediate_size = 120  # down_proj reads 120 inputs: not a multiple of 16
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeError, match=r"blocks of 16, but model.layers.0.mlp.down_proj reads 120 inputs.*--exclude"):
+        compress(model, token_batch(), make_method("gptq", scheme="nvfp4"), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    compress(model, token_batch(), make_method("rtn", scheme="nvfp4"), exclude=["down_proj"], progress=False)
+    assert quant_state_of(model.model.layers[0].mlp.down_proj) is None

@@ -38,7 +38,7 @@ from calibrant.methods.quant.floatgrid import (
     nvfp4_effective,
     round_float_,
 )
-from calibrant.methods.rtn import SCHEME_HELP, input_amax
+from calibrant.methods.rtn import SCHEME_HELP, check_float_layer, input_amax
 
 SUBBLOCK = 32  # columns per rank-1 update slice inside a lazy block (see _gptq_loop)
 
@@ -257,6 +257,9 @@ class GPTQ(Method):
     @property
     def statistics(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("hessian", "max_abs") if self._scheme.act_static else ("hessian",)
+
+    def validate(self, name: str, shape: tuple[int, int]) -> None:
+        check_float_layer(self._scheme, name, shape)
 
     def quant_plan(self) -> QuantState:
         """Act-order with dynamic groups leaves a non-contiguous g_idx (static groups keep them contiguous)."""

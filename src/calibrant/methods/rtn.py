@@ -34,6 +34,13 @@ def input_amax(scheme: QuantScheme, stats: LayerStats | None) -> torch.Tensor | 
     return stats.get("max_abs").amax().reshape(1).to(torch.float32).cpu()
 
 
+def check_float_layer(scheme: QuantScheme, name: str, shape: tuple[int, int]) -> None:
+    """nvfp4 quantizes inputs in blocks of 16: refuse, before any work, a linear whose input width is not a multiple."""
+    if scheme.fmt == "nvfp4" and shape[1] % scheme.group_size:
+        raise RecipeError(f"nvfp4 quantizes weights and inputs in blocks of {scheme.group_size}, but {name} reads "
+                          f"{shape[1]} inputs; exclude it (--exclude), or use fp8")
+
+
 def float_quantize(weights: list[torch.Tensor], scheme: QuantScheme) -> list[tuple[torch.Tensor, QuantState]]:
     """Round-to-nearest of linears reading one input on a float grid; nvfp4's global scale is shared by
     them (vLLM fuses q/k/v and gate/up into one matrix with one global scale)."""
@@ -66,6 +73,9 @@ class RTN(Method):
 
     def quant_plan(self) -> QuantState:
         return QuantState(self._scheme)
+
+    def validate(self, name: str, shape: tuple[int, int]) -> None:
+        check_float_layer(self._scheme, name, shape)
 
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         return self.compress_group([weight], stats, [ctx])[0]
