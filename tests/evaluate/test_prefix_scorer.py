@@ -18,7 +18,7 @@ import transformers as T
 from calibrant.evaluate.zeroshot import TaskError, evaluate_tasks, prefix
 from calibrant.evaluate.zeroshot import scorer as zs_scorer
 from tests.conftest import FAMILIES, tiny_config
-from tests.evaluate.test_zeroshot import byte_tokenizer
+from tests.evaluate.test_zeroshot import byte_tokenizer, synthetic_store  # noqa: F401 - a fixture
 
 TOL = 1e-4
 
@@ -172,11 +172,32 @@ def test_packing_places_each_request_once_with_its_positions_and_ancestors():
     assert sum(len(r) for r in rows) < sum(len(r.tokens) for r in reqs)  # shared prefixes are stored once
 
 
-def test_batches_respect_the_budget():
+def test_batches_respect_the_budget_and_the_logits_bound():
     rows = [prefix._Row(capacity=64, tokens=[1] * n) for n in (60, 10, 33, 64, 5, 40)]
     groups = prefix.batches(rows, 128)
     assert sorted(len(r) for g in groups for r in g) == sorted(len(r) for r in rows)
     assert all(len(g) * max(len(r) for r in g) <= 128 for g in groups)
+    rng = random.Random(7)
+    reqs = [prefix._Request(i, tuple(rng.randrange(50) for _ in range(rng.randint(3, 20))), 1, (1,) * 2)
+            for i in range(60)]
+    rows = prefix.pack(reqs, 32)
+    for limit in (5, 40):
+        groups = prefix.batches(rows, 10_000, max_scored=limit)
+        assert all(sum(r.scored_positions() for r in g) <= limit or len(g) == 1 for g in groups)
+        assert sorted(id(r) for g in groups for r in g) == sorted(id(r) for r in rows)
+
+
+@pytest.mark.usefixtures("synthetic_store")
+def test_nan_logits_are_refused_not_scored(tok):
+    from calibrant.errors import NumericalError
+
+    m = small_llama(len(tok), max_len=512)
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="logits are not finite"):  # the probe, before any task runs
+        zs_scorer.make_lm(m, tok, scorer="prefix", progress=False)
+    with pytest.raises(NumericalError, match="task 'piqa': the model's log-likelihoods are NaN"):
+        evaluate_tasks(m, tok, ["piqa"], limit=2, scorer="hf", progress=False)
 
 
 @pytest.mark.parametrize("family", FAMILIES + ["llama-eager"])

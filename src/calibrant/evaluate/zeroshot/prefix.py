@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibrant.errors import NumericalError
+
 DEFAULT_TOKEN_BUDGET = 4096  # tokens per forward (rows × row length)
 ROW_TOKENS = 256  # row length, unless one request is longer (512: more padding, 128: worse packing)
 
@@ -55,6 +57,11 @@ class _Row:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def scored_positions(self) -> int:
+        """Distinct positions of this row whose logits are scored (one per continuation token, shared where
+        continuations share their first token's position)."""
+        return int(np.unique(np.concatenate([nodes for _, nodes in self.scored])).size) if self.scored else 0
 
 
 def prepare(requests: Sequence[tuple[Any, Sequence[int], Sequence[int]]], max_length: int) -> list[_Request]:
@@ -204,18 +211,34 @@ def forward_rows(model: Any, rows: list[_Row], device: torch.device) -> tuple[to
                            "(logits_to_keep is not honoured)")
     flat = torch.full(keep.shape, -1, dtype=torch.long)
     flat[torch.from_numpy(keep)] = torch.arange(int(keep.sum()))
-    return torch.log_softmax(logits.float(), dim=-1), flat
+    logits = logits.float()  # no copy for a float32 model: the log-softmax is taken in place
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)), flat
 
 
-def batches(rows: list[_Row], budget: int) -> list[list[_Row]]:
-    """Rows grouped, longest first, so that rows × longest row ≤ ``budget`` tokens (little padding)."""
+def batches(rows: list[_Row], budget: int, max_scored: int | None = None) -> list[list[_Row]]:
+    """Rows grouped, longest first, so that rows × longest row ≤ ``budget`` tokens (little padding) and the
+    positions whose logits are kept stay ≤ ``max_scored`` (a row that alone exceeds it goes alone)."""
     out: list[list[_Row]] = []
+    scored = 0
     for r in sorted(rows, key=len, reverse=True):
-        if out and (len(out[-1]) + 1) * len(out[-1][0]) <= budget:
+        n = r.scored_positions()
+        if out and (len(out[-1]) + 1) * len(out[-1][0]) <= budget and (max_scored is None
+                                                                       or scored + n <= max_scored):
             out[-1].append(r)
+            scored += n
         else:
             out.append([r])
+            scored = n
     return out
+
+
+MAX_LOGITS_BYTES = 512 << 20  # the kept positions' float32 logits of one forward
+
+
+def max_scored_positions(model: Any) -> int:
+    """How many positions' logits one forward may keep: ``MAX_LOGITS_BYTES`` over a row of the vocabulary."""
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    return max(1, MAX_LOGITS_BYTES // (4 * vocab)) if vocab else 1 << 30
 
 
 @torch.no_grad()
@@ -235,7 +258,7 @@ def score(model: Any, requests: list[_Request], *, token_budget: int, device: to
     rows = pack(requests, min(ROW_TOKENS, token_budget))
     result: list[tuple[float, bool] | None] = [None] * len(requests)
     targets = {r.index: r.targets for r in requests}
-    groups = batches(rows, token_budget)
+    groups = batches(rows, token_budget, max_scored_positions(model))
     if counts is not None:
         contexts = {r.tokens[: r.first + 1] for r in requests}
         pairs = {(r.tokens[: r.first + 1], r.targets) for r in requests}
@@ -253,8 +276,8 @@ def score(model: Any, requests: list[_Request], *, token_budget: int, device: to
                 want = torch.tensor(targets[index], dtype=torch.long, device=logp.device)
                 ll = float(logp[at, want].sum())
                 if math.isnan(ll):
-                    raise FloatingPointError("a continuation's log-likelihood is NaN: the model's logits are not "
-                                             "finite")
+                    raise NumericalError("a continuation's log-likelihood is NaN: the model's logits are not finite "
+                                         "on this task's text")
                 result[index] = (ll, bool((greedy[at] == want).all()))
                 done += 1
         if progress is not None:
@@ -289,10 +312,14 @@ def probe(model: Any, device: torch.device, vocab: int) -> str | None:
         for r, (ll, _greedy) in zip(reqs, packed, strict=True):
             ids = torch.tensor([list(r.tokens)], device=device)
             logits = model(input_ids=ids, use_cache=False).logits[0, r.first:].float()
+            if not torch.isfinite(logits).all():
+                raise NumericalError("the model's logits are not finite (NaN/Inf in its weights or activations)")
             want = torch.log_softmax(logits, -1)[torch.arange(len(r.targets)), torch.tensor(r.targets, device=device)]
             if not abs(float(want.sum()) - ll) <= tol * max(1.0, abs(ll)):
                 return (f"packed log-likelihood {ll:.6f} differs from the plain forward's {float(want.sum()):.6f} "
                         "(the model ignores a custom 4-D attention mask or explicit positions)")
-    except Exception as e:  # noqa: BLE001 - any failure means: use the reference backend
+    except NumericalError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any other failure means: use the reference backend
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
     return None

