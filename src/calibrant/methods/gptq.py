@@ -12,6 +12,11 @@ each column is divided by its scale and rounded onto the E4M3 / E2M1 grid instea
 its error is fed back exactly as for an integer grid. nvfp4's global scale is fixed from the whole
 stacked weight before the loop (shared by the fused linears); its block scales are chosen per group of
 16 columns like integer group scales (on the fly, or from the original weight with static groups).
+
+GGUF grids (``gguf-q4_0`` …: :mod:`calibrant.methods.quant.ggufgrid`): each block of 32 columns takes
+llama.cpp's parameters from its current (error-updated) weights when it starts, each column is rounded
+as llama.cpp rounds, and the error fed back is against the value a GGUF reader dequantizes (the float16
+scale and minimum), so the result lies exactly on the grid the exported file stores.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from calibrant.methods.quant.floatgrid import (
     nvfp4_effective,
     round_float_,
 )
-from calibrant.methods.rtn import SCHEME_HELP, check_float_layer, input_amax
+from calibrant.methods.quant.ggufgrid import BlockGrid, block_codes, block_grid, block_values
+from calibrant.methods.rtn import SCHEME_HELP, check_float_layer, check_gguf_mask, input_amax
 
 SUBBLOCK = 32  # columns per rank-1 update slice inside a lazy block (see _gptq_loop)
 
@@ -88,7 +94,16 @@ def gptq_quantize(
     else:
         g_idx = torch.zeros(cols, dtype=torch.long, device=W.device)
     n_groups = int(g_idx.max()) + 1
-    if not grouped or static_groups:  # parameters fixed from the original weight
+    kind = scheme.gguf
+    grids: list[BlockGrid | None] | None = None
+    if kind is not None:  # llama.cpp's block parameters, kept as computed (the scales alone do not round)
+        grids = [block_grid(W[:, c:c + g], kind) for c in range(0, cols, g)] if static_groups else [None] * n_groups
+        scale = torch.ones(rows, n_groups, dtype=W.dtype, device=W.device)
+        zero = torch.zeros_like(scale)
+        on_the_fly = not static_groups
+        if on_the_fly:  # a block's parameters need all earlier columns' errors: no block straddles two lazy blocks
+            blocksize = max(g, blocksize // g * g) if g <= blocksize else g
+    elif not grouped or static_groups:  # parameters fixed from the original weight
         scale, zero = _float_qparams(W, fmt, global_scale, g) if fmt else weight_qparams(W, scheme)
         on_the_fly = False
     else:
@@ -105,8 +120,14 @@ def gptq_quantize(
     groups_p = g_idx[order]
     with single_threaded():
         _gptq_loop(WpT, U, QT, scaleT, zeroT, groups_p.tolist(), maskT, scheme, lo, hi, g, blocksize, on_the_fly,
-                   loss, global_scale)
+                   loss, global_scale, grids)
     out_dtype = out_dtype or W.dtype
+    if grids is not None:  # QT holds the dequantized values; report the stored float16 scales and minima
+        assert all(grid is not None for grid in grids)
+        out = QT.to(out_dtype).index_select(0, torch.argsort(order)).t().contiguous()
+        d16 = torch.stack([grid.d16 for grid in grids], dim=1)  # type: ignore[union-attr]
+        m16 = torch.stack([grid.m16 for grid in grids], dim=1)  # type: ignore[union-attr]
+        return out, d16, m16, g_idx
     if fmt == "nvfp4":  # float32 values from the float32 effective scales; report the E4M3 block scales
         eff = scaleT.to(torch.float32)
         QT = QT.to(torch.float32).mul_(eff.index_select(0, groups_p)).to(out_dtype)
@@ -150,6 +171,7 @@ def _gptq_loop(
     on_the_fly: bool,
     loss: torch.Tensor | None = None,
     global_scale: torch.Tensor | None = None,
+    grids: list[BlockGrid | None] | None = None,
 ) -> None:
     """The column loop of :func:`gptq_quantize` on the transposed, permuted weight ``WpT`` [in, out]
     (updated in place); fills ``QT`` with each column's integer codes minus its zero point (the caller
@@ -164,7 +186,9 @@ def _gptq_loop(
     Five ops per column: the code ``t = clamp(round(w / s), lo − z, hi − z)`` (three, into ``QT``), the
     rounding error ``w − t·s`` (one ``addcmul``) and its update. GPTQ's error is that difference over
     ``U_jj``; the division is folded into the rows of ``V = U / diag(U)``, which carry every update.
-    Float grids round ``w / s`` onto their grid (:func:`round_float_`) in place of round-and-clamp."""
+    Float grids round ``w / s`` onto their grid (:func:`round_float_`) in place of round-and-clamp. GGUF grids
+    (``grids``: one :class:`BlockGrid` per block, filled on the fly when None) write the dequantized value of
+    each column into ``QT`` and feed back ``w`` minus it."""
     cols = WpT.shape[0]
     fmt = scheme.float_fmt
     inv_d = 1.0 / torch.diagonal(U)
@@ -190,6 +214,22 @@ def _gptq_loop(
         for s1, s2 in zip(bounds[:-1], bounds[1:], strict=True):
             for j in range(s1, s2):
                 grp = groups_p[j]
+                if grids is not None:
+                    kind = scheme.gguf
+                    assert kind is not None
+                    if grids[grp] is None:  # the block's parameters from its current (error-updated) weights
+                        grids[grp] = block_grid(WpT[j : j + g].t(), kind)
+                    grid = grids[grp]
+                    assert grid is not None
+                    codes = block_codes(wrows[j], grid, kind)
+                    if mrows is not None:
+                        codes.masked_fill_(mrows[j], 0.0)  # symmetric GGUF grids: code 0 is the value 0
+                    value = block_values(codes, grid, kind)
+                    qrows[j].copy_(value)
+                    err = torch.sub(wrows[j], qrows[j], out=erows[j - i1])
+                    if j + 1 < s2:
+                        WpT[j + 1 : s2].addr_(vrows[j][j + 1 : s2], err, alpha=-1.0)
+                    continue
                 if on_the_fly and j % g == 0 and fmt:  # nvfp4: the block's E4M3 scale from its current weights
                     assert global_scale is not None
                     amax = WpT[j : j + g].abs().amax(0).to(torch.float32)
@@ -246,6 +286,9 @@ class GPTQ(Method):
             raise RecipeError(f"GPTQ needs blocksize ≥ 1 and damp in [0, 1), got {blocksize} and {damp}")
         if static_groups and parsed.granularity != "group":
             raise RecipeError(f"static groups need a group-wise scheme such as w4g128, not '{parsed.name}'")
+        if parsed.gguf is not None and act_order and not static_groups:
+            raise RecipeError(f"{parsed.name} stores blocks of 32 consecutive inputs; act-order with dynamic groups "
+                              "would group other columns — add --static-groups or drop --act-order")
         self.scheme = parsed.name
         self.blocksize = int(blocksize)
         self.damp = float(damp)
@@ -274,6 +317,7 @@ class GPTQ(Method):
     ) -> list[torch.Tensor]:
         assert stats is not None
         scheme = self._scheme
+        check_gguf_mask(scheme, ctxs)
         if scheme.lorc_rank and any(c.mask is not None for c in ctxs):
             raise RecipeError("LoRC cannot follow pruning: the rank-r correction would fill the pruned weights")
         if scheme.granularity == "tensor" and len(weights) > 1:  # one scale per layer: solve them one by one

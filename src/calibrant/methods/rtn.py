@@ -1,6 +1,7 @@
 """Round-to-nearest quantization: the data-free baseline of every PTQ study.
 
-Integer grids and ``fp8`` read no data; ``fp8-static`` and ``nvfp4`` calibrate their activation scale
+Integer grids, GGUF grids (llama.cpp's own rounding, :mod:`calibrant.methods.quant.ggufgrid`) and ``fp8`` read
+no data; ``fp8-static`` and ``nvfp4`` calibrate their activation scale
 from the largest ``|x|`` each linear sees over the calibration tokens (the ``max_abs`` statistic)."""
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from calibrant.methods.quant import (
     nvfp4_weight,
     parse_scheme,
 )
+from calibrant.methods.quant.ggufgrid import gguf_weight
 from calibrant.methods.quant.scheme import QuantScheme
 
-SCHEME_HELP = ("quantization scheme: w4g128, w4g64-asym, w8-channel, w8a8, w3g64+lorc8, fp8, fp8-static, nvfp4, ... "
-               "(default w4g128)")
+SCHEME_HELP = ("quantization scheme: w4g128, w4g64-asym, w8-channel, w8a8, w3g64+lorc8, fp8, fp8-static, nvfp4, "
+               "gguf-q4_0 (q4_1, q5_0, q5_1, q8_0: llama.cpp's grids), ... (default w4g128)")
 
 
 def input_amax(scheme: QuantScheme, stats: LayerStats | None) -> torch.Tensor | None:
@@ -35,10 +37,22 @@ def input_amax(scheme: QuantScheme, stats: LayerStats | None) -> torch.Tensor | 
 
 
 def check_float_layer(scheme: QuantScheme, name: str, shape: tuple[int, int]) -> None:
-    """nvfp4 quantizes inputs in blocks of 16: refuse, before any work, a linear whose input width is not a multiple."""
+    """nvfp4 quantizes inputs in blocks of 16, GGUF grids weights in blocks of 32: refuse, before any work, a linear
+    whose input width is not a multiple."""
+    if scheme.gguf is not None and shape[1] % scheme.group_size:
+        raise RecipeError(f"{scheme.name} stores blocks of {scheme.group_size} inputs, but {name} reads {shape[1]}; "
+                          "exclude it (--exclude: it is then written unquantized, as F16)")
     if scheme.fmt == "nvfp4" and shape[1] % scheme.group_size:
         raise RecipeError(f"nvfp4 quantizes weights and inputs in blocks of {scheme.group_size}, but {name} reads "
                           f"{shape[1]} inputs; exclude it (--exclude), or use fp8")
+
+
+def check_gguf_mask(scheme: QuantScheme, ctxs: list[LayerContext]) -> None:
+    """The affine GGUF grids (q4_1, q5_1) have no exact zero: refuse them after pruning."""
+    kind = scheme.gguf
+    if kind is not None and kind.affine and any(c.mask is not None for c in ctxs):
+        raise RecipeError(f"{scheme.name} stores min + d·q per block, which cannot keep pruned weights exactly 0; "
+                          "after pruning use gguf-q4_0, gguf-q5_0 or gguf-q8_0")
 
 
 def float_quantize(weights: list[torch.Tensor], scheme: QuantScheme) -> list[tuple[torch.Tensor, QuantState]]:
@@ -84,6 +98,9 @@ class RTN(Method):
         self, weights: list[torch.Tensor], stats: LayerStats | None, ctxs: list[LayerContext]
     ) -> list[torch.Tensor]:
         scheme = self._scheme
+        if scheme.gguf is not None:
+            check_gguf_mask(scheme, ctxs)
+            return [self._compress_gguf(w, c) for w, c in zip(weights, ctxs, strict=True)]
         if scheme.float_fmt:
             amax = input_amax(scheme, stats)
             outs = []
@@ -95,6 +112,16 @@ class RTN(Method):
                 outs.append(Wq)
             return outs
         return [self._compress_int(w, c) for w, c in zip(weights, ctxs, strict=True)]
+
+    def _compress_gguf(self, weight: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        scheme = self._scheme
+        assert scheme.gguf is not None
+        Wq, d16, m16 = gguf_weight(weight, scheme.gguf)
+        if ctx.mask is not None:
+            Wq = Wq.masked_fill(ctx.mask, 0.0)  # code 0 of the symmetric GGUF grids
+        g_idx = torch.arange(weight.shape[1], device=weight.device) // scheme.group_size
+        ctx.quant = QuantState(scheme, d16, m16, g_idx)
+        return Wq.to(weight.dtype)
 
     def _compress_int(self, weight: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         scheme = self._scheme

@@ -4,7 +4,9 @@ Integer schemes follow ``w<bits>[a<bits>][g<size>|-channel|-tensor][-asym][-mse]
 schemes are named: ``fp8`` (E4M3 weights per output channel, dynamic per-token E4M3 activations),
 ``fp8-static`` (the activations' one scale calibrated from the calibration set) and ``nvfp4`` (E2M1
 weights with an E4M3 scale per 16 and a global scale; activations likewise, their global scale
-calibrated). See :mod:`calibrant.methods.quant.floatgrid`.
+calibrated). See :mod:`calibrant.methods.quant.floatgrid`. The GGUF schemes ``gguf-q4_0``, ``gguf-q4_1``,
+``gguf-q5_0``, ``gguf-q5_1``, ``gguf-q8_0`` are llama.cpp's block grids (blocks of 32, float16 scales), rounded as
+llama.cpp rounds: see :mod:`calibrant.methods.quant.ggufgrid`.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from calibrant.errors import RecipeError
 
+if TYPE_CHECKING:
+    from calibrant.methods.quant.ggufgrid import GGUFType
+
 SCHEME_EXAMPLES = ("w4g128", "w4g64-asym", "w8-channel", "w4-tensor", "w8a8", "w4a8g128", "w3g64+lorc8", "w4g64-mse",
-                   "fp8", "fp8-static", "nvfp4")
+                   "fp8", "fp8-static", "nvfp4", "gguf-q4_0", "gguf-q8_0")
 FLOAT_FORMATS = ("fp8", "nvfp4")
+_GGUF_SCHEME = re.compile(r"^gguf-(?P<type>[a-z0-9_]+?)(?:g(?P<group>\d+)|-(?P<gran>channel|tensor))?"
+                          r"(?P<flags>(?:-(?:asym|sym|mse))*)$")
 _FLOAT_SCHEME = re.compile(r"^(?P<fmt>fp8|nvfp4)(?:g(?P<group>\d+)|-(?P<gran>channel|tensor))?"
                            r"(?P<flags>(?:-(?:static|dynamic))*)$")
 _SCHEME = re.compile(
@@ -39,10 +47,13 @@ class QuantScheme:
     act_bits: int | None = None  # dynamic fake-quant of the linear's inputs
     act_granularity: str = "token"  # "token" | "tensor" | "group" (nvfp4: blocks of 16 inputs)
     lorc_rank: int = 0  # ZeroQuant-V2 low-rank compensation of the quantization error
-    fmt: str = "int"  # "int" | "fp8" (E4M3) | "nvfp4" (E2M1, E4M3 block scales, a global scale)
+    fmt: str = "int"  # "int" | "fp8" (E4M3) | "nvfp4" (E2M1, E4M3 block scales, a global scale) | "gguf-q4_0" …
     act_static: bool = False  # activation scale calibrated once (max |x| over the calibration tokens)
 
     def __post_init__(self) -> None:
+        if self.fmt.startswith("gguf-"):
+            self._check_gguf()
+            return
         if self.fmt != "int":
             self._check_float()
             return
@@ -78,14 +89,42 @@ class QuantScheme:
             raise RecipeError("nvfp4 calibrates its activations' global scale; there is no dynamic nvfp4 variant")
         require_float8(self.fmt)
 
+    def _check_gguf(self) -> None:
+        from calibrant.methods.quant.ggufgrid import GGUF_BLOCK, GGUF_TYPES, gguf_type
+
+        kind = self.fmt.removeprefix("gguf-")
+        if kind not in GGUF_TYPES:
+            raise RecipeError(f"unknown GGUF type '{kind}'; calibrant quantizes onto "
+                              f"{', '.join('gguf-' + t for t in GGUF_TYPES)}")
+        if self.granularity != "group" or self.group_size != GGUF_BLOCK:
+            size = f"group size {self.group_size}" if self.granularity == "group" else f"{self.granularity} scales"
+            raise RecipeError(f"{self.fmt} is llama.cpp's grid of blocks of {GGUF_BLOCK} weights (one float16 scale "
+                              f"each), not {size}; write '{self.fmt}' (its group size is always {GGUF_BLOCK}), or an "
+                              f"integer scheme such as w{self.bits}g{self.group_size or 128}")
+        t = gguf_type(kind)
+        if (self.bits, self.symmetric) != (t.bits, not t.affine) or self.clip != "none" or self.act_bits \
+                or self.lorc_rank:
+            raise RecipeError(f"{self.fmt} is fixed by llama.cpp: {t.bits}-bit codes, "
+                              f"{'a float16 minimum per block' if t.affine else 'symmetric'}, no clipping search, "
+                              f"weight-only, no LoRC; write '{self.fmt}'")
+
     @property
     def float_fmt(self) -> str | None:
-        """``"fp8"`` / ``"nvfp4"`` for the float schemes, None for integer ones."""
-        return None if self.fmt == "int" else self.fmt
+        """``"fp8"`` / ``"nvfp4"`` for the float schemes, None for integer and GGUF ones."""
+        return self.fmt if self.fmt in FLOAT_FORMATS else None
+
+    @property
+    def gguf(self) -> GGUFType | None:
+        """The GGUF block type (``q4_0`` …) of a ``gguf-*`` scheme, None for the others."""
+        from calibrant.methods.quant.ggufgrid import gguf_type
+
+        return gguf_type(self.fmt) if self.fmt.startswith("gguf-") else None
 
     @property
     def name(self) -> str:
         """Canonical scheme string; ``parse_scheme(s.name) == s``."""
+        if self.fmt.startswith("gguf-"):
+            return self.fmt
         if self.fmt != "int":
             return self.fmt + ("-static" if self.fmt == "fp8" and self.act_static else "")
         s = f"w{self.bits}"
@@ -102,6 +141,8 @@ class QuantScheme:
         (16 bit). ``fp8``: a 16-bit scale per row (the model's dtype, as exported); ``nvfp4``: an 8-bit E4M3
         scale per 16 weights and one 32-bit global scale."""
         rows, cols = shape
+        if self.gguf is not None:
+            return self.gguf.bits_per_weight
         if self.fmt == "nvfp4":
             return self.bits + 8 / self.group_size + 32 / (rows * cols)
         per_group = 16 + (0 if self.symmetric else self.bits)
@@ -119,6 +160,9 @@ def parse_scheme(text: str | QuantScheme) -> QuantScheme:
     """Parse a scheme string such as ``w4g128``, ``w4g64-asym``, ``w8-channel``, ``w8a8``, ``w3g64+lorc8``."""
     if isinstance(text, QuantScheme):
         return text
+    gm = _GGUF_SCHEME.match(str(text).strip().lower())
+    if gm:
+        return _gguf_scheme(str(text), gm)
     fm = _FLOAT_SCHEME.match(str(text).strip().lower())
     if fm:
         return _float_scheme(str(text), fm)
@@ -128,7 +172,7 @@ def parse_scheme(text: str | QuantScheme) -> QuantScheme:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise RecipeError(
             f"unknown scheme '{text}'.{hint} Form: w<bits>[a<bits>][g<size>|-channel|-tensor][-asym][-mse][+lorc<r>], "
-            f"e.g. {', '.join(SCHEME_EXAMPLES[:5])}; or fp8, fp8-static, nvfp4"
+            f"e.g. {', '.join(SCHEME_EXAMPLES[:5])}; or fp8, fp8-static, nvfp4; or gguf-q4_0 (q4_1, q5_0, q5_1, q8_0)"
         )
     flags = set(filter(None, m["flags"].split("-")))
     if {"asym", "sym"} <= flags:
@@ -170,3 +214,29 @@ def _float_scheme(text: str, m: re.Match) -> QuantScheme:
     return QuantScheme(bits=bits, group_size=group, granularity=granularity, act_bits=bits,
                        act_granularity="tensor" if fmt == "fp8" and static else "token" if fmt == "fp8" else "group",
                        fmt=fmt, act_static=static)
+
+
+def _gguf_scheme(text: str, m: re.Match) -> QuantScheme:
+    """``gguf-<type>``: llama.cpp's grid; a group size or flags other than the grid's own are refused by the check."""
+    from calibrant.methods.quant.ggufgrid import GGUF_BLOCK, GGUF_TYPES, gguf_type
+
+    kind = m["type"]
+    if kind not in GGUF_TYPES:
+        close = difflib.get_close_matches(kind, GGUF_TYPES, n=1, cutoff=0.5)
+        hint = f" Did you mean 'gguf-{close[0]}'?" if close else ""
+        raise RecipeError(f"unknown GGUF type in scheme '{text}'.{hint} calibrant quantizes onto "
+                          f"{', '.join('gguf-' + t for t in GGUF_TYPES)} (llama.cpp's blocks of {GGUF_BLOCK})")
+    t = gguf_type(kind)
+    flags = set(filter(None, m["flags"].split("-")))
+    if m["group"] is not None:
+        granularity, group = "group", int(m["group"])
+    elif m["gran"]:
+        granularity, group = m["gran"], None
+    else:
+        granularity, group = "group", GGUF_BLOCK
+    symmetric = not t.affine
+    if ("asym" in flags and symmetric) or ("sym" in flags and not symmetric):
+        raise RecipeError(f"gguf-{kind} is {'symmetric' if symmetric else 'asymmetric (a minimum per block)'} by "
+                          f"definition; write 'gguf-{kind}'")
+    return QuantScheme(bits=t.bits, group_size=group, granularity=granularity, symmetric=symmetric,
+                       clip="mse" if "mse" in flags else "none", fmt=f"gguf-{kind}")
