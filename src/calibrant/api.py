@@ -16,6 +16,7 @@ from calibrant.engine import CompressionReport, compress
 from calibrant.errors import CalibrantError, CalibrationError, RecipeError
 from calibrant.evaluate.perplexity import PerplexityResult, perplexity
 from calibrant.evaluate.zeroshot import STANDARD_SUITE, ZeroShotResult, check_tasks, evaluate_tasks
+from calibrant.export.gguf import check_gguf_model, check_gguf_output, check_gguf_recipe, save_gguf
 from calibrant.export.hf import (
     check_output,
     model_bytes,
@@ -23,7 +24,13 @@ from calibrant.export.hf import (
     restore_activation_quant,
     save_model,
 )
-from calibrant.export.packed import check_packable_recipe, normalize_format, save_packed
+from calibrant.export.packed import (
+    FORMAT_NAME,
+    ExportError,
+    check_packable_recipe,
+    normalize_format,
+    save_packed,
+)
 from calibrant.methods import Method, make_recipe
 from calibrant.models.loader import LoadedModel, load_model
 from calibrant.models.structured import load_structured  # noqa: F401 - part of the API (README)
@@ -143,19 +150,26 @@ def compress_model(
     device: str | torch.device | None = None,
     progress: bool = True,
     export_format: str = "hf",
+    gguf_type: str | None = None,
     **method_params: Any,
 ) -> CompressResult:
     """Compress a model end to end; with ``out`` the result is saved as a Hugging Face directory.
 
     ``export_format="compressed-tensors"`` (alias ``"packed"``) writes packed integer weights with their
     scales and zero points instead of dequantized floats (loads in vLLM); schemes it cannot store are
-    refused before the model is compressed.
+    refused before the model is compressed. ``export_format="gguf"`` writes ``out`` as one ``.gguf`` file
+    (llama.cpp) of a ``gguf-*`` scheme's blocks; ``gguf_type`` (``q4_0`` … or ``f16``/``f32`` for a recipe
+    that quantizes nothing) must agree with the scheme, and defaults to it.
 
     Everything that can be refused (output exists, unknown method, bad sparsity or pattern) is checked
     before the model is loaded, so bad input costs nothing and writes nothing.
     """
     export_format = normalize_format(export_format)
-    if out is not None:
+    if gguf_type is not None and export_format != "gguf":
+        raise ExportError(f"`gguf_type` {gguf_type} is for the gguf export format; add --format gguf or drop it")
+    if out is not None and export_format == "gguf":
+        check_gguf_output(out, overwrite, inputs=(model,))
+    elif out is not None:
         check_output(out, overwrite, inputs=(model,))
     device = check_device(device)
     if isinstance(method, str):
@@ -165,11 +179,16 @@ def compress_model(
         methods = [method] if isinstance(method, Method) else list(method)
     if not any(m.reads_data() for m in methods):
         calibration = None  # a data-free recipe reads no activations: no set is drawn, none is recorded
-    if out is not None and export_format != "hf":
+    packed = out is not None and export_format == FORMAT_NAME
+    if packed:
         check_packable_recipe(methods)
+    if out is not None and export_format == "gguf":
+        gguf_type = check_gguf_recipe(methods, gguf_type)
     loaded = as_loaded(model, quiet=not progress)
-    if out is not None and export_format != "hf":
+    if packed:
         check_packable_recipe(methods, loaded.model, include, exclude)
+    if out is not None and export_format == "gguf":
+        check_gguf_model(loaded.model, loaded.path, loaded.tokenizer)
     if out is not None:  # a packed export is smaller: count its floor (fp32 / 8: 4 bits a weight)
         dense = model_bytes(loaded.model)
         check_space(out, dense if export_format == "hf" else dense // 8, "--out")
@@ -197,7 +216,11 @@ def compress_model(
         "timings": report.timings,
     }
     result = CompressResult(loaded, report, calib, metadata=metadata)
-    if out is not None and export_format != "hf":
+    if out is not None and export_format == "gguf":
+        result.out, result.metadata["export"] = save_gguf(
+            loaded.model, out, metadata, source_dir=loaded.path, tokenizer=loaded.tokenizer, gguf_type_name=gguf_type,
+            overwrite=overwrite)
+    elif packed:
         result.out = save_packed(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite)
     elif out is not None:
         result.out = save_model(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite)

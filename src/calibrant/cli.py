@@ -89,7 +89,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         seed=args.seed, out=args.out, overwrite=args.overwrite, batch_size=args.batch_size,
         propagate=args.propagate, pipeline=args.pipeline, include=_csv(args.include), exclude=_csv(args.exclude), device=args.device,
-        progress=not args.quiet, export_format=args.export_format, **params,
+        progress=not args.quiet, export_format=args.export_format, gguf_type=args.gguf_type, **params,
     )
     rep = result.report
     t = rep.timings
@@ -110,8 +110,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
         for name, r in ppl.items():
             print(f"perplexity {name} (held-out, {r.tokens} tokens, seq_len {r.protocol['seq_len']}): {r.ppl:.3f}")
     if result.out is not None:
+        _print_gguf_fallbacks(result.metadata.get("export") or {})
         print(f"saved: {result.out}")
     return 0
+
+
+def _print_gguf_fallbacks(export: dict[str, Any]) -> None:
+    """Every tensor a GGUF export did not write in the file's quantized type, and why (1-D ones counted)."""
+    if export.get("format") != "gguf":
+        return
+    rows = export.get("tensors", [])
+    flat = [r for r in rows if len(r["shape"]) == 1]
+    for r in rows:
+        if len(r["shape"]) > 1 and not r["why"].startswith("quantized"):
+            print(f"gguf: {r['tensor']} {'x'.join(map(str, r['shape']))} written {r['type']} ({r['why']})")
+    if flat:
+        print(f"gguf: {len(flat)} 1-D tensors (norms, biases) written F32; file type {export.get('file_type')}, "
+              f"metadata from the {export.get('metadata_from')}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -348,10 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", default="wiki:128x512", help="SOURCE[:options]:NxL or a saved calibration file")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=None, help="output directory (Hugging Face format)")
-    c.add_argument("--format", dest="export_format", choices=["hf", "compressed-tensors"], default="hf",
+    c.add_argument("--format", dest="export_format", choices=["hf", "compressed-tensors", "gguf"], default="hf",
                    help="--out as dequantized floats (hf, any scheme) or packed integers with scales/zero points "
                         "(compressed-tensors: loads in vLLM and transformers; no LoRC, no dynamic act-order groups, "
-                        "group size must divide every input width)")
+                        "group size must divide every input width), or one .gguf file for llama.cpp (gguf: schemes "
+                        "gguf-q4_0, gguf-q4_1, gguf-q5_0, gguf-q5_1, gguf-q8_0; llama-architecture models loaded "
+                        "from a .gguf)")
+    c.add_argument("--gguf-type", default=None, choices=["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "f32"],
+                   help="with --format gguf: the file's type; must be the scheme's grid (default: the scheme's; "
+                        "f16/f32 for a recipe that quantizes nothing)")
     c.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an earlier calibrant output (never a directory of other files)")
     c.add_argument("--batch-size", type=positive_int, default=8)

@@ -200,8 +200,8 @@ def test_api_and_cli_export_format(tiny_dir, tmp_path, capsys):
         with pytest.raises(ExportError, match=message):
             compress_model(tiny_dir, method, out=tmp_path / "bad", export_format="compressed-tensors",
                            calibration=None, progress=False, **params)
-    with pytest.raises(ExportError, match="unknown export format 'gguf'"):
-        compress_model(tiny_dir, "rtn", scheme="w4g32", out=tmp_path / "bad", export_format="gguf", progress=False)
+    with pytest.raises(ExportError, match="unknown export format 'onnx'"):
+        compress_model(tiny_dir, "rtn", scheme="w4g32", out=tmp_path / "bad", export_format="onnx", progress=False)
     assert not (tmp_path / "bad").exists()
     capsys.readouterr()
     code = main(["compress", "--model", str(tiny_dir), "--method", "rtn", "--scheme", "w4g16+lorc2", "--format",

@@ -174,16 +174,16 @@ def _check_representable(name: str, module: nn.Module, quant: QuantState) -> Qua
     return scheme
 
 
-EXPORT_FORMATS = ("hf", "compressed-tensors", "packed")  # "packed" is an alias of compressed-tensors
+EXPORT_FORMATS = ("hf", "compressed-tensors", "packed", "gguf")  # "packed" is an alias of compressed-tensors
 
 
 def normalize_format(export_format: str) -> str:
-    """``"hf"`` or ``"compressed-tensors"``; anything else is refused with the valid choices."""
+    """``"hf"``, ``"compressed-tensors"`` or ``"gguf"``; anything else is refused with the valid choices."""
     fmt = str(export_format).strip().lower()
     if fmt not in EXPORT_FORMATS:
-        raise ExportError(f"unknown export format '{export_format}'; choose hf (dequantized floats) or "
-                          f"{FORMAT_NAME} (packed integers, loads in vLLM)")
-    return "hf" if fmt == "hf" else FORMAT_NAME
+        raise ExportError(f"unknown export format '{export_format}'; choose hf (dequantized floats), "
+                          f"{FORMAT_NAME} (packed integers, loads in vLLM) or gguf (llama.cpp)")
+    return fmt if fmt in ("hf", "gguf") else FORMAT_NAME
 
 
 def check_packable_recipe(methods: Iterable[Any], model: nn.Module | None = None,
@@ -198,6 +198,8 @@ def check_packable_recipe(methods: Iterable[Any], model: nn.Module | None = None
                           "quantization method (e.g. --method gptq --scheme w4g64) or save with --format hf")
     for state in planned:
         scheme = state.scheme
+        if scheme.gguf is not None:
+            raise ExportError(f"scheme {scheme.name} is llama.cpp's grid: write it with --format gguf (or --format hf)")
         if state.unpackable:
             raise ExportError(f"{state.unpackable} — {_HF_HINT}")
         if state.lorc:

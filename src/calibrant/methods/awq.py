@@ -13,7 +13,8 @@ targets' calibration inputs ``X`` (the ``rows`` statistic) and their per-channel
   the group's output error after quantization (skipped for q and k, whose errors the softmax amplifies,
   as the reference does);
 - quantization: round-to-nearest on the scheme's grid (default ``w4g128-asym``, AWQ's). Followed by
-  another quantizer in the recipe (``awq+gptq``), AWQ leaves the rounding to it.
+  another quantizer in the recipe (``awq+gptq``), AWQ leaves the rounding to it. With a GGUF scheme
+  (``gguf-q4_0`` …) the scale and clip searches and the rounding all use llama.cpp's grid.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 from calibrant.errors import RecipeError
 from calibrant.methods.base import BlockMethod, LayerContext, LayerStats
 from calibrant.methods.quant import QuantState, fake_quant_weight, parse_scheme, qrange, weight_qparams
+from calibrant.methods.quant.ggufgrid import gguf_weight
+from calibrant.methods.rtn import check_float_layer, check_gguf_mask
 from calibrant.models.adapter import set_weight, weight_of
 
 SEARCH_ROWS = 512  # sampled calibration rows the searches score on (of the `rows` statistic's sample)
@@ -47,12 +50,19 @@ def awq_scales(x: torch.Tensor, mean_abs: torch.Tensor, W: torch.Tensor, scheme:
         alpha = i / grid
         s = base.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        Wq = fake_quant_weight(W * s, scheme)[0] / s
+        Wq = rtn_weight(W * s, scheme) / s
         err = output_error(x, W, Wq)
         errors.append(err)
         if err < best[0]:
             best = (err, alpha, s)
     return best[1], best[2], errors
+
+
+def rtn_weight(W: torch.Tensor, scheme: Any) -> torch.Tensor:
+    """Round-to-nearest of ``W`` on the scheme's grid (GGUF schemes: llama.cpp's own rounding)."""
+    if scheme.gguf is not None:
+        return gguf_weight(W, scheme.gguf)[0].to(W.dtype)
+    return fake_quant_weight(W, scheme)[0]
 
 
 def clip_weight(W: torch.Tensor, x: torch.Tensor, scheme: Any, grid: int = 20, min_ratio: float = 0.5) -> torch.Tensor:
@@ -76,7 +86,10 @@ def clip_weight(W: torch.Tensor, x: torch.Tensor, scheme: Any, grid: int = 20, m
     for i in range(grid):
         ratio = 1.0 - i * (1.0 - min_ratio) / (grid - 1) if grid > 1 else 1.0
         clipped = torch.minimum(torch.maximum(Wg, wmin * ratio), wmax * ratio)
-        Wq = _quantize_groups(clipped, scheme, lo, hi)
+        if scheme.gguf is not None:  # llama.cpp's grid, as the export stores it
+            Wq = gguf_weight(clipped.reshape(rows, cols), scheme.gguf)[0].reshape(rows, cols // g, g)
+        else:
+            Wq = _quantize_groups(clipped, scheme, lo, hi)
         err = torch.einsum("ngk,rgk->ngr", xg, Wq - Wg).square().mean(0).t()  # [rows, groups]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -120,6 +133,9 @@ class AWQ(BlockMethod):
     def quant_plan(self) -> QuantState:
         return QuantState(self._scheme)
 
+    def validate(self, name: str, shape: tuple[int, int]) -> None:
+        check_float_layer(self._scheme, name, shape)
+
     def validate_recipe(self, methods: list[Any]) -> None:
         """Followed by another quantizer (``awq+gptq``), AWQ scales and clips and leaves the rounding to it."""
         later = methods[methods.index(self) + 1:]
@@ -147,7 +163,12 @@ class AWQ(BlockMethod):
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         if not self._quantize:
             return weight
-        Wq, scale, zero = fake_quant_weight(weight, self._scheme)
+        if self._scheme.gguf is not None:
+            check_gguf_mask(self._scheme, [ctx])
+            Wq, scale, zero = gguf_weight(weight, self._scheme.gguf)
+            Wq = Wq.to(weight.dtype)
+        else:
+            Wq, scale, zero = fake_quant_weight(weight, self._scheme)
         if ctx.mask is not None:
             Wq = Wq.masked_fill(ctx.mask, 0.0)
         g_idx = None

