@@ -50,19 +50,12 @@ def awq_scales(x: torch.Tensor, mean_abs: torch.Tensor, W: torch.Tensor, scheme:
         alpha = i / grid
         s = base.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        Wq = rtn_weight(W * s, scheme) / s
+        Wq = fake_quant_weight(W * s, scheme)[0] / s
         err = output_error(x, W, Wq)
         errors.append(err)
         if err < best[0]:
             best = (err, alpha, s)
     return best[1], best[2], errors
-
-
-def rtn_weight(W: torch.Tensor, scheme: Any) -> torch.Tensor:
-    """Round-to-nearest of ``W`` on the scheme's grid (GGUF schemes: llama.cpp's own rounding)."""
-    if scheme.gguf is not None:
-        return gguf_weight(W, scheme.gguf)[0].to(W.dtype)
-    return fake_quant_weight(W, scheme)[0]
 
 
 def clip_weight(W: torch.Tensor, x: torch.Tensor, scheme: Any, grid: int = 20, min_ratio: float = 0.5) -> torch.Tensor:
@@ -163,12 +156,8 @@ class AWQ(BlockMethod):
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         if not self._quantize:
             return weight
-        if self._scheme.gguf is not None:
-            check_gguf_mask(self._scheme, [ctx])
-            Wq, scale, zero = gguf_weight(weight, self._scheme.gguf)
-            Wq = Wq.to(weight.dtype)
-        else:
-            Wq, scale, zero = fake_quant_weight(weight, self._scheme)
+        check_gguf_mask(self._scheme, [ctx])
+        Wq, scale, zero = fake_quant_weight(weight, self._scheme)
         if ctx.mask is not None:
             Wq = Wq.masked_fill(ctx.mask, 0.0)
         g_idx = None

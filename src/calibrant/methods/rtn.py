@@ -19,7 +19,6 @@ from calibrant.methods.quant import (
     nvfp4_weight,
     parse_scheme,
 )
-from calibrant.methods.quant.ggufgrid import gguf_weight
 from calibrant.methods.quant.scheme import QuantScheme
 
 SCHEME_HELP = ("quantization scheme: w4g128, w4g64-asym, w8-channel, w8a8, w3g64+lorc8, fp8, fp8-static, nvfp4, "
@@ -98,9 +97,7 @@ class RTN(Method):
         self, weights: list[torch.Tensor], stats: LayerStats | None, ctxs: list[LayerContext]
     ) -> list[torch.Tensor]:
         scheme = self._scheme
-        if scheme.gguf is not None:
-            check_gguf_mask(scheme, ctxs)
-            return [self._compress_gguf(w, c) for w, c in zip(weights, ctxs, strict=True)]
+        check_gguf_mask(scheme, ctxs)
         if scheme.float_fmt:
             amax = input_amax(scheme, stats)
             outs = []
@@ -111,19 +108,10 @@ class RTN(Method):
                 ctx.quant = state
                 outs.append(Wq)
             return outs
-        return [self._compress_int(w, c) for w, c in zip(weights, ctxs, strict=True)]
+        return [self._compress_grid(w, c) for w, c in zip(weights, ctxs, strict=True)]
 
-    def _compress_gguf(self, weight: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        scheme = self._scheme
-        assert scheme.gguf is not None
-        Wq, d16, m16 = gguf_weight(weight, scheme.gguf)
-        if ctx.mask is not None:
-            Wq = Wq.masked_fill(ctx.mask, 0.0)  # code 0 of the symmetric GGUF grids
-        g_idx = torch.arange(weight.shape[1], device=weight.device) // scheme.group_size
-        ctx.quant = QuantState(scheme, d16, m16, g_idx)
-        return Wq.to(weight.dtype)
-
-    def _compress_int(self, weight: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    def _compress_grid(self, weight: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """An integer or GGUF grid (the GGUF types' scales and minima kept as the state's scale and zero)."""
         scheme = self._scheme
         if scheme.lorc_rank and ctx.mask is not None:
             raise RecipeError("LoRC cannot follow pruning: the rank-r correction would fill the pruned weights")

@@ -92,7 +92,13 @@ def expand_groups(t: torch.Tensor, cols: int, scheme: QuantScheme) -> torch.Tens
 
 
 def fake_quant_weight(W: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest of a whole weight: (dequantized weight, scales, zero points)."""
+    """Round-to-nearest of a whole weight: (dequantized weight, scales, zero points). On a GGUF grid it is
+    llama.cpp's own rounding, and the "zero points" are the blocks' float16 minima (0 for the symmetric types)."""
+    if scheme.gguf is not None:
+        from calibrant.methods.quant.ggufgrid import gguf_weight
+
+        Wq, d16, m16 = gguf_weight(W, scheme.gguf)
+        return Wq.to(W.dtype), d16, m16
     scale, zero = weight_qparams(W, scheme)
     lo, hi = qrange(scheme.bits, scheme.symmetric)
     Wq = fake_quant(W, expand_groups(scale, W.shape[1], scheme), expand_groups(zero, W.shape[1], scheme), lo, hi)
