@@ -50,6 +50,12 @@ def scheme_for(scheme: QuantScheme) -> str:
     return f"gguf-q{5 if scheme.bits == 5 else 4}_{0 if scheme.symmetric else 1}"
 
 
+def _require_grid(scheme: QuantScheme) -> None:
+    if scheme.gguf is None:
+        raise ExportError(f"--format gguf stores llama.cpp's block grids, and scheme {scheme.name} is not one; "
+                          f"quantize onto the grid the file will hold, e.g. --scheme {scheme_for(scheme)}")
+
+
 def check_gguf_recipe(methods: list[Any], gguf_type_name: str | None = None, model: nn.Module | None = None,
                       source_dir: Path | None = None, tokenizer: Any = None) -> str:
     """Refuse, before any work, a recipe or model the GGUF writer cannot store; returns the file's type name."""
@@ -58,9 +64,7 @@ def check_gguf_recipe(methods: list[Any], gguf_type_name: str | None = None, mod
     if wanted is not None and wanted not in GGUF_EXPORT_TYPES:
         raise ExportError(f"unknown GGUF type '{gguf_type_name}'; choose one of {', '.join(GGUF_EXPORT_TYPES)}")
     for scheme in planned:
-        if scheme.gguf is None:
-            raise ExportError(f"--format gguf stores llama.cpp's block grids, and scheme {scheme.name} is not one; "
-                              f"quantize onto the grid the file will hold, e.g. --scheme {scheme_for(scheme)}")
+        _require_grid(scheme)
     kinds = sorted({s.gguf.name for s in planned if s.gguf is not None})
     if wanted is None:
         wanted = kinds[0] if len(kinds) == 1 else "f16"
@@ -234,9 +238,7 @@ def save_gguf(model: nn.Module, out: str | Path, metadata: dict[str, Any], *, so
     states = [s for m in model.modules() if (s := quant_state_of(m)) is not None]
     kinds = Counter(s.scheme.gguf.name for s in states if s.scheme.gguf is not None)
     for s in states:
-        if s.scheme.gguf is None:
-            raise ExportError(f"--format gguf stores llama.cpp's block grids, and scheme {s.scheme.name} is not one; "
-                              f"quantize with --scheme {scheme_for(s.scheme)}")
+        _require_grid(s.scheme)
     main = gguf_type_name or (kinds.most_common(1)[0][0] if kinds else "f16")
     tensors, report = build_gguf_tensors(model, fallback="f32" if main == "f32" else "f16")
     kv_path = _source_kv_path(source_dir)
