@@ -434,3 +434,16 @@ def test_real_model_scores_match_a_hand_computation(real_root):
     result = evaluate_tasks(loaded.model, loaded.tokenizer, ["arc_easy"], limit=20, batch_size=8, progress=False)
     assert_matches_hand_computation(result, "arc_easy", docs, loaded.model, loaded.tokenizer)
     assert result.tasks["arc_easy"].acc > 0.25  # a real model beats chance (4 choices) on ARC-Easy
+
+
+def test_items_of_every_output_type():
+    """Per-document items from lm-eval's samples: multiple choice (argmax), log-likelihood (greedy flag) and
+    rolling (a bare float per request, no prediction)."""
+    mc = zs_scorer._items([{"doc_id": 1, "target": 0, "filtered_resps": [(-3.0, False), (-1.0, False)], "acc": 0.0},
+                           {"doc_id": 0, "target": 1, "filtered_resps": [(-2.0, False), (-2.5, True)], "acc": 0.0}],
+                          "multiple_choice")
+    assert [(i["doc_id"], i["pred"], i["lls"]) for i in mc] == [(0, 0, [-2.0, -2.5]), (1, 1, [-3.0, -1.0])]
+    ll = zs_scorer._items([{"doc_id": 0, "target": " end", "filtered_resps": [(-4.0, True)]}], "loglikelihood")
+    assert ll[0]["pred"] is True and ll[0]["lls"] == [-4.0]
+    rolling = zs_scorer._items([{"doc_id": 0, "target": "", "filtered_resps": [-123.5]}], "loglikelihood_rolling")
+    assert rolling[0]["lls"] == [-123.5] and "pred" not in rolling[0]

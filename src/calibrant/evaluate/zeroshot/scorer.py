@@ -210,7 +210,8 @@ def _build_offline_tasks(names: tuple[str, ...], root: Path) -> list[Any]:
 def _items(samples: list[dict[str, Any]], output_type: str) -> list[dict[str, Any]]:
     out = []
     for s in sorted(samples, key=lambda s: s["doc_id"]):
-        resps = [tuple(r) for r in s["filtered_resps"]]
+        # (log-likelihood, greedy) per request; a rolling request (perplexity tasks) answers a bare float
+        resps = [tuple(r) if isinstance(r, tuple | list) else (r,) for r in s["filtered_resps"]]
         lls = [float(r[0]) for r in resps]
         target = s.get("target")
         if hasattr(target, "item"):  # numpy scalar
@@ -218,7 +219,7 @@ def _items(samples: list[dict[str, Any]], output_type: str) -> list[dict[str, An
         item = {"doc_id": int(s["doc_id"]), "target": target if isinstance(target, int | str) else str(target), "lls": lls}
         if output_type == "multiple_choice":
             item["pred"] = int(max(range(len(lls)), key=lls.__getitem__))
-        else:
+        elif output_type == "loglikelihood":
             item["pred"] = bool(resps[0][1])  # greedy continuation == target
         for key in ("acc", "acc_norm"):
             if key in s:
