@@ -44,7 +44,7 @@ from calibrant.methods.quant.floatgrid import (
     round_float_,
 )
 from calibrant.methods.quant.ggufgrid import BlockGrid, block_codes, block_grid, block_values
-from calibrant.methods.rtn import SCHEME_HELP, check_float_layer, check_gguf_mask, input_amax
+from calibrant.methods.rtn import SCHEME_HELP, check_block_width, check_gguf_mask, input_amax
 
 SUBBLOCK = 32  # columns per rank-1 update slice inside a lazy block (see _gptq_loop)
 
@@ -302,7 +302,7 @@ class GPTQ(Method):
         return ("hessian", "max_abs") if self._scheme.act_static else ("hessian",)
 
     def validate(self, name: str, shape: tuple[int, int]) -> None:
-        check_float_layer(self._scheme, name, shape)
+        check_block_width(self._scheme, name, shape)
 
     def quant_plan(self) -> QuantState:
         """Act-order with dynamic groups leaves a non-contiguous g_idx (static groups keep them contiguous)."""

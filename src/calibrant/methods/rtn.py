@@ -35,7 +35,7 @@ def input_amax(scheme: QuantScheme, stats: LayerStats | None) -> torch.Tensor | 
     return stats.get("max_abs").amax().reshape(1).to(torch.float32).cpu()
 
 
-def check_float_layer(scheme: QuantScheme, name: str, shape: tuple[int, int]) -> None:
+def check_block_width(scheme: QuantScheme, name: str, shape: tuple[int, int]) -> None:
     """nvfp4 quantizes inputs in blocks of 16, GGUF grids weights in blocks of 32: refuse, before any work, a linear
     whose input width is not a multiple."""
     if scheme.gguf is not None and shape[1] % scheme.group_size:
@@ -88,7 +88,7 @@ class RTN(Method):
         return QuantState(self._scheme)
 
     def validate(self, name: str, shape: tuple[int, int]) -> None:
-        check_float_layer(self._scheme, name, shape)
+        check_block_width(self._scheme, name, shape)
 
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         return self.compress_group([weight], stats, [ctx])[0]
