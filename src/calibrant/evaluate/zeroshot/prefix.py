@@ -35,7 +35,7 @@ import torch
 from calibrant.errors import NumericalError
 
 DEFAULT_TOKEN_BUDGET = 4096  # tokens per forward (rows × row length)
-ROW_TOKENS = 256  # row length, unless one request is longer (512: more padding, 128: worse packing)
+ROW_TOKENS = 256  # row length, unless one request is longer: longer rows pay attention over more masked pairs, shorter ones pack groups less well
 
 
 @dataclass
