@@ -24,6 +24,13 @@ from calibrant.export.hf import (
     restore_activation_quant,
     save_model,
 )
+from calibrant.export.imatrix import (
+    Imatrix,
+    check_imatrix_output,
+    collect_imatrix,
+    tensor_names,
+    write_imatrix,
+)
 from calibrant.export.packed import (
     FORMAT_NAME,
     ExportError,
@@ -276,6 +283,37 @@ def evaluate_zeroshot(
     loaded = as_loaded(model, quiet=not progress)
     return evaluate_tasks(loaded.model, loaded.tokenizer, names, limit=limit, num_fewshot=num_fewshot,
                           batch_size=batch_size, progress=progress, hub=hub, scorer=scorer, token_budget=token_budget)
+
+
+def compute_imatrix(
+    model: str | Path | LoadedModel,
+    calibration: str | Path | CalibrationSet | torch.Tensor = DEFAULT_CALIBRATION,
+    *,
+    out: str | Path | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Imatrix:
+    """llama.cpp's importance matrix of the dense ``model`` over any calibration set (``llama-quantize
+    --imatrix`` reads it); with ``out`` it is written as ``.gguf`` (provenance inside) or legacy ``.dat``
+    (provenance in ``<out>.json``). The output and the model's family are checked before the set is drawn.
+    """
+    if out is not None:
+        check_imatrix_output(out, overwrite)
+    device = check_device(device)
+    loaded = as_loaded(model, quiet=not progress)
+    tensor_names(loaded.model)
+    calib = resolve_calibration(calibration, loaded.tokenizer, seed, loaded.context_length, model=loaded,
+                                progress=None if progress else False)
+    if calib is None:
+        raise CalibrationError("an importance matrix is measured on calibration data; give a set, e.g. wiki:128x512")
+    imatrix = collect_imatrix(loaded.model, calib, batch_size=batch_size, device=device, progress=progress)
+    imatrix.provenance["model"] = {"spec": loaded.spec, "hash": loaded.model_hash}
+    if out is not None:
+        write_imatrix(out, imatrix, overwrite=overwrite)
+    return imatrix
 
 
 def _loaded_with_scores_data(

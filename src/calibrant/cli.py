@@ -349,6 +349,7 @@ def cmd_calib_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from calibrant import __version__
+    from calibrant.export.cli import add_imatrix_parser
     from calibrant.methods import METHODS
     from calibrant.studies.cli import add_study_parser
 
@@ -431,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    cal = sub.add_parser("calib", help="make and inspect calibration sets")
+    cal = sub.add_parser("calib", help="make and inspect calibration sets; llama.cpp importance matrices")
     csub = cal.add_subparsers(dest="calib_command", required=True)
     cm = csub.add_parser("make", help="build a calibration set from a spec and save it (.safetensors)")
     cm.add_argument("spec", help="SOURCE[:options][:windows|docs|packed]:NxL, e.g. wiki:128x512, austen:docs:64x512, "
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--json", default=None, help="also write the diagnostics to this JSON file")
     ci.add_argument("--quiet", action="store_true")
     ci.set_defaults(func=cmd_calib_inspect)
+    add_imatrix_parser(csub)
     add_study_parser(sub)
     __import__("calibrant.search.cli", fromlist=["add_search_parser"]).add_search_parser(sub)
     return p

@@ -1,0 +1,42 @@
+"""``calibrant calib imatrix`` (llama.cpp importance matrices) and ``calibrant export`` (an existing output to
+another format): parsers and commands, thin over the API."""
+
+from __future__ import annotations
+
+import argparse
+
+from calibrant.argtypes import positive_int
+from calibrant.tables import table
+
+
+def cmd_calib_imatrix(args: argparse.Namespace) -> int:
+    from calibrant.api import compute_imatrix
+    from calibrant.export.imatrix import check_imatrix_output
+
+    check_imatrix_output(args.out, args.overwrite)
+    imatrix = compute_imatrix(args.model, args.spec, out=args.out, seed=args.seed, overwrite=args.overwrite,
+                              batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    calib = imatrix.provenance.get("calibration", {})
+    means = [float(imatrix.mean(n).mean()) for n in sorted(imatrix.sums)]
+    rows = [{"entries": len(imatrix.sums), "windows": imatrix.chunk_count, "tokens per window": imatrix.chunk_size,
+             "mean x² (min..max over weights)": f"{min(means):.4g}..{max(means):.4g}"}]
+    print(table(rows, list(rows[0])))
+    print(f"calibration {calib.get('spec', calib.get('source'))} seed {calib.get('seed')} hash {calib.get('hash')}")
+    suffix = "" if str(args.out).endswith(".gguf") else f" (provenance in {args.out}.json)"
+    print(f"saved: {args.out}{suffix} — use it with llama-quantize --imatrix {args.out}")
+    return 0
+
+
+def add_imatrix_parser(csub: argparse._SubParsersAction) -> None:
+    ci = csub.add_parser("imatrix", help="llama.cpp importance matrix (llama-quantize --imatrix) from a calibration set")
+    ci.add_argument("spec", help="a calibration spec (e.g. wiki:128x512, mix of sources, self:...) or a saved set "
+                                 "(*.safetensors)")
+    ci.add_argument("--model", default="smollm2-135m", help="the dense model the matrix is measured on")
+    ci.add_argument("--out", required=True, help="*.gguf (llama.cpp's current format, provenance inside) or *.dat "
+                                                 "(legacy format, provenance in <out>.json)")
+    ci.add_argument("--seed", type=int, default=0)
+    ci.add_argument("--batch-size", type=positive_int, default=8)
+    ci.add_argument("--device", default=None, help="cpu (default) or cuda")
+    ci.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ci.add_argument("--quiet", action="store_true")
+    ci.set_defaults(func=cmd_calib_imatrix)
