@@ -230,7 +230,8 @@ def compress_model(
     elif packed:
         result.out = save_packed(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite)
     elif out is not None:
-        result.out = save_model(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite)
+        result.out = save_model(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite,
+                                source_dir=loaded.path)
     return result
 
 
@@ -283,6 +284,38 @@ def evaluate_zeroshot(
     loaded = as_loaded(model, quiet=not progress)
     return evaluate_tasks(loaded.model, loaded.tokenizer, names, limit=limit, num_fewshot=num_fewshot,
                           batch_size=batch_size, progress=progress, hub=hub, scorer=scorer, token_budget=token_budget)
+
+
+def export_model(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    export_format: str = "gguf",
+    gguf_type: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Path, dict[str, Any]]:
+    """Write an already-compressed output directory (``calibrant compress --out DIR``) in another format:
+    ``"gguf"`` — one ``.gguf`` file whose quantized tensors are the directory's codes on their GGUF block
+    grids (kept in ``calibrant-extras/``), nothing re-rounded; the tokenizer comes from the GGUF source's
+    metadata the directory carries. Returns the path and the per-tensor summary."""
+    from calibrant.export.gguf import check_exported_type, restore_gguf_grids
+
+    if normalize_format(export_format) != "gguf":
+        raise ExportError(f"calibrant export writes --format gguf; a {export_format} output is written by "
+                          f"calibrant compress --format {export_format}")
+    check_gguf_output(out, overwrite, inputs=(model_dir,))
+    check_exported_type(None, gguf_type)
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CalibrantError(f"{model_dir} is not a directory; give the --out directory of calibrant compress")
+    metadata = read_metadata(model_dir) or {}
+    loaded = as_loaded(model_dir, quiet=not progress)
+    restore_gguf_grids(loaded.model, model_dir, metadata)
+    check_exported_type(loaded.model, gguf_type)
+    check_gguf_model(loaded.model, loaded.path, loaded.tokenizer)
+    return save_gguf(loaded.model, out, metadata, source_dir=loaded.path, tokenizer=loaded.tokenizer,
+                     gguf_type_name=gguf_type, overwrite=overwrite)
 
 
 def compute_imatrix(

@@ -349,7 +349,7 @@ def cmd_calib_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from calibrant import __version__
-    from calibrant.export.cli import add_imatrix_parser
+    from calibrant.export.cli import add_export_parser, add_imatrix_parser
     from calibrant.methods import METHODS
     from calibrant.studies.cli import add_study_parser
 
@@ -453,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--quiet", action="store_true")
     ci.set_defaults(func=cmd_calib_inspect)
     add_imatrix_parser(csub)
+    add_export_parser(sub)
     add_study_parser(sub)
     __import__("calibrant.search.cli", fromlist=["add_search_parser"]).add_search_parser(sub)
     return p

@@ -162,6 +162,48 @@ def test_metadata_tokenizer_and_layout_survive_gguf_to_calibrant_to_gguf(tmp_pat
     assert after["calibrant.calibration_hash"].value == result.calibration.hash
 
 
+@pytest.mark.parametrize("method, name", [("gptq", "q4_0"), ("awq", "q4_1"), ("rtn", "q8_0")])
+def test_an_output_directory_exports_later_to_the_same_bytes(tmp_path, capsys, method, name):
+    """compress --out DIR, then calibrant export DIR --format gguf: the file equals the one compress --format gguf
+    writes from the same run, tensor for tensor, and its metadata is the source's."""
+    src = tmp_path / "tiny.gguf"
+    _write_source_gguf(src, tiny_model("llama"))
+    result = compress_model(src, method, scheme=f"gguf-{name}", calibration=token_batch(), out=tmp_path / "dir",
+                            progress=False)
+    direct, _ = save_gguf(result.loaded.model, tmp_path / "direct.gguf", result.metadata,
+                          source_dir=result.loaded.path, tokenizer=result.loaded.tokenizer)
+    code, stdout, err = run_cli(capsys, "export", tmp_path / "dir", "--format", "gguf", "--out",
+                                tmp_path / "later.gguf", "--quiet")
+    assert code == 0, err
+    assert f"14 {name.upper()}" in stdout and "saved:" in stdout
+    later = {t.name: t for t in GGUFReader(str(tmp_path / "later.gguf")).tensors}
+    first = {t.name: t for t in GGUFReader(str(direct)).tensors}
+    assert set(later) == set(first)
+    for key, t in first.items():
+        assert t.tensor_type == later[key].tensor_type and bytes(t.data) == bytes(later[key].data), key
+    assert _assert_exact(tmp_path / "later.gguf", result.loaded.model) == 14
+    kv = {p.key: p.value for p in read_kv(tmp_path / "later.gguf")}
+    assert kv["tokenizer.ggml.tokens"] == {p.key: p.value for p in read_kv(src)}["tokenizer.ggml.tokens"]
+    assert method in kv["calibrant.recipe"]
+
+
+def test_export_refuses_a_type_other_than_the_grid_and_directories_without_grids(tmp_path, capsys):
+    src = tmp_path / "tiny.gguf"
+    _write_source_gguf(src, tiny_model("llama"))
+    compress_model(src, "rtn", scheme="gguf-q4_0", calibration=None, out=tmp_path / "dir", progress=False)
+    capsys.readouterr()  # transformers' GGUF conversion bar
+    out = tmp_path / "x.gguf"
+    for argv, message in [(["--gguf-type", "q8_0"], "on the q4_0 grid; --gguf-type q8_0 would re-round them"),
+                          (["--gguf-type", "q3_k"], "unknown GGUF type 'q3_k'"),
+                          (["--format", "compressed-tensors"], "calibrant export writes --format gguf")]:
+        code, _, err = run_cli(capsys, "export", tmp_path / "dir", *argv, "--out", out, "--quiet")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    (tmp_path / "dir" / "calibrant-extras" / "quant.safetensors").unlink()  # as an older output: no grids kept
+    code, _, err = run_cli(capsys, "export", tmp_path / "dir", "--out", out, "--quiet")
+    assert code == 2 and "does not keep the GGUF grid" in err and not out.exists()
+
+
 # ---- refusals ----------------------------------------------------------------------------------------------------
 
 

@@ -40,3 +40,30 @@ def add_imatrix_parser(csub: argparse._SubParsersAction) -> None:
     ci.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ci.add_argument("--quiet", action="store_true")
     ci.set_defaults(func=cmd_calib_imatrix)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from calibrant.api import export_model
+    from calibrant.cli import _print_gguf_fallbacks
+
+    out, summary = export_model(args.model_dir, args.out, export_format=args.export_format, gguf_type=args.gguf_type,
+                                overwrite=args.overwrite, progress=not args.quiet)
+    types: dict[str, int] = {}
+    for row in summary["tensors"]:
+        types[row["type"]] = types.get(row["type"], 0) + 1
+    print(f"tensors: {', '.join(f'{n} {t}' for t, n in sorted(types.items()))}")
+    _print_gguf_fallbacks(summary)
+    print(f"saved: {out}")
+    return 0
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    ex = sub.add_parser("export", help="write a compressed output directory in another format (GGUF for llama.cpp)")
+    ex.add_argument("model_dir", help="the --out directory of 'calibrant compress'")
+    ex.add_argument("--format", dest="export_format", default="gguf", help="gguf (one .gguf file for llama.cpp)")
+    ex.add_argument("--gguf-type", default=None, help="the file's type; must be the grid the weights lie on "
+                                                      "(default: that grid, or f16 when nothing is quantized)")
+    ex.add_argument("--out", required=True, help="the .gguf file to write")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ex.add_argument("--quiet", action="store_true")
+    ex.set_defaults(func=cmd_export)

@@ -274,3 +274,48 @@ def save_gguf(model: nn.Module, out: str | Path, metadata: dict[str, Any], *, so
     summary = {"format": FORMAT_NAME, "file_type": file_type.name, "tensors": report,
                "metadata_from": "gguf source" if source else "model config (no tokenizer)"}
     return out, summary
+
+
+def restore_gguf_grids(model: nn.Module, model_dir: Path, metadata: dict[str, Any]) -> int:
+    """Re-attach the GGUF block grids a calibrant output keeps beside its weights (``calibrant-extras/``) to
+    the linears ``calibrant.json`` says were quantized on one; returns how many. A layer whose grid is
+    missing (an output written before grids were kept) is refused, naming the fix."""
+    from safetensors.torch import load_file
+
+    from calibrant.export.hf import EXTRAS_FILE, GGUF_GRID_KEYS
+    from calibrant.methods.quant import QuantState, attach_quant_state, parse_scheme
+
+    modules = dict(model.named_modules())
+    layers = [(lay["name"], parse_scheme(lay["scheme"])) for lay in metadata.get("layers", []) if lay.get("scheme")]
+    wanted = [(name, scheme) for name, scheme in layers if scheme.gguf is not None]
+    for _, scheme in layers:
+        _require_grid(scheme)
+    extras_path = model_dir / EXTRAS_FILE
+    extras = load_file(str(extras_path)) if wanted and extras_path.is_file() else {}
+    for name, scheme in wanted:
+        keys = [f"{name}.{k}" for k in GGUF_GRID_KEYS]
+        if name not in modules or not all(k in extras for k in keys):
+            raise ExportError(f"{model_dir} does not keep the GGUF grid of {name} ({scheme.name}; outputs written before "
+                              "calibrant kept grids beside the weights do not): compress again, or compress with "
+                              "--format gguf to write the .gguf directly")
+        d, m = (extras[k].to(torch.float32) for k in keys)
+        attach_quant_state(modules[name], QuantState(scheme, scale=d, zero=m))
+    return len(wanted)
+
+
+def check_exported_type(model: nn.Module | None, gguf_type_name: str | None) -> None:
+    """Refuse a ``--gguf-type`` other than the grid the weights already lie on (exporting never re-rounds);
+    without ``model``, only an unknown type name."""
+    if gguf_type_name is None:
+        return
+    wanted = str(gguf_type_name).lower().removeprefix("gguf-")
+    if wanted not in GGUF_EXPORT_TYPES:
+        raise ExportError(f"unknown GGUF type '{gguf_type_name}'; choose one of {', '.join(GGUF_EXPORT_TYPES)}")
+    if model is None:
+        return
+    kinds = sorted({s.scheme.gguf.name for m in model.modules()
+                    if (s := quant_state_of(m)) is not None and s.scheme.gguf is not None})
+    if wanted in GGUF_TYPES and wanted not in kinds:
+        have = f"on the {', '.join(kinds)} grid" if kinds else "not quantized on a GGUF grid"
+        raise ExportError(f"the directory's weights are {have}; --gguf-type {wanted} would re-round them — drop "
+                          f"--gguf-type, or compress again with --scheme gguf-{wanted}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,16 @@ def check_writable(path: str | Path, flag: str) -> None:
 
 
 def save_model(
-    model: torch.nn.Module, tokenizer: Any, out: str | Path, metadata: dict[str, Any], overwrite: bool = False
+    model: torch.nn.Module, tokenizer: Any, out: str | Path, metadata: dict[str, Any], overwrite: bool = False,
+    source_dir: str | Path | None = None,
 ) -> Path:
+    """``source_dir``: the directory the model was loaded from; a GGUF source's metadata kept there
+    (:mod:`calibrant.models.ggufmeta`) is copied along, so ``calibrant export OUT --format gguf`` can carry
+    the tokenizer later."""
+    from calibrant.models.ggufmeta import SOURCE_KV_FILE
+
     out = check_output(out, overwrite)
+    source_kv = None if source_dir is None else Path(source_dir) / SOURCE_KV_FILE
     with disk_errors(str(out), human_bytes(model_bytes(model))), atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -118,15 +126,22 @@ def save_model(
             (tmp / EXTRAS_FILE).parent.mkdir()
             save_file(extras, str(tmp / EXTRAS_FILE))
             metadata = {**metadata, "extras_file": EXTRAS_FILE}
+        if source_kv is not None and source_kv.is_file():
+            shutil.copyfile(source_kv, tmp / SOURCE_KV_FILE)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     release_output(out)
     return out
 
 
+GGUF_GRID_KEYS = ("gguf_d", "gguf_m")  # a gguf-* layer's block scales and minima, kept for a later GGUF export
+
+
 def quant_extras(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tensors methods keep beside a layer's dense weight (``QuantState.extras["tensors"]``: SpQR's
     outliers and quantized statistics), keyed ``<module>.<name>``. A sub-directory keeps them out of the
-    ``*.safetensors`` files that transformers and :func:`inspect_weights` read."""
+    ``*.safetensors`` files that transformers and :func:`inspect_weights` read. A layer on a GGUF block grid
+    also keeps its scales and minima (``<module>.gguf_d``/``.gguf_m``, float16 where that is exact), so the
+    directory can be exported to GGUF later without re-rounding anything."""
     from calibrant.methods.quant import quant_state_of
 
     out = {}
@@ -134,6 +149,11 @@ def quant_extras(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         state = quant_state_of(module)
         for key, tensor in (state.extras.get("tensors") or {}).items() if state is not None else ():
             out[f"{name}.{key}"] = tensor.detach().to("cpu", copy=True).contiguous()  # q/k/v share g_idx
+        if state is not None and state.scheme.gguf is not None and state.has_grid:
+            for key, tensor in zip(GGUF_GRID_KEYS, (state.scale, state.zero), strict=True):
+                t = tensor.detach().to("cpu", torch.float32)
+                half = t.to(torch.float16)
+                out[f"{name}.{key}"] = (half if torch.equal(half.float(), t) else t).contiguous()
     return out
 
 
