@@ -130,6 +130,7 @@ def test_cli_writes_the_matrix_of_a_saved_set(tiny_dir, tmp_path, capsys):
     code, stdout, err = run_cli(capsys, "calib", "imatrix", calib, "--model", tiny_dir, "--out", out, "--quiet")
     assert code == 0, err
     assert "llama-quantize --imatrix" in stdout and len(read_imatrix(out)) == 2 * 7
+    assert stdout.splitlines()[2].split()[:3] == ["14", "3", "16"]  # entries, windows, tokens per window
     code, _, err = run_cli(capsys, "calib", "imatrix", calib, "--model", tiny_dir, "--out", out, "--quiet")
     assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "calib", "imatrix", calib, "--model", tiny_dir, "--out", tmp_path / "m.bin")

@@ -18,9 +18,9 @@ def cmd_calib_imatrix(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     calib = imatrix.provenance.get("calibration", {})
     means = [float(imatrix.mean(n).mean()) for n in sorted(imatrix.sums)]
-    rows = [{"entries": len(imatrix.sums), "windows": imatrix.chunk_count, "tokens per window": imatrix.chunk_size,
-             "mean x² (min..max over weights)": f"{min(means):.4g}..{max(means):.4g}"}]
-    print(table(rows, list(rows[0])))
+    row = {"entries": len(imatrix.sums), "windows": imatrix.chunk_count, "tokens per window": imatrix.chunk_size,
+           "mean x² (min..max over weights)": f"{min(means):.4g}..{max(means):.4g}"}
+    print(table([list(row.values())], list(row)))
     print(f"calibration {calib.get('spec', calib.get('source'))} seed {calib.get('seed')} hash {calib.get('hash')}")
     suffix = "" if str(args.out).endswith(".gguf") else f" (provenance in {args.out}.json)"
     print(f"saved: {args.out}{suffix} — use it with llama-quantize --imatrix {args.out}")
