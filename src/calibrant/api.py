@@ -214,6 +214,7 @@ def compress_model(
         "propagate": report.propagate,
         "pipeline": report.pipeline,
         **({"plans": report.plans} if report.plans else {}),
+        **({"fallbacks": report.fallbacks} if report.fallbacks else {}),
         "overall_sparsity": report.sparsity,
         "layers": [
             {"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity, "rel_error": r.rel_error, **r.info}

@@ -101,6 +101,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"time: total {t.get('total_s', 0):.1f}s = capture {t.get('capture_s', 0):.1f}s + block forwards "
           f"{t.get('forward_s', 0):.1f}s + statistics {t.get('stats_s', 0):.1f}s + method {t.get('compress_s', 0):.1f}s"
           f"{extra}; pipeline: {rep.pipeline}")
+    if args.export_format != "gguf":  # a GGUF export lists them with the type they were written in
+        for name, why in rep.fallbacks.items():
+            print(f"left unquantized: {name} ({why})")
     if result.calibration is not None:
         print(f"calibration: {result.calibration.provenance.get('source')} "
               f"{result.calibration.n}x{result.calibration.seq_len} seed={result.calibration.provenance.get('seed')} "

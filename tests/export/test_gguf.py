@@ -89,6 +89,32 @@ def test_awq_searches_and_rounds_on_the_gguf_grid(tmp_path, name):
     assert _assert_exact(out, model) == 14
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_a_linear_the_grid_cannot_hold_falls_back_to_f16_with_its_reason(tmp_path, method):
+    import transformers as T
+
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.intermediate_size = 80  # down_proj reads 80 inputs: not a multiple of the blocks of 32
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    dense_down = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    m = make_method(method, scheme="gguf-q4_0")
+    report = compress(model, token_batch() if m.reads_data() else None, m, progress=False)
+    downs = {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert set(report.fallbacks) == downs and "80 inputs" in report.fallbacks[min(downs)]
+    assert {r.name for r in report.layers}.isdisjoint(downs) and len(report.layers) == 12
+    if method != "awq":  # AWQ may fold a scale into it; RTN and GPTQ leave it untouched
+        assert torch.equal(model.model.layers[0].mlp.down_proj.weight, dense_down)
+    out, summary = save_gguf(model, tmp_path / "m.gguf", {"fallbacks": report.fallbacks})
+    types = _types(out)
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q4_0"
+    assert _assert_exact(out, model) == 12
+    rows = {r["tensor"]: r for r in summary["tensors"]}
+    assert rows["blk.1.ffn_down.weight"]["why"].startswith("fallback: 80 inputs are not a multiple")
+
+
 # ---- GGUF → calibrant → GGUF ----------------------------------------------------------------------------------
 
 

@@ -121,5 +121,6 @@ def test_scheme_strings_and_refusals():
         parse_scheme("gguf-q4_0-asym")
     with pytest.raises(RecipeError, match="--static-groups"):
         make_method("gptq", scheme="gguf-q4_0", act_order=True)
-    with pytest.raises(RecipeError, match="reads 48"):
-        make_method("rtn", scheme="gguf-q8_0").validate("mlp.down_proj", (16, 48))
+    rtn = make_method("rtn", scheme="gguf-q8_0")  # a width the blocks cannot hold: left unquantized, with the reason
+    assert rtn.fallback("mlp.down_proj", (16, 48)) == "48 inputs are not a multiple of gguf-q8_0's blocks of 32"
+    assert rtn.fallback("mlp.down_proj", (16, 64)) is None

@@ -68,7 +68,8 @@ def compress(
     plan = make_plan(model, calibration, methods, propagate=propagate, pipeline=pipeline, include=include,
                      exclude=exclude)
     runner = BlockwiseRunner(model, device=device, batch_size=batch_size)
-    report = CompressionReport([{"method": m.name, **m.params()} for m in methods], plan.calibration, propagate)
+    report = CompressionReport([{"method": m.name, **m.params()} for m in methods], plan.calibration, propagate,
+                               fallbacks=dict(plan.fallbacks))
     clock = Stopwatch(*TIMINGS)
     bounded = bound_heap()  # for the compression only: see calibrant.heap
     start = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,6 +61,7 @@ class Plan:
     calibration: dict[str, Any] | None  # their provenance
     propagate: str
     pipeline: str
+    fallbacks: dict[str, str] = field(default_factory=dict)  # layers left as they are (Method.fallback), and why
 
     @property
     def block_methods(self) -> list[Method]:
@@ -110,6 +111,16 @@ def make_plan(
     ]
     if not any(targets):
         raise RecipeError("the `include`/`exclude` patterns select no linear layer; check them against `calibrant info`")
+    fallbacks = {}
+    for layer_map in targets:
+        for name, module in list(layer_map.items()):
+            why = next((w for m in methods if (w := m.fallback(name, tuple(weight_of(module).shape)))), None)
+            if why is not None:
+                fallbacks[name] = why
+                del layer_map[name]
+    if not any(targets):
+        raise RecipeError(f"no linear layer can be compressed by this recipe (e.g. {next(iter(fallbacks))}: "
+                          f"{next(iter(fallbacks.values()))})")
     for m in methods:
         m.validate_recipe(methods)
         m.validate_model(adapter)
@@ -118,4 +129,4 @@ def make_plan(
             for m in methods:
                 m.validate(name, tuple(weight_of(module).shape))
     stats = frozenset().union(*(m.statistics for m in methods))
-    return Plan(methods, targets, stats, ids, meta, propagate, pipeline)
+    return Plan(methods, targets, stats, ids, meta, propagate, pipeline, fallbacks)

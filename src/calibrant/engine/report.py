@@ -25,6 +25,7 @@ class CompressionReport:
     timings: dict[str, float] = field(default_factory=dict)
     block_pipelines: list[str] = field(default_factory=list)  # the pipeline each block ran
     plans: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # method → layer → overrides
+    fallbacks: dict[str, str] = field(default_factory=dict)  # layers the recipe left as they are, and why
 
     @property
     def pipeline(self) -> str:

@@ -135,9 +135,10 @@ def _pack(codes: torch.Tensor, d16: torch.Tensor, m16: torch.Tensor, kind: GGUFT
     return np.concatenate(parts, axis=1).reshape(rows, -1)
 
 
-def build_gguf_tensors(model: nn.Module, fallback: str = "f16") -> tuple[list[tuple[str, np.ndarray, Any]],
-                                                                           list[dict[str, Any]]]:
-    """``(name, data, raw type)`` per tensor in llama.cpp's names and layout, and a report row per tensor."""
+def build_gguf_tensors(model: nn.Module, fallback: str = "f16", reasons: dict[str, str] | None = None
+                       ) -> tuple[list[tuple[str, np.ndarray, Any]], list[dict[str, Any]]]:
+    """``(name, data, raw type)`` per tensor in llama.cpp's names and layout, and a report row per tensor;
+    ``reasons``: why the recipe left a linear unquantized (module name → reason, the report's fallbacks)."""
     import gguf
 
     config = model.config
@@ -188,6 +189,8 @@ def build_gguf_tensors(model: nn.Module, fallback: str = "f16") -> tuple[list[tu
             why = "not quantized by the recipe"
         if state is not None:
             why = f"scheme {state.scheme.name} has no GGUF grid"
+        elif module_name in (reasons or {}):
+            why = f"fallback: {reasons[module_name]}"
         report.append({"tensor": name, "source": key, "type": qtype.name, "shape": list(value.shape), "why": why})
         tensors.append((name, data, qtype))
     return tensors, report
@@ -240,7 +243,8 @@ def save_gguf(model: nn.Module, out: str | Path, metadata: dict[str, Any], *, so
     for s in states:
         _require_grid(s.scheme)
     main = gguf_type_name or (kinds.most_common(1)[0][0] if kinds else "f16")
-    tensors, report = build_gguf_tensors(model, fallback="f32" if main == "f32" else "f16")
+    tensors, report = build_gguf_tensors(model, fallback="f32" if main == "f32" else "f16",
+                                         reasons=metadata.get("fallbacks"))
     kv_path = _source_kv_path(source_dir)
     source = read_kv(kv_path) if kv_path else []
     if source:

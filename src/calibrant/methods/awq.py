@@ -28,7 +28,7 @@ from calibrant.errors import RecipeError
 from calibrant.methods.base import BlockMethod, LayerContext, LayerStats
 from calibrant.methods.quant import QuantState, fake_quant_weight, parse_scheme, qrange, weight_qparams
 from calibrant.methods.quant.ggufgrid import gguf_weight
-from calibrant.methods.rtn import check_block_width, check_gguf_mask
+from calibrant.methods.rtn import check_block_width, check_gguf_mask, gguf_fallback
 from calibrant.models.adapter import set_weight, weight_of
 
 SEARCH_ROWS = 512  # sampled calibration rows the searches score on (of the `rows` statistic's sample)
@@ -128,6 +128,9 @@ class AWQ(BlockMethod):
 
     def validate(self, name: str, shape: tuple[int, int]) -> None:
         check_block_width(self._scheme, name, shape)
+
+    def fallback(self, name: str, shape: tuple[int, int]) -> str | None:
+        return gguf_fallback(self._scheme, shape)
 
     def validate_recipe(self, methods: list[Any]) -> None:
         """Followed by another quantizer (``awq+gptq``), AWQ scales and clips and leaves the rounding to it."""

@@ -101,6 +101,12 @@ class Method:
     def validate(self, name: str, shape: tuple[int, int]) -> None:
         """Raise RecipeError before any layer is touched if this layer cannot be served."""
 
+    def fallback(self, name: str, shape: tuple[int, int]) -> str | None:
+        """Why the recipe must leave this layer as it is (it is then written unquantized and the reason
+        reported, as llama.cpp's converter does), or None. For shapes a storage grid cannot hold: a GGUF block
+        grid over an input width that is not a multiple of its block."""
+        return None
+
     def quant_plan(self) -> QuantState | None:
         """The grid this method will leave on every linear (no scales yet), for checks before compression
         (e.g. whether an export format can store it); None for methods that do not quantize."""

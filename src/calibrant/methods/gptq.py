@@ -44,7 +44,7 @@ from calibrant.methods.quant.floatgrid import (
     round_float_,
 )
 from calibrant.methods.quant.ggufgrid import BlockGrid, block_codes, block_grid, block_values
-from calibrant.methods.rtn import SCHEME_HELP, check_block_width, check_gguf_mask, input_amax
+from calibrant.methods.rtn import SCHEME_HELP, check_block_width, check_gguf_mask, gguf_fallback, input_amax
 
 SUBBLOCK = 32  # columns per rank-1 update slice inside a lazy block (see _gptq_loop)
 
@@ -303,6 +303,9 @@ class GPTQ(Method):
 
     def validate(self, name: str, shape: tuple[int, int]) -> None:
         check_block_width(self._scheme, name, shape)
+
+    def fallback(self, name: str, shape: tuple[int, int]) -> str | None:
+        return gguf_fallback(self._scheme, shape)
 
     def quant_plan(self) -> QuantState:
         """Act-order with dynamic groups leaves a non-contiguous g_idx (static groups keep them contiguous)."""

@@ -35,12 +35,17 @@ def input_amax(scheme: QuantScheme, stats: LayerStats | None) -> torch.Tensor | 
     return stats.get("max_abs").amax().reshape(1).to(torch.float32).cpu()
 
 
-def check_block_width(scheme: QuantScheme, name: str, shape: tuple[int, int]) -> None:
-    """nvfp4 quantizes inputs in blocks of 16, GGUF grids weights in blocks of 32: refuse, before any work, a linear
-    whose input width is not a multiple."""
+def gguf_fallback(scheme: QuantScheme, shape: tuple[int, int]) -> str | None:
+    """A linear a GGUF grid cannot hold (its input width is not a multiple of the block): it stays unquantized
+    (the GGUF file stores it F16), for this reason."""
     if scheme.gguf is not None and shape[1] % scheme.group_size:
-        raise RecipeError(f"{scheme.name} stores blocks of {scheme.group_size} inputs, but {name} reads {shape[1]}; "
-                          "exclude it (--exclude: it is then written unquantized, as F16)")
+        return f"{shape[1]} inputs are not a multiple of {scheme.name}'s blocks of {scheme.group_size}"
+    return None
+
+
+def check_block_width(scheme: QuantScheme, name: str, shape: tuple[int, int]) -> None:
+    """nvfp4 quantizes inputs in blocks of 16: refuse, before any work, a linear whose input width is not a
+    multiple (GGUF grids fall back instead: :func:`gguf_fallback`)."""
     if scheme.fmt == "nvfp4" and shape[1] % scheme.group_size:
         raise RecipeError(f"nvfp4 quantizes weights and inputs in blocks of {scheme.group_size}, but {name} reads "
                           f"{shape[1]} inputs; exclude it (--exclude), or use fp8")
@@ -89,6 +94,9 @@ class RTN(Method):
 
     def validate(self, name: str, shape: tuple[int, int]) -> None:
         check_block_width(self._scheme, name, shape)
+
+    def fallback(self, name: str, shape: tuple[int, int]) -> str | None:
+        return gguf_fallback(self._scheme, shape)
 
     def compress(self, weight: torch.Tensor, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         return self.compress_group([weight], stats, [ctx])[0]
