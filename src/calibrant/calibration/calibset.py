@@ -524,6 +524,10 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
         return CalibrationSet(ids, prov)
     if cs.source == "self":
         return _self_calibration(cs, tokenizer, seed, model, common, progress)
+    if cs.source == "mix":
+        from calibrant.calibration.mixture import make_mixture
+
+        return make_mixture(cs, tokenizer, seed, max_length, progress, model, common)
 
     docs, info = _source_documents(cs)
     content_key = {k: v for k, v in info.items() if k not in COSMETIC_KEYS}

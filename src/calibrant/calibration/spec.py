@@ -3,7 +3,8 @@
 Examples: ``wiki:128x512``, ``random-vocab:32x2048``, ``file:./my.txt:64x512``,
 ``file:./data.jsonl:text:64x512`` (``text`` is the JSON field holding the document),
 ``hf:allenai/c4:en:train:text:128x2048`` (dataset, config, split, column),
-``self:128x512`` or ``self:t=1.5..0.8:top_p=0.95:128x512`` (self-calibration).
+``self:128x512`` or ``self:t=1.5..0.8:top_p=0.95:128x512`` (self-calibration),
+``mix(wiki=0.5,austen:docs=0.3,pydocs=0.2):128x512`` (a mixture: :mod:`calibrant.calibration.mixture`).
 
 ``SAMPLING`` (text sources only; the last option before ``NxL``) is one of
 ``windows`` (default: random windows over the documents joined into one stream),
@@ -23,7 +24,7 @@ SPEC_FORM = "SOURCE[:options]:NxL"
 SAMPLING_HELP = ("the last option may choose the sampling: windows (default, random windows across documents), "
                  "docs (windows inside documents of >= L tokens) or packed (whole documents packed)")
 SPEC_EXAMPLES = ("e.g. wiki:128x512, wiki:docs:128x512, file:./my.txt:64x512, file:./data.jsonl:text:64x512, "
-                 "hf:allenai/c4:en:train:text:128x2048 or self:t=1.5..0.8:128x512")
+                 "hf:allenai/c4:en:train:text:128x2048, self:t=1.5..0.8:128x512 or mix(wiki=0.5,pydocs=0.5):128x512")
 SAMPLING_MODES: dict[str, str] = {
     "windows": "random-windows",  # random windows over the concatenation (crossing document boundaries)
     "docs": "document-windows",  # a window never crosses a document boundary; documents hold >= L tokens
@@ -54,6 +55,8 @@ class CalibSpec:
         return SAMPLING_MODES[self.sampling]
 
     def __str__(self) -> str:
+        if self.source == "mix":
+            return f"mix({','.join(self.options)}):{self.n}x{self.seq_len}"
         mode = [self.sampling] if self.sampling != DEFAULT_SAMPLING else []
         return ":".join([self.source, *self.options, *mode, f"{self.n}x{self.seq_len}"])
 
@@ -98,6 +101,11 @@ def parse_spec(spec: str) -> CalibSpec:
         raise _bad(spec, f"asks for {n}x{seq_len}; N (sequences) and L (tokens each) must both be > 0")
     if not head:
         raise _bad(spec, "names no source")
+    if re.match(r"\s*mix\s*\(", head, re.I):
+        inner = re.fullmatch(r"\s*mix\s*\((.*)\)\s*", head, re.S | re.I)
+        if inner is None:
+            raise _bad(spec, "writes a mixture whose mix(...) is not closed right before :NxL")
+        return CalibSpec("mix", tuple(p.strip() for p in inner.group(1).split(",") if p.strip()), n, seq_len)
     source, _, rest = head.partition(":")
     source = source.strip().lower()
     if not source:
