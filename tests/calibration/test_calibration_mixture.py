@@ -89,3 +89,13 @@ def test_bad_mixtures_are_one_line_errors(tok, corpora_written, spec, message):
     with pytest.raises(CalibrationError) as e:
         make_calibration(spec, tok, seed=0)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_inspect_lists_every_component(tok, corpora_written):
+    from calibrant.calibration import inspect_calibration
+
+    calib = make_calibration("mix(news=0.75,wiki=0.25):8x16", tok, seed=3)
+    rows = dict(map(tuple, inspect_calibration(calib, progress=False).rows()))
+    comps = calib.provenance["components"]
+    assert rows["  component news"] == f"6 rows (weight 0.75), seed {comps[0]['seed']}, hash {comps[0]['hash']}"
+    assert rows["  component wiki"].startswith("2 rows (weight 0.25)") and rows["source"] == "mix (mixture)"

@@ -49,7 +49,11 @@ class CalibrationDiagnostics:
     def rows(self) -> list[list[str]]:
         """(metric, value) rows for a table."""
         out = [["source", f"{self.source} ({self.sampling})"], ["shape", f"{self.n} x {self.seq_len}"],
-               ["hash", self.hash], ["tokens", f"{self.tokens:,}"],
+               ["hash", self.hash]]
+        for c in self.provenance.get("components") or []:  # a mixture: each part with its rows and own hash
+            out.append([f"  component {c['spec']}", f"{c['n']} rows (weight {c['weight']:g}), seed {c['seed']}, "
+                                                   f"hash {c['hash']}"])
+        out += [["tokens", f"{self.tokens:,}"],
                ["distinct tokens", f"{self.distinct_tokens:,} ({self.distinct_tokens / max(self.tokens, 1):.2%})"]]
         out += [[f"distinct {k}-grams / {k}-grams", f"{v:.4f}"] for k, v in self.distinct_ngram_ratio.items()]
         rep = "-" if self.repetition_rate is None else f"{self.repetition_rate:.4f}"
