@@ -20,6 +20,7 @@ alone, as ``calibration/tokens.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -509,6 +510,13 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
     common = {"spec": str(cs), "options": list(cs.options), "n": cs.n, "seq_len": cs.seq_len, "seed": seed,
               "tokenizer_hash": tokenizer_hash(tokenizer), "tokenizer_name": _tokenizer_name(tokenizer),
               "bos": False, "calibrant_version": calibrant_version()}
+    if cs.source != "mix":
+        from calibrant.calibration.selection import make_selected, split_selection
+
+        plain, selection = split_selection(str(cs), cs.options)
+        if selection is not None:
+            return make_selected(dataclasses.replace(cs, options=plain), selection, tokenizer, seed, max_length,
+                                 progress, model, common)
     if cs.source in ("random-vocab", "self") and cs.sampling != DEFAULT_SAMPLING:
         raise CalibrationError(f"sampling '{cs.sampling}' applies to text sources only; {cs.source} generates its "
                                f"own tokens: write {cs.source}:{cs.n}x{cs.seq_len}")

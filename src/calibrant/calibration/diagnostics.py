@@ -50,6 +50,10 @@ class CalibrationDiagnostics:
         """(metric, value) rows for a table."""
         out = [["source", f"{self.source} ({self.sampling})"], ["shape", f"{self.n} x {self.seq_len}"],
                ["hash", self.hash]]
+        sel = self.provenance.get("selection")
+        if sel:
+            out.append(["selection", f"{sel['strategy']}: {self.n} of {sel['pool']}·n pool rows ({sel['pool_spec']}, "
+                                     f"hash {sel['pool_hash']})"])
         for c in self.provenance.get("components") or []:  # a mixture: each part with its rows and own hash
             out.append([f"  component {c['spec']}", f"{c['n']} rows (weight {c['weight']:g}), seed {c['seed']}, "
                                                    f"hash {c['hash']}"])

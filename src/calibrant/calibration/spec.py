@@ -58,7 +58,9 @@ class CalibSpec:
         if self.source == "mix":
             return f"mix({','.join(self.options)}):{self.n}x{self.seq_len}"
         mode = [self.sampling] if self.sampling != DEFAULT_SAMPLING else []
-        return ":".join([self.source, *self.options, *mode, f"{self.n}x{self.seq_len}"])
+        plain = [o for o in self.options if not _SELECTION_OPTION.match(o)]
+        chosen = [o for o in self.options if _SELECTION_OPTION.match(o)]
+        return ":".join([self.source, *plain, *mode, *chosen, f"{self.n}x{self.seq_len}"])
 
 
 def _bad(spec: str, why: str) -> CalibrationError:
@@ -88,6 +90,22 @@ def _pop_sampling(rest: str, is_file: bool) -> tuple[str, str]:
     return rest, DEFAULT_SAMPLING
 
 
+_SELECTION_OPTION = re.compile(r"^\s*(select|pool|layer)\s*=", re.I)
+
+
+def _pop_selection(rest: str, is_file: bool) -> tuple[str, tuple[str, ...]]:
+    """Take the selection options (``select=``, ``pool=``, ``layer=``: :mod:`calibrant.calibration.selection`)
+    out of ``rest``: anywhere for named sources, from the end only after a file path."""
+    parts = rest.split(":") if rest else []
+    if not is_file:
+        keep = [p for p in parts if not _SELECTION_OPTION.match(p)]
+        return ":".join(keep), tuple(p.strip() for p in parts if _SELECTION_OPTION.match(p))
+    picked: list[str] = []
+    while len(parts) > 1 and _SELECTION_OPTION.match(parts[-1]):
+        picked.insert(0, parts.pop().strip())
+    return ":".join(parts), tuple(picked)
+
+
 def parse_spec(spec: str) -> CalibSpec:
     """Parse ``SOURCE[:options][:SAMPLING]:NxL``; a malformed spec or a non-positive N or L raises CalibrationError."""
     if not isinstance(spec, str) or ":" not in spec:
@@ -110,13 +128,14 @@ def parse_spec(spec: str) -> CalibSpec:
     source = source.strip().lower()
     if not source:
         raise _bad(spec, "names no source")
+    rest, selection = _pop_selection(rest, is_file=source == "file")
     rest, sampling = _pop_sampling(rest, is_file=source == "file")
     if source == "file":
         parts = _split_file_options(rest)
         if not parts[0]:
             raise _bad(spec, "gives no path after 'file:'")
-        return CalibSpec("file", parts, n, seq_len, sampling)
+        return CalibSpec("file", parts + selection, n, seq_len, sampling)
     options = tuple(o for o in rest.split(":")) if rest else ()
     if any(not o for o in options):
         raise _bad(spec, "has an empty option between ':'")
-    return CalibSpec(source, options, n, seq_len, sampling)
+    return CalibSpec(source, options + selection, n, seq_len, sampling)

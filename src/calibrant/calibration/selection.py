@@ -1,0 +1,194 @@
+"""Curated selection: draw a pool larger than ``n``, keep ``n`` rows by a named strategy.
+
+Spec options (any source): ``select=STRATEGY`` and ``pool=K`` (the pool holds ``K·n`` rows, default 8),
+plus ``layer=I`` for ``coverage``; e.g. ``wiki:select=coverage:pool=8:128x512``. The pool is the set the
+spec without these options gives for ``K·n`` rows at the same seed; its hash, the strategy and the kept
+row indices (ascending) go in the provenance. Strategies:
+
+- ``random``: ``n`` rows uniformly at random (seeded) — the control arm;
+- ``diverse``: lexical diversity (ZipCal-style): greedily the row that adds the most token types not yet
+  covered (the first one: the row with the most distinct tokens; ties: the lower index);
+- ``coverage``: activation coverage (COLA-style): k-center greedy on the dense model's mean-pooled hidden
+  states after block ``layer`` (default: the middle one), Euclidean; starts from the row nearest the pool's
+  mean, then adds the row farthest from every row kept. Costs one forward over the pool up to that block;
+- ``ppl-filter``: for self-generated text: scores every pool row by the dense model's perplexity and drops
+  the lowest (the repetitive loops of degenerate generation), keeping the ``n`` highest.
+
+``diverse`` and ``random`` need no model; ``coverage`` and ``ppl-filter`` need the model (CLI: ``--model``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from calibrant.errors import CalibrationError, suggest
+
+STRATEGIES = ("random", "diverse", "coverage", "ppl-filter")
+SELECTION_KEYS = ("select", "pool", "layer")
+DEFAULT_POOL = 8
+
+
+def split_selection(spec: str, options: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, Any] | None]:
+    """The spec's options without the selection ones, and the selection asked for (None: no selection)."""
+    rest, found = [], {}
+    for opt in options:
+        key, sep, value = opt.partition("=")
+        if sep and key.strip().lower() in SELECTION_KEYS:
+            found[key.strip().lower()] = value.strip()
+        else:
+            rest.append(opt)
+    if not found:
+        return tuple(options), None
+    strategy = found.get("select")
+    if strategy is None:
+        raise CalibrationError(f"calibration spec '{spec}' sets {', '.join(f'{k}=' for k in found)} without "
+                               f"select=STRATEGY; add one of {', '.join(STRATEGIES)}")
+    if strategy not in STRATEGIES:
+        raise CalibrationError(f"unknown selection strategy '{strategy}' in '{spec}';{suggest(strategy, STRATEGIES)} "
+                               f"use one of: {', '.join(STRATEGIES)}")
+    pool = _int_option(spec, "pool", found.get("pool"), DEFAULT_POOL)
+    if pool < 2:
+        raise CalibrationError(f"pool={pool} in '{spec}' leaves nothing to select from; a pool holds pool·n rows, "
+                               "use pool >= 2 (default 8)")
+    layer = found.get("layer")
+    if layer is not None and strategy != "coverage":
+        raise CalibrationError(f"layer= applies to select=coverage only (the block whose hidden states are covered); "
+                               f"drop it from '{spec}'")
+    return tuple(rest), {"strategy": strategy, "pool": pool,
+                         "layer": None if layer is None else _int_option(spec, "layer", layer, 0)}
+
+
+def _int_option(spec: str, key: str, value: str | None, default: int) -> int:
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise CalibrationError(f"{key}={value} in '{spec}' is not an integer") from None
+
+
+def select_rows(ids: torch.Tensor, n: int, strategy: str, seed: int, model: Any = None, layer: int | None = None,
+                batch_size: int = 8) -> tuple[list[int], dict[str, Any]]:
+    """Indices (ascending) of the ``n`` rows of the pool ``ids`` that ``strategy`` keeps, and what it measured."""
+    if strategy == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return sorted(torch.randperm(ids.shape[0], generator=gen)[:n].tolist()), {}
+    if strategy == "diverse":
+        return diverse_rows(ids, n)
+    module = _module(model, strategy)
+    if strategy == "coverage":
+        return coverage_rows(module, ids, n, layer, batch_size)
+    return ppl_filter_rows(module, ids, n, batch_size)
+
+
+def _module(model: Any, strategy: str) -> torch.nn.Module:
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
+    if not isinstance(module, torch.nn.Module):
+        raise CalibrationError(f"select={strategy} reads the dense model; pass model=... to make_calibration (CLI: "
+                               "--model M), or use select=diverse or select=random, which need none")
+    return module
+
+
+def diverse_rows(ids: torch.Tensor, n: int) -> tuple[list[int], dict[str, Any]]:
+    """Greedy max-coverage of token types: each step keeps the row adding the most types not yet covered."""
+    rows = [np.unique(r) for r in ids.numpy()]
+    flat = np.concatenate(rows)
+    owner = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+    covered = np.zeros(int(ids.max()) + 1, dtype=bool)
+    free = np.ones(len(rows), dtype=bool)
+    kept = []
+    for _ in range(n):
+        gains = np.bincount(owner, weights=~covered[flat], minlength=len(rows))
+        gains[~free] = -1
+        best = int(np.argmax(gains))  # argmax returns the first maximum: ties go to the lower index
+        kept.append(best)
+        free[best] = False
+        covered[rows[best]] = True
+    return sorted(kept), {"types_covered": int(covered.sum()), "pool_types": int(np.unique(flat).size)}
+
+
+@torch.no_grad()
+def _pooled_states(module: torch.nn.Module, ids: torch.Tensor, layer: int, batch_size: int) -> torch.Tensor:
+    from calibrant.models.adapter import inference_mode
+
+    device = next(module.parameters()).device
+    out = []
+    with inference_mode(module):
+        for b in range(0, ids.shape[0], batch_size):
+            hidden = module(input_ids=ids[b:b + batch_size].to(device), output_hidden_states=True).hidden_states
+            out.append(hidden[layer].float().mean(dim=1).cpu())
+    return torch.cat(out)
+
+
+def coverage_rows(module: torch.nn.Module, ids: torch.Tensor, n: int, layer: int | None,
+                  batch_size: int = 8) -> tuple[list[int], dict[str, Any]]:
+    """k-center greedy over mean-pooled hidden states after block ``layer`` (0: the embeddings)."""
+    blocks = int(getattr(module.config, "num_hidden_layers", 0) or 0)
+    layer = blocks // 2 if layer is None else layer
+    if not 0 <= layer <= blocks:
+        raise CalibrationError(f"layer={layer} is not a block of this model (0 = embeddings … {blocks}); choose "
+                               f"0..{blocks}")
+    states = _pooled_states(module, ids, layer, batch_size).double()
+    if not torch.isfinite(states).all():
+        raise CalibrationError(f"the model's hidden states after block {layer} are not finite; coverage cannot be "
+                               "measured on them")
+    first = int(torch.cdist(states.mean(0, keepdim=True), states).argmin())
+    kept = [first]
+    dist = torch.cdist(states[first:first + 1], states)[0]
+    for _ in range(n - 1):
+        dist[kept] = -1.0
+        nxt = int(dist.argmax())
+        kept.append(nxt)
+        dist = torch.minimum(dist, torch.cdist(states[nxt:nxt + 1], states)[0])
+    dist[kept] = 0.0
+    return sorted(kept), {"layer": layer, "covering_radius": float(dist.max())}
+
+
+@torch.no_grad()
+def ppl_filter_rows(module: torch.nn.Module, ids: torch.Tensor, n: int,
+                    batch_size: int = 8) -> tuple[list[int], dict[str, Any]]:
+    """The ``n`` rows of highest dense-model perplexity (each row scored on its own)."""
+    from calibrant.models.adapter import inference_mode
+
+    device = next(module.parameters()).device
+    ppl = []
+    with inference_mode(module):
+        for b in range(0, ids.shape[0], batch_size):
+            batch = ids[b:b + batch_size].to(device)
+            logits = module(input_ids=batch).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(dim=1)
+            ppl += torch.exp(nll).cpu().tolist()
+    if not all(math.isfinite(p) for p in ppl):
+        raise CalibrationError("the dense model's perplexity is not finite on some pool rows; ppl-filter cannot rank "
+                               "them")
+    order = sorted(range(len(ppl)), key=lambda i: (-ppl[i], i))
+    kept = sorted(order[:n])
+    threshold = min(ppl[i] for i in kept)
+    return kept, {"min_kept_ppl": threshold, "pool_median_ppl": float(np.median(ppl))}
+
+
+def make_selected(cs: Any, selection: dict[str, Any], tokenizer: Any, seed: int, max_length: int | None,
+                  progress: bool | None, model: Any, common: dict[str, Any]) -> Any:
+    """The CalibrationSet of a spec with ``select=``: its pool at ``pool·n`` rows, then ``n`` rows kept."""
+    import dataclasses
+
+    from calibrant.calibration.calibset import COSMETIC_KEYS, CalibrationSet, make_calibration
+
+    pool_spec = dataclasses.replace(cs, n=cs.n * selection["pool"])
+    try:
+        pool = make_calibration(str(pool_spec), tokenizer, seed=seed, max_length=max_length, progress=progress,
+                                model=model)
+    except CalibrationError as e:
+        raise CalibrationError(f"the pool of select={selection['strategy']} ({selection['pool']}·n = {pool_spec.n} "
+                               f"rows) cannot be drawn: {e}; or use a smaller pool=") from None
+    kept, measured = select_rows(pool.input_ids, cs.n, selection["strategy"], seed, model, selection["layer"])
+    prov = {k: v for k, v in pool.provenance.items() if k not in COSMETIC_KEYS}
+    prov.update(common)
+    prov["selection"] = {**selection, "pool_spec": str(pool_spec), "pool_hash": pool.hash, "indices": kept,
+                         **measured}
+    return CalibrationSet(pool.input_ids[kept].clone(), prov)

@@ -1,0 +1,120 @@
+"""Selection from a pool: rows are pool rows at the recorded indices; diverse is greedy type coverage (checked
+against a plain-Python reference); coverage is within k-center greedy's factor 2 of the brute-force optimum;
+ppl-filter keeps the highest-perplexity rows; bad selections are one-line errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from calib_helpers import build_tokenizer, make_docs
+
+from calibrant.calibration import make_calibration
+from calibrant.calibration.selection import _pooled_states, coverage_rows, diverse_rows, ppl_filter_rows
+from calibrant.calibration.spec import parse_spec
+from calibrant.errors import CalibrationError
+
+NEWS = make_docs(30, 40, prefix="n")
+
+
+@pytest.fixture
+def tok():
+    return build_tokenizer(NEWS)
+
+
+@pytest.fixture
+def news(fake_corpus):
+    fake_corpus(NEWS, "news")
+
+
+@pytest.mark.parametrize("spec, options, sampling", [
+    ("wiki:select=coverage:pool=8:128x512", ("select=coverage", "pool=8"), "windows"),
+    ("wiki:docs:select=diverse:8x16", ("select=diverse",), "docs"),
+    ("wiki:select=diverse:docs:8x16", ("select=diverse",), "docs"),
+    ("file:./a.txt:docs:select=random:pool=4:8x16", ("./a.txt", "select=random", "pool=4"), "docs"),
+])
+def test_specs_parse_and_round_trip(spec, options, sampling):
+    cs = parse_spec(spec)
+    assert (cs.options, cs.sampling) == (options, sampling)
+    assert parse_spec(str(cs)) == cs
+
+
+@pytest.mark.parametrize("strategy", ["random", "diverse"])
+def test_rows_are_the_pool_rows_at_the_recorded_indices(tok, news, strategy):
+    calib = make_calibration(f"news:select={strategy}:pool=4:5x16", tok, seed=2)
+    sel = calib.provenance["selection"]
+    pool = make_calibration("news:20x16", tok, seed=2)
+    assert sel["pool_hash"] == pool.hash and sel["pool_spec"] == "news:20x16" and sel["strategy"] == strategy
+    assert sel["indices"] == sorted(set(sel["indices"])) and len(sel["indices"]) == 5
+    assert torch.equal(calib.input_ids, pool.input_ids[sel["indices"]])
+    again = make_calibration(f"news:select={strategy}:pool=4:5x16", tok, seed=2)
+    assert again.hash == calib.hash and calib.provenance["spec"] == f"news:select={strategy}:pool=4:5x16"
+    from calibrant.calibration import inspect_calibration
+
+    rows = dict(map(tuple, inspect_calibration(calib, progress=False).rows()))
+    assert rows["selection"] == f"{strategy}: 5 of 4·n pool rows (news:20x16, hash {pool.hash})"
+
+
+def _greedy_reference(rows: list[list[int]], n: int) -> list[int]:
+    covered, kept = set(), []
+    for _ in range(n):
+        gains = [(-1 if i in kept else len(set(r) - covered), -i) for i, r in enumerate(rows)]
+        best = -max(gains)[1]
+        kept.append(best)
+        covered |= set(rows[best])
+    return sorted(kept)
+
+
+def test_diverse_is_greedy_type_coverage():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        pool = torch.randint(0, 40 + trial, (12, 10), generator=gen)
+        kept, info = diverse_rows(pool, 4)
+        assert kept == _greedy_reference(pool.tolist(), 4)
+        assert info["types_covered"] == len(set(pool[kept].flatten().tolist()))
+    repetitive = torch.tensor([[1] * 8, [2] * 8, list(range(3, 11)), list(range(5, 13))])
+    assert diverse_rows(repetitive, 2)[0] == [2, 3]  # the two varied rows, never the loops
+
+
+def test_coverage_is_within_twice_the_optimal_radius():
+    from tests.conftest import tiny_model, token_batch
+
+    model = tiny_model("llama")
+    pool = token_batch(9, 12, seed=4)
+    kept, info = coverage_rows(model, pool, 3, layer=1, batch_size=4)
+    states = _pooled_states(model, pool, 1, 4).double()
+
+    def radius(chosen) -> float:
+        return float(torch.cdist(states, states[list(chosen)]).min(dim=1).values.max())
+
+    best = min(radius(c) for c in itertools.combinations(range(9), 3))
+    assert radius(kept) == pytest.approx(info["covering_radius"]) and radius(kept) <= 2 * best + 1e-9
+    assert info["layer"] == 1 and len(kept) == 3
+
+
+def test_ppl_filter_keeps_the_highest_perplexity_rows():
+    from calibrant.calibration.diagnostics import set_perplexity
+    from tests.conftest import tiny_model, token_batch
+
+    model = tiny_model("llama")
+    pool = token_batch(8, 12, seed=5)
+    pool[1] = 7  # a degenerate loop: the lowest perplexity once the model has seen it
+    kept, _ = ppl_filter_rows(model, pool, 5)
+    ppl = [set_perplexity(model, pool[i:i + 1], progress=False) for i in range(8)]
+    assert min(ppl[i] for i in kept) >= max(ppl[i] for i in range(8) if i not in kept) - 1e-4
+    assert len(kept) == 5
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("news:select=diversity:4x16", "strategy 'diversity' in 'news:select=diversity:4x16'; Did you mean 'diverse'? use one of: random, diverse, coverage, ppl-filter"),
+    ("news:pool=4:4x16", "without select=STRATEGY"),
+    ("news:select=random:pool=1:4x16", "use pool >= 2"),
+    ("news:select=diverse:layer=3:4x16", "layer= applies to select=coverage only"),
+    ("news:select=coverage:4x16", "reads the dense model; pass model="),
+    ("news:select=random:pool=200:4x16", "the pool of select=random (200·n = 800 rows) cannot be drawn"),
+])
+def test_bad_selections_are_one_line_errors(tok, news, spec, message):
+    with pytest.raises(CalibrationError) as e:
+        make_calibration(spec, tok, seed=0)
+    assert message in str(e.value) and "\n" not in str(e.value)
