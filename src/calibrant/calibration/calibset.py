@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from calibrant.cache import atomic_path, cache_dir, human_bytes, quiet_loggers, sha256_file, stable_hash
+from calibrant.calibration.chat import CHAT_OPTION, render_chat
 from calibrant.calibration.corpora import HUB_CORPORA, OFFLINE_CORPORA, get_corpus, get_hf_corpus
 from calibrant.calibration.sampling import document_windows, packed_documents, random_windows
 from calibrant.calibration.selfgen import generate_self_calibration, parse_self_options
@@ -537,7 +538,13 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
 
         return make_mixture(cs, tokenizer, seed, max_length, progress, model, common)
 
+    chat = CHAT_OPTION in cs.options
+    if chat:
+        cs = dataclasses.replace(cs, options=tuple(o for o in cs.options if o != CHAT_OPTION))
     docs, info = _source_documents(cs)
+    if chat:
+        docs, chat_info = render_chat(docs, tokenizer, str(info["source"]))
+        info = {**info, **chat_info}
     content_key = {k: v for k, v in info.items() if k not in COSMETIC_KEYS}
     need_lengths = cs.sampling != DEFAULT_SAMPLING
     flat, lengths, meta = document_token_ids(docs, tokenizer, content_key, label=str(info["source"]),

@@ -50,6 +50,9 @@ class CalibrationDiagnostics:
         """(metric, value) rows for a table."""
         out = [["source", f"{self.source} ({self.sampling})"], ["shape", f"{self.n} x {self.seq_len}"],
                ["hash", self.hash]]
+        if self.provenance.get("format") == "chat":
+            out.append(["format", f"chat template (sha256 {self.provenance.get('chat_template_sha256')}), "
+                                  f"{self.provenance.get('conversations')} conversations"])
         sel = self.provenance.get("selection")
         if sel:
             out.append(["selection", f"{sel['strategy']}: {self.n} of {sel['pool']}·n pool rows ({sel['pool_spec']}, "
