@@ -297,3 +297,17 @@ def quiet_loggers(*names: str, level: int = logging.ERROR) -> Iterator[None]:
     finally:
         for lg, lvl in zip(loggers, levels, strict=True):
             lg.setLevel(lvl)
+
+
+@contextlib.contextmanager
+def library_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars (loading weights, converting a GGUF) on or off for the duration:
+    ``quiet`` commands print nothing of their own, and neither do the libraries they call."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()

@@ -279,3 +279,16 @@ def test_gguf_conversion_checks_free_space_first(tmp_path: Path, monkeypatch) ->
         load_model(path)
     gguf_cache = Path(os.environ["CALIBRANT_CACHE"]) / "models" / "gguf"
     assert not gguf_cache.exists() or [p.name for p in gguf_cache.iterdir() if p.name != DIGEST_FILE] == []
+
+
+def test_quiet_loading_prints_nothing_and_leaves_library_bars_as_they_were(
+        tiny_dir: tuple[Path, LlamaForCausalLM], capfd) -> None:
+    from transformers.utils import logging as hf_logging
+
+    path, _ = tiny_dir
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    load_model(path, quiet=True)
+    assert capfd.readouterr().err == "" and hf_logging.is_progress_bar_enabled()
+    load_model(path)
+    assert "Loading weights" in capfd.readouterr().err

