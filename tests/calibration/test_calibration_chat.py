@@ -60,3 +60,32 @@ def test_refusals(dialogue, spec, template, message):
     with pytest.raises(CalibrationError) as e:
         make_calibration(spec, _tok(template), seed=0)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+ASSISTANT_WORDS = {"nice", "to", "meet", "you", "the", "weather", "is", "fine", "."} | {str(i) for i in range(40)}
+
+
+@pytest.mark.parametrize("sampling", ["", "docs:", "packed:"])
+def test_assistant_only_marks_exactly_the_assistant_turns(dialogue, sampling, tmp_path):
+    from calibrant.calibration import CalibrationSet
+
+    tok = _tok()
+    masked = make_calibration(f"dialogue:chat:assistant-only:{sampling}6x16", tok, seed=1)
+    plain = make_calibration(f"dialogue:chat:{sampling}6x16", tok, seed=1)
+    assert masked.input_ids.equal(plain.input_ids)  # the mask rides along: the same windows are drawn
+    assert masked.token_mask is not None and plain.token_mask is None and masked.hash != plain.hash
+    words = tok.convert_ids_to_tokens(masked.input_ids.flatten().tolist())
+    flags = masked.token_mask.flatten().tolist()
+    assert {w for w, f in zip(words, flags, strict=True) if f} <= ASSISTANT_WORDS
+    user_only = {"hello", "there", "friend", "number", "what", "new", "today", "?", "<|im_start|>", "<|im_end|>",
+                 "user", "assistant"}
+    assert not any(f for w, f in zip(words, flags, strict=True) if w in user_only)
+    assert 0 < masked.provenance["token_mask"]["share"] < 1
+    masked.save(tmp_path / "m.safetensors")
+    back = CalibrationSet.load(tmp_path / "m.safetensors")
+    assert back.hash == masked.hash and back.token_mask.equal(masked.token_mask)
+
+
+def test_assistant_only_needs_chat(dialogue):
+    with pytest.raises(CalibrationError, match="write dialogue:chat:assistant-only:4x16"):
+        make_calibration("dialogue:assistant-only:4x16", _tok(), seed=0)

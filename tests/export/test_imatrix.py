@@ -135,3 +135,28 @@ def test_cli_writes_the_matrix_of_a_saved_set(tiny_dir, tmp_path, capsys):
     assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "calib", "imatrix", calib, "--model", tiny_dir, "--out", tmp_path / "m.bin")
     assert code == 2 and ".gguf" in err and not (tmp_path / "m.bin").exists()
+
+
+@pytest.mark.parametrize("pipeline", ["one-pass", "two-pass"])
+def test_a_token_mask_counts_only_its_tokens(pipeline):
+    from calibrant.engine import compress
+    from calibrant.export.imatrix import ImatrixCollector
+
+    model = tiny_model("llama")
+    ids = token_batch(5, 24)
+    mask = torch.rand(5, 24, generator=torch.Generator().manual_seed(1)) < 0.4
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: seen.setdefault(name, []).append(
+        inp[0].detach()[mask].double()))
+        for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    collector = ImatrixCollector()
+    compress(model, CalibrationSet(ids, {"source": "test"}, mask), collector, batch_size=2, pipeline=pipeline,
+             progress=False)
+    for name, parts in seen.items():
+        sums, count = collector._seen[name]
+        assert count == int(mask.sum())
+        torch.testing.assert_close(sums, torch.cat(parts).square().sum(0), rtol=1e-5, atol=1e-7)

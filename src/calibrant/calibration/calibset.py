@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from calibrant.cache import atomic_path, cache_dir, human_bytes, quiet_loggers, sha256_file, stable_hash
-from calibrant.calibration.chat import CHAT_OPTION, render_chat
+from calibrant.calibration.chat import ASSISTANT_ONLY, CHAT_OPTION, assistant_token_masks, render_chat
 from calibrant.calibration.corpora import HUB_CORPORA, OFFLINE_CORPORA, get_corpus, get_hf_corpus
 from calibrant.calibration.sampling import document_windows, packed_documents, random_windows
 from calibrant.calibration.selfgen import generate_self_calibration, parse_self_options
@@ -261,13 +261,25 @@ def _validate_ids(input_ids: Any) -> torch.Tensor:
 
 @dataclass
 class CalibrationSet:
-    """``input_ids`` (LongTensor [n, L]) and the provenance that says exactly how they were made."""
+    """``input_ids`` (LongTensor [n, L]) and the provenance that says exactly how they were made.
+
+    ``token_mask`` (bool [n, L], optional): the tokens whose activations the statistics count (e.g. only the
+    assistant's turns of chat-formatted data); every token still runs through the model as context."""
 
     input_ids: torch.Tensor
     provenance: dict[str, Any]
+    token_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.input_ids = _validate_ids(self.input_ids)
+        if self.token_mask is not None:
+            mask = torch.as_tensor(self.token_mask).detach().cpu()
+            if tuple(mask.shape) != tuple(self.input_ids.shape):
+                raise CalibrationError(f"token_mask has shape {tuple(mask.shape)}, the ids {tuple(self.input_ids.shape)}"
+                                       "; give one flag per token")
+            self.token_mask = mask.to(torch.bool).contiguous()
+            if not bool(self.token_mask.any()):
+                raise CalibrationError("token_mask selects no token; the statistics would count nothing")
         self.provenance = dict(self.provenance)
         self.provenance.setdefault("n", int(self.input_ids.shape[0]))
         self.provenance.setdefault("seq_len", int(self.input_ids.shape[1]))
@@ -284,7 +296,10 @@ class CalibrationSet:
     def hash(self) -> str:
         """16-hex content hash of the ids and the provenance (minus purely descriptive keys)."""
         prov = {k: v for k, v in self.provenance.items() if k not in COSMETIC_KEYS}
-        return stable_hash({"ids": _ids_digest(self.input_ids), "provenance": prov})
+        content = {"ids": _ids_digest(self.input_ids), "provenance": prov}
+        if self.token_mask is not None:
+            content["token_mask"] = _ids_digest(self.token_mask.to(torch.int64))
+        return stable_hash(content)
 
     def __repr__(self) -> str:
         return (f"CalibrationSet(n={self.n}, seq_len={self.seq_len}, source={self.provenance.get('source')!r}, "
@@ -304,8 +319,11 @@ class CalibrationSet:
 
         metadata = {"format": SAVE_FORMAT, "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
                     "hash": self.hash}
-        with disk_errors(str(path), human_bytes(self.input_ids.numel() * 8)), atomic_path(path) as tmp:
-            save_file({"input_ids": self.input_ids}, str(tmp), metadata=metadata)
+        tensors = {"input_ids": self.input_ids}
+        if self.token_mask is not None:
+            tensors["token_mask"] = self.token_mask.to(torch.uint8)
+        with disk_errors(str(path), human_bytes(self.input_ids.numel() * 9)), atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationSet:
@@ -320,6 +338,7 @@ class CalibrationSet:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
                 ids = f.get_tensor("input_ids")
+                mask = f.get_tensor("token_mask") if "token_mask" in f.keys() else None
             if metadata.get("format") != SAVE_FORMAT:
                 raise ValueError(f"format {metadata.get('format')!r}")
             provenance = json.loads(metadata["provenance"])
@@ -328,7 +347,7 @@ class CalibrationSet:
                                    f"({type(e).__name__}: {str(e)[:80]}); recreate it with "
                                    "make_calibration(...).save(path)") from e
         try:
-            cs = cls(ids, provenance)
+            cs = cls(ids, provenance, mask)
         except CalibrationError as e:
             raise CalibrationError(f"calibration set file '{path}' is corrupt: {e}") from e
         if metadata.get("hash") and metadata["hash"] != cs.hash:
@@ -538,17 +557,33 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
 
         return make_mixture(cs, tokenizer, seed, max_length, progress, model, common)
 
-    chat = CHAT_OPTION in cs.options
+    chat, assistant_only = CHAT_OPTION in cs.options, ASSISTANT_ONLY in cs.options
+    if assistant_only and not chat:
+        raise CalibrationError(f"assistant-only counts the assistant's turns of chat-formatted data; write "
+                               f"{cs.source}:chat:assistant-only:{cs.n}x{cs.seq_len}")
     if chat:
-        cs = dataclasses.replace(cs, options=tuple(o for o in cs.options if o != CHAT_OPTION))
+        cs = dataclasses.replace(cs, options=tuple(o for o in cs.options if o not in (CHAT_OPTION, ASSISTANT_ONLY)))
     docs, info = _source_documents(cs)
+    conversations: list[list[dict[str, str]]] = []
     if chat:
-        docs, chat_info = render_chat(docs, tokenizer, str(info["source"]))
+        docs, chat_info = render_chat(docs, tokenizer, str(info["source"]), conversations)
         info = {**info, **chat_info}
     content_key = {k: v for k, v in info.items() if k not in COSMETIC_KEYS}
-    need_lengths = cs.sampling != DEFAULT_SAMPLING
+    need_lengths = cs.sampling != DEFAULT_SAMPLING or assistant_only
     flat, lengths, meta = document_token_ids(docs, tokenizer, content_key, label=str(info["source"]),
                                              progress=progress, need_lengths=need_lengths)
+    joiner_ids = meta["joiner_ids"]
+    if assistant_only:  # sample (id, flag) pairs packed as 2·id + flag, so the mask follows the ids exactly
+        assert lengths is not None
+        masks = assistant_token_masks(docs, conversations, tokenizer, lengths)
+        flags = np.zeros(flat.size, dtype=np.int64)
+        for start, mask in zip(document_starts(lengths, len(joiner_ids)), masks, strict=True):
+            flags[start:start + mask.size] = mask
+        if not flags.any():
+            raise CalibrationError(f"source '{info['source']}' has no assistant turns to count; drop "
+                                   "':assistant-only' or use a conversational source")
+        flat = flat.astype(np.int64) * 2 + flags
+        joiner_ids = [2 * j for j in joiner_ids]
     total = int(flat.size)
     what = f"'{info['source']}'" + (" (calib split)" if info.get("split") == "calib" else "")
     if total < cs.seq_len and cs.sampling != "packed":
@@ -567,11 +602,17 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
         if cs.sampling == "docs":
             ids, extra = document_windows(flat, starts, lengths, cs.n, cs.seq_len, gen, f"source {what}")
         else:
-            ids, extra = packed_documents(flat, starts, lengths, meta["joiner_ids"], cs.n, cs.seq_len, gen,
+            ids, extra = packed_documents(flat, starts, lengths, joiner_ids, cs.n, cs.seq_len, gen,
                                           f"source {what}")
     prov = {**info, "sampling": cs.sampling_name, **common, "documents": meta["documents"], "source_tokens": total,
             "joiner": meta["joiner"], "joiner_ids": meta["joiner_ids"], **extra}
-    return CalibrationSet(ids, prov)
+    token_mask = None
+    if assistant_only:
+        token_mask, ids = (ids % 2).bool(), ids // 2
+        if not bool(token_mask.any()):
+            raise CalibrationError(f"no window of '{cs}' holds an assistant token; draw more or longer windows")
+        prov["token_mask"] = {"kind": ASSISTANT_ONLY, "share": round(float(token_mask.float().mean()), 6)}
+    return CalibrationSet(ids, prov, token_mask)
 
 
 def heldout_token_ids(name: str, tokenizer: Any, progress: bool | None = None) -> tuple[torch.Tensor, dict[str, Any]]:

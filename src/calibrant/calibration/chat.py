@@ -6,6 +6,12 @@ alternating as written, consecutive lines of one speaker joined, unlabelled line
 before — and renders them with ``tokenizer.apply_chat_template`` (whatever the template adds, e.g. a
 default system prompt, is part of the text, as it is when the model is served). The template's sha256 goes
 in the provenance (and the token cache key), so two models with different templates never share sets.
+
+``dialogue:chat:assistant-only:128x512`` also marks the tokens of the assistant's turns: the set carries a
+``token_mask`` and the engine's statistics count only those tokens (every token still runs through the
+model as context). A token is the assistant's when its characters overlap the text of an assistant message
+in the rendered conversation (offsets from the fast tokenizer); the template's own markup around a turn is
+not.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ import hashlib
 import re
 from typing import Any
 
+import numpy as np
+
 from calibrant.errors import CalibrationError
 
 CHAT_OPTION = "chat"
+ASSISTANT_ONLY = "assistant-only"
 _TURN = re.compile(r"^\s*([A-Za-z][\w .'-]{0,31}?)\s*:\s?(.*)$")
 ROLES = ("user", "assistant")
 
@@ -52,9 +61,11 @@ def template_hash(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def render_chat(docs: list[str], tokenizer: Any, source: str) -> tuple[list[str], dict[str, Any]]:
+def render_chat(docs: list[str], tokenizer: Any, source: str,
+                conversations: list[list[dict[str, str]]] | None = None) -> tuple[list[str], dict[str, Any]]:
     """Each conversational document rendered through the chat template; non-conversations are left out and
-    counted. Refuses a source with no conversation at all."""
+    counted (the messages of each rendered one are appended to ``conversations`` when given). Refuses a
+    source with no conversation at all."""
     digest = template_hash(tokenizer)
     rendered, skipped, turns = [], 0, 0
     for doc in docs:
@@ -64,8 +75,46 @@ def render_chat(docs: list[str], tokenizer: Any, source: str) -> tuple[list[str]
             continue
         turns += len(messages)
         rendered.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        if conversations is not None:
+            conversations.append(messages)
     if not rendered:
         raise CalibrationError(f"source '{source}' holds no conversation (documents of lines 'SPEAKER: text' between "
                                "two speakers); ':chat' needs a conversational source such as dialogue")
     return rendered, {"format": "chat", "chat_template_sha256": digest, "conversations": len(rendered),
                       "turns": turns, "not_conversations": skipped}
+
+
+def assistant_spans(text: str, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+    """Character spans of the assistant messages' text in a rendered conversation (found in order)."""
+    spans, pos = [], 0
+    for m in messages:
+        at = text.find(m["content"], pos) if m["content"] else -1
+        if at < 0:
+            continue  # a template that rewrites a message's text: that turn cannot be located
+        if m["role"] == "assistant":
+            spans.append((at, at + len(m["content"])))
+        pos = at + len(m["content"])
+    return spans
+
+
+def assistant_token_masks(rendered: list[str], conversations: list[list[dict[str, str]]], tokenizer: Any,
+                          lengths: np.ndarray) -> list[np.ndarray]:
+    """Per rendered document, 1 for each token of an assistant turn (uint8, one per token), checked against the
+    token counts ``lengths`` the ids were cut with."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise CalibrationError("assistant-only needs a fast tokenizer (it maps tokens to characters to find the "
+                               "assistant's turns); load the model's tokenizer.json, or drop ':assistant-only'")
+    out = []
+    for i in range(0, len(rendered), 64):
+        enc = tokenizer(rendered[i:i + 64], add_special_tokens=False, return_offsets_mapping=True)
+        for j, offsets in enumerate(enc["offset_mapping"]):
+            k = i + j
+            if len(offsets) != int(lengths[k]):
+                raise CalibrationError(f"document {k} tokenizes to {len(offsets)} tokens with offsets but "
+                                       f"{int(lengths[k])} without; assistant-only cannot align its mask")
+            bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            mask = np.zeros(len(offsets), dtype=np.uint8)
+            for b, e in assistant_spans(rendered[k], conversations[k]):
+                mask |= ((bounds[:, 0] < e) & (bounds[:, 1] > b)).astype(np.uint8)
+            out.append(mask)
+    return out

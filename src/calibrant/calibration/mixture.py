@@ -88,10 +88,14 @@ def make_mixture(cs: Any, tokenizer: Any, seed: int, max_length: int | None, pro
                                     progress=progress, model=model)
         except CalibrationError as e:
             raise CalibrationError(f"mixture component '{source}': {e}") from None
-        parts.append(part.input_ids)
+        parts.append(part)
         recorded.append({"spec": source, "weight": weight, "n": count, "seed": sub_seed, "hash": part.hash,
                          "provenance": {k: v for k, v in part.provenance.items() if k not in COSMETIC_KEYS}})
-    ids = torch.cat(parts, dim=0)
+    ids = torch.cat([p.input_ids for p in parts], dim=0)
+    mask = None  # components without a token mask count every token
+    if any(p.token_mask is not None for p in parts):
+        mask = torch.cat([p.token_mask if p.token_mask is not None else torch.ones_like(p.input_ids, dtype=torch.bool)
+                          for p in parts], dim=0)
     prov = {"source": "mix", "sampling": "mixture", **common, "components": recorded,
             "bos": any(r["provenance"].get("bos") for r in recorded)}
-    return CalibrationSet(ids, prov)
+    return CalibrationSet(ids, prov, mask)

@@ -191,4 +191,5 @@ def make_selected(cs: Any, selection: dict[str, Any], tokenizer: Any, seed: int,
     prov.update(common)
     prov["selection"] = {**selection, "pool_spec": str(pool_spec), "pool_hash": pool.hash, "indices": kept,
                          **measured}
-    return CalibrationSet(pool.input_ids[kept].clone(), prov)
+    mask = None if pool.token_mask is None else pool.token_mask[kept].clone()
+    return CalibrationSet(pool.input_ids[kept].clone(), prov, mask)

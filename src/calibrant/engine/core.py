@@ -68,6 +68,8 @@ def compress(
     plan = make_plan(model, calibration, methods, propagate=propagate, pipeline=pipeline, include=include,
                      exclude=exclude)
     runner = BlockwiseRunner(model, device=device, batch_size=batch_size)
+    if plan.token_mask is not None:
+        runner.token_mask = plan.token_mask.to(runner.device)
     report = CompressionReport([{"method": m.name, **m.params()} for m in methods], plan.calibration, propagate,
                                fallbacks=dict(plan.fallbacks))
     clock = Stopwatch(*TIMINGS)

@@ -130,7 +130,7 @@ def one_pass(
                 raise RuntimeError(f"block {index}: {names[0]} was called more than once per forward, unlike the "
                                    "probed block it was taken to match; rerun with pipeline='two-pass'")
             with clock.section("stats_s"):
-                st.add(args[0])
+                st.add(args[0], runner.mask_for(spans[running[0]]))
             if running[0] == len(spans) - 1:  # every batch has contributed: compress the group now
                 with clock.section("compress_s"):
                     records.extend(compress_linears({n: layers[n] for n in names}, methods,
@@ -188,6 +188,7 @@ def observe(
     leaders: set[str] = set()
     seen: list[tuple[torch.Tensor, LayerStats]] = []
     first_batch = [True]
+    current = [(0, 0)]  # the rows of the batch running now (its token mask)
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -201,7 +202,7 @@ def observe(
                         leaders.add(name)
                     stats[name] = shared
                 if name in leaders:
-                    stats[name].add(x)
+                    stats[name].add(x, runner.mask_for(current[0]))
 
         return hook
 
@@ -209,6 +210,7 @@ def observe(
     try:
         with clock.section("forward_s"):
             for b0, b1 in runner.batches(inps.shape[0]):
+                current[0] = (b0, b1)
                 runner.run_block(index, inps[b0:b1], None if outs is None else outs[b0:b1])
                 if first_batch[0]:
                     first_batch[0] = False

@@ -62,6 +62,7 @@ class Plan:
     propagate: str
     pipeline: str
     fallbacks: dict[str, str] = field(default_factory=dict)  # layers left as they are (Method.fallback), and why
+    token_mask: torch.Tensor | None = None  # [n, L] bool: the tokens the statistics count (None: all)
 
     @property
     def block_methods(self) -> list[Method]:
@@ -129,4 +130,5 @@ def make_plan(
             for m in methods:
                 m.validate(name, tuple(weight_of(module).shape))
     stats = frozenset().union(*(m.statistics for m in methods))
-    return Plan(methods, targets, stats, ids, meta, propagate, pipeline, fallbacks)
+    mask = getattr(calibration, "token_mask", None) if ids is not None else None
+    return Plan(methods, targets, stats, ids, meta, propagate, pipeline, fallbacks, mask)

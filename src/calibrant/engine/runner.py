@@ -50,7 +50,12 @@ class BlockwiseRunner:
         self.model_device = next(model.parameters()).device
         self.device = torch.device(device) if device is not None else self.model_device
         self.batch_size = max(1, int(batch_size))
+        self.token_mask: torch.Tensor | None = None  # [n, L] bool: the tokens the statistics count (None: all)
         self.block_kwargs: list[dict[int, tuple[tuple, dict]]] = []
+
+    def mask_for(self, span: tuple[int, int]) -> torch.Tensor | None:
+        """The token mask of the calibration rows ``span`` (None: every token counts)."""
+        return None if self.token_mask is None else self.token_mask[span[0]:span[1]]
 
     def batches(self, n: int) -> list[tuple[int, int]]:
         return [(b, min(b + self.batch_size, n)) for b in range(0, n, self.batch_size)]

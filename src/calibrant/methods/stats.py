@@ -255,8 +255,16 @@ class LayerStats:
         self.cache: dict[str, Any] = {}
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.dim).to(torch.float32)
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Stream ``x`` (``[..., dim]``); with ``mask`` (one flag per token of ``x``) only the flagged tokens."""
+        x = x.reshape(-1, self.dim)
+        if mask is not None:
+            flags = mask.reshape(-1).to(x.device)
+            if flags.numel() != x.shape[0]:
+                raise RecipeError(f"a token mask of {flags.numel()} flags does not match the {x.shape[0]} tokens "
+                                  "reaching this linear; token masks need linears that see [batch, length, dim]")
+            x = x[flags]
+        x = x.to(torch.float32)
         self.tokens += x.shape[0]
         for obs in self._observers.values():
             obs.update(x)
