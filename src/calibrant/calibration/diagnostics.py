@@ -53,6 +53,9 @@ class CalibrationDiagnostics:
         if self.provenance.get("format") == "chat":
             out.append(["format", f"chat template (sha256 {self.provenance.get('chat_template_sha256')}), "
                                   f"{self.provenance.get('conversations')} conversations"])
+        masked = self.provenance.get("token_mask")
+        if masked:
+            out.append(["token mask", f"{masked['kind']}: statistics count {masked['share']:.1%} of the tokens"])
         sel = self.provenance.get("selection")
         if sel:
             out.append(["selection", f"{sel['strategy']}: {self.n} of {sel['pool']}·n pool rows ({sel['pool_spec']}, "
