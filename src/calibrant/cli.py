@@ -113,23 +113,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         for name, r in ppl.items():
             print(f"perplexity {name} (held-out, {r.tokens} tokens, seq_len {r.protocol['seq_len']}): {r.ppl:.3f}")
     if result.out is not None:
-        _print_gguf_fallbacks(result.metadata.get("export") or {})
+        from calibrant.export.cli import print_gguf_fallbacks
+
+        print_gguf_fallbacks(result.metadata.get("export") or {})
         print(f"saved: {result.out}")
     return 0
-
-
-def _print_gguf_fallbacks(export: dict[str, Any]) -> None:
-    """Every tensor a GGUF export did not write in the file's quantized type, and why (1-D ones counted)."""
-    if export.get("format") != "gguf":
-        return
-    rows = export.get("tensors", [])
-    flat = [r for r in rows if len(r["shape"]) == 1]
-    for r in rows:
-        if len(r["shape"]) > 1 and not r["why"].startswith("quantized"):
-            print(f"gguf: {r['tensor']} {'x'.join(map(str, r['shape']))} written {r['type']} ({r['why']})")
-    if flat:
-        print(f"gguf: {len(flat)} 1-D tensors (norms, biases) written F32; file type {export.get('file_type')}, "
-              f"metadata from the {export.get('metadata_from')}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -322,7 +322,8 @@ class CalibrationSet:
         tensors = {"input_ids": self.input_ids}
         if self.token_mask is not None:
             tensors["token_mask"] = self.token_mask.to(torch.uint8)
-        with disk_errors(str(path), human_bytes(self.input_ids.numel() * 9)), atomic_path(path) as tmp:
+        size = self.input_ids.numel() * 8 + (0 if self.token_mask is None else self.token_mask.numel())
+        with disk_errors(str(path), human_bytes(size)), atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
     @classmethod
@@ -536,7 +537,7 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
         plain, selection = split_selection(str(cs), cs.options)
         if selection is not None:
             return make_selected(dataclasses.replace(cs, options=plain), selection, tokenizer, seed, max_length,
-                                 progress, model, common)
+                                 progress, model, common, make_calibration, COSMETIC_KEYS)
     if cs.source in ("random-vocab", "self") and cs.sampling != DEFAULT_SAMPLING:
         raise CalibrationError(f"sampling '{cs.sampling}' applies to text sources only; {cs.source} generates its "
                                f"own tokens: write {cs.source}:{cs.n}x{cs.seq_len}")
@@ -555,7 +556,7 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
     if cs.source == "mix":
         from calibrant.calibration.mixture import make_mixture
 
-        return make_mixture(cs, tokenizer, seed, max_length, progress, model, common)
+        return make_mixture(cs, tokenizer, seed, max_length, progress, model, common, make_calibration, COSMETIC_KEYS)
 
     chat, assistant_only = CHAT_OPTION in cs.options, ASSISTANT_ONLY in cs.options
     if assistant_only and not chat:

@@ -11,6 +11,7 @@ weight, row count, seed and its own content hash, so each part can be rebuilt an
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,10 +71,9 @@ def component_seed(seed: int, index: int, spec: str) -> int:
 
 
 def make_mixture(cs: Any, tokenizer: Any, seed: int, max_length: int | None, progress: bool | None, model: Any,
-                 common: dict[str, Any]) -> Any:
-    """The CalibrationSet of a parsed ``mix(...)`` spec (see the module docstring)."""
-    from calibrant.calibration.calibset import COSMETIC_KEYS, CalibrationSet, make_calibration
-
+                 common: dict[str, Any], make: Callable[..., Any], cosmetic: frozenset[str]) -> Any:
+    """The CalibrationSet of a parsed ``mix(...)`` spec (see the module docstring); ``make`` draws one
+    component (``make_calibration``), ``cosmetic`` names the provenance keys a hash ignores."""
     components = parse_components(str(cs), cs.options)
     counts = split_rows(cs.n, [w for _, w in components])
     for (source, weight), count in zip(components, counts, strict=True):
@@ -84,13 +84,13 @@ def make_mixture(cs: Any, tokenizer: Any, seed: int, max_length: int | None, pro
     for i, ((source, weight), count) in enumerate(zip(components, counts, strict=True)):
         sub_seed = component_seed(seed, i, source)
         try:
-            part = make_calibration(f"{source}:{count}x{cs.seq_len}", tokenizer, seed=sub_seed, max_length=max_length,
+            part = make(f"{source}:{count}x{cs.seq_len}", tokenizer, seed=sub_seed, max_length=max_length,
                                     progress=progress, model=model)
         except CalibrationError as e:
             raise CalibrationError(f"mixture component '{source}': {e}") from None
         parts.append(part)
         recorded.append({"spec": source, "weight": weight, "n": count, "seed": sub_seed, "hash": part.hash,
-                         "provenance": {k: v for k, v in part.provenance.items() if k not in COSMETIC_KEYS}})
+                         "provenance": {k: v for k, v in part.provenance.items() if k not in cosmetic}})
     ids = torch.cat([p.input_ids for p in parts], dim=0)
     mask = None  # components without a token mask count every token
     if any(p.token_mask is not None for p in parts):
@@ -98,4 +98,4 @@ def make_mixture(cs: Any, tokenizer: Any, seed: int, max_length: int | None, pro
                           for p in parts], dim=0)
     prov = {"source": "mix", "sampling": "mixture", **common, "components": recorded,
             "bos": any(r["provenance"].get("bos") for r in recorded)}
-    return CalibrationSet(ids, prov, mask)
+    return type(parts[0])(ids, prov, mask)

@@ -20,6 +20,7 @@ row indices (ascending) go in the provenance. Strategies:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -173,23 +174,23 @@ def ppl_filter_rows(module: torch.nn.Module, ids: torch.Tensor, n: int,
 
 
 def make_selected(cs: Any, selection: dict[str, Any], tokenizer: Any, seed: int, max_length: int | None,
-                  progress: bool | None, model: Any, common: dict[str, Any]) -> Any:
-    """The CalibrationSet of a spec with ``select=``: its pool at ``pool·n`` rows, then ``n`` rows kept."""
+                  progress: bool | None, model: Any, common: dict[str, Any], make: Callable[..., Any],
+                  cosmetic: frozenset[str]) -> Any:
+    """The CalibrationSet of a spec with ``select=``: its pool at ``pool·n`` rows (drawn by ``make``:
+    ``make_calibration``), then ``n`` rows kept; ``cosmetic``: provenance keys a hash ignores."""
     import dataclasses
-
-    from calibrant.calibration.calibset import COSMETIC_KEYS, CalibrationSet, make_calibration
 
     pool_spec = dataclasses.replace(cs, n=cs.n * selection["pool"])
     try:
-        pool = make_calibration(str(pool_spec), tokenizer, seed=seed, max_length=max_length, progress=progress,
+        pool = make(str(pool_spec), tokenizer, seed=seed, max_length=max_length, progress=progress,
                                 model=model)
     except CalibrationError as e:
         raise CalibrationError(f"the pool of select={selection['strategy']} ({selection['pool']}·n = {pool_spec.n} "
                                f"rows) cannot be drawn: {e}; or use a smaller pool=") from None
     kept, measured = select_rows(pool.input_ids, cs.n, selection["strategy"], seed, model, selection["layer"])
-    prov = {k: v for k, v in pool.provenance.items() if k not in COSMETIC_KEYS}
+    prov = {k: v for k, v in pool.provenance.items() if k not in cosmetic}
     prov.update(common)
     prov["selection"] = {**selection, "pool_spec": str(pool_spec), "pool_hash": pool.hash, "indices": kept,
                          **measured}
     mask = None if pool.token_mask is None else pool.token_mask[kept].clone()
-    return CalibrationSet(pool.input_ids[kept].clone(), prov, mask)
+    return type(pool)(pool.input_ids[kept].clone(), prov, mask)

@@ -4,6 +4,7 @@ another format): parsers and commands, thin over the API."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from calibrant.argtypes import positive_int
 from calibrant.tables import table
@@ -42,9 +43,22 @@ def add_imatrix_parser(csub: argparse._SubParsersAction) -> None:
     ci.set_defaults(func=cmd_calib_imatrix)
 
 
+def print_gguf_fallbacks(export: dict[str, Any]) -> None:
+    """Every tensor a GGUF export did not write in the file's quantized type, and why (1-D ones counted)."""
+    if export.get("format") != "gguf":
+        return
+    rows = export.get("tensors", [])
+    flat = [r for r in rows if len(r["shape"]) == 1]
+    for r in rows:
+        if len(r["shape"]) > 1 and not r["why"].startswith("quantized"):
+            print(f"gguf: {r['tensor']} {'x'.join(map(str, r['shape']))} written {r['type']} ({r['why']})")
+    if flat:
+        print(f"gguf: {len(flat)} 1-D tensors (norms, biases) written F32; file type {export.get('file_type')}, "
+              f"metadata from the {export.get('metadata_from')}")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from calibrant.api import export_model
-    from calibrant.cli import _print_gguf_fallbacks
 
     out, summary = export_model(args.model_dir, args.out, export_format=args.export_format, gguf_type=args.gguf_type,
                                 overwrite=args.overwrite, progress=not args.quiet)
@@ -52,7 +66,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     for row in summary["tensors"]:
         types[row["type"]] = types.get(row["type"], 0) + 1
     print(f"tensors: {', '.join(f'{n} {t}' for t, n in sorted(types.items()))}")
-    _print_gguf_fallbacks(summary)
+    print_gguf_fallbacks(summary)
     print(f"saved: {out}")
     return 0
 
