@@ -108,3 +108,15 @@ def test_binary_spec_file_refused(tmp_path):
     path.write_bytes(b"name: x\n\xd0\xff\x00binary")
     with pytest.raises(StudySpecError, match=r"not a text file \(byte 8 is not UTF-8\)"):
         load_study(path)
+
+
+def test_second_round_calibration_specs_expand(tmp_path):
+    """Mixtures, chat formatting, masks and selection are study sources like any other (a mixture draws its
+    own windows, so a sampling mode is not appended to it)."""
+    path = tmp_path / "s.yaml"
+    path.write_text("models: [a]\nmethods: [{name: wanda, sparsity: 0.5}]\n"
+                    "calibration: {sources: ['mix(wiki=0.5,dialogue:chat=0.5)', 'dialogue:chat:assistant-only', "
+                    "'wiki:select=diverse:pool=4'], n: 8, length: 64, seeds: [0, 1], sampling: docs}\n")
+    specs = sorted({r.calibration for r in load_study(path).expand()})
+    assert specs == ["dialogue:chat:assistant-only:docs:8x64", "mix(wiki=0.5,dialogue:chat=0.5):8x64",
+                     "wiki:select=diverse:pool=4:docs:8x64"]

@@ -43,7 +43,7 @@ from calibrant.errors import CalibrationError, disk_errors, disk_full_reason, su
 
 SAVE_FORMAT = "calibrant.calibset/1"
 TOKEN_CACHE_FORMAT = 1
-SOURCES: tuple[str, ...] = (*OFFLINE_CORPORA, "file", "random-vocab", "self", *HUB_CORPORA, "hf")
+SOURCES: tuple[str, ...] = (*OFFLINE_CORPORA, "file", "random-vocab", "self", "mix", *HUB_CORPORA, "hf")
 SELF_CACHE_FORMAT = 1
 # Provenance keys that describe but do not determine the ids: left out of the content hash so that the
 # same ids from the same data keep their hash across calibrant versions, tokenizer paths and file paths

@@ -267,8 +267,8 @@ def _calibration(value: Any) -> list[tuple[str, int]]:
             raise StudySpecError(f"{_at(value, 'seeds')}seed {s!r} is not an integer")
     out = []
     for source, n, length in itertools.product(sources, ns, lengths):
-        text = f"{source}:{sampling}:{n}x{length}" if sampling and source not in ("self", "random-vocab") else \
-            f"{source}:{n}x{length}"
+        own_tokens = source in ("self", "random-vocab") or str(source).lstrip().lower().startswith("mix(")
+        text = f"{source}:{sampling}:{n}x{length}" if sampling and not own_tokens else f"{source}:{n}x{length}"
         try:
             parsed = parse_spec(text)
         except CalibrantError as exc:
