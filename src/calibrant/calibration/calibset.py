@@ -460,7 +460,8 @@ def _source_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
         return corpus.split("calib"), {"source": corpus.name, "split": "calib", "corpus_checksum": corpus.checksum}
     raise CalibrationError(
         f"unknown calibration source '{spec.source}';{suggest(spec.source, SOURCES)} use one of: "
-        f"{', '.join(OFFLINE_CORPORA)}, file:PATH, random-vocab, self (offline) or {', '.join(HUB_CORPORA)}, "
+        f"{', '.join(OFFLINE_CORPORA)}, file:PATH, random-vocab, self, mix(SOURCE=WEIGHT,...) (offline) or "
+        f"{', '.join(HUB_CORPORA)}, "
         f"hf:DATASET (hub, online), as {SPEC_FORM}"
     )
 
