@@ -114,6 +114,7 @@ def tensor_types(gguf_path: Path) -> dict[str, int]:
 def main() -> None:
     from _llamacpp import ensure_tools, pinned
     from _llmc import dense_forward_passes
+    from gguf import GGUFReader
 
     from calibrant.api import compress_model, compute_imatrix
     from calibrant.calibration import make_calibration
@@ -145,7 +146,7 @@ def main() -> None:
         save_gguf(loaded.model, dense_path, {}, source_dir=loaded.path, tokenizer=tok, gguf_type_name="f32")
         ids = torch.tensor(llama_tokens(bin_dir, dense_path, text_file))
         hf_ids = tok(text_file.read_text(), add_special_tokens=False)["input_ids"]
-        kv = {f.name: f.contents() for f in __import__("gguf").GGUFReader(str(dense_path)).fields.values()
+        kv = {f.name: f.contents() for f in GGUFReader(str(dense_path)).fields.values()
               if f.name.startswith("tokenizer.ggml.add_bos") or f.name == "tokenizer.ggml.bos_token_id"}
         bos = int(kv["tokenizer.ggml.bos_token_id"]) if kv.get("tokenizer.ggml.add_bos_token") else None
         n_tok = len(ids)

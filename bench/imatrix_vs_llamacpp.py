@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def main() -> None:
     from _llamacpp import ensure_tools, pinned
+    from gguf import GGUFReader
     from gguf_llamacpp import heldout_text, llama_tokens, run
 
     from calibrant.api import compute_imatrix
@@ -49,7 +50,7 @@ def main() -> None:
         dense = tmp / "dense-f32.gguf"
         save_gguf(loaded.model, dense, {}, source_dir=loaded.path, tokenizer=loaded.tokenizer, gguf_type_name="f32")
         ids = torch.tensor(llama_tokens(bin_dir, dense, text_file))
-        kv = {f.name: f.contents() for f in __import__("gguf").GGUFReader(str(dense)).fields.values()}
+        kv = {f.name: f.contents() for f in GGUFReader(str(dense)).fields.values()}
         windows = ids[: args.chunks * args.ctx].reshape(args.chunks, args.ctx).clone()
         if kv.get("tokenizer.ggml.add_bos_token"):
             windows[:, 0] = int(kv["tokenizer.ggml.bos_token_id"])
@@ -65,8 +66,6 @@ def main() -> None:
                                    out=ours_path, progress=False)
         ours_s = time.perf_counter() - t0
         theirs, ours = read_imatrix(theirs_path), read_imatrix(ours_path)
-        from gguf import GGUFReader
-
         counts = {t.name.removesuffix(".counts"): int(t.data.reshape(-1)[0])
                   for t in GGUFReader(str(theirs_path)).tensors if t.name.endswith(".counts")}
 

@@ -8,7 +8,9 @@ inside one document ("document-windows") and ``wiki:packed:128x512`` packs whole
 order ("packed-documents"); see :mod:`calibrant.calibration.sampling`. Tokenized corpora are cached under
 ``$CALIBRANT_CACHE/tokens`` keyed by (corpus checksum, tokenizer hash), so only the first call pays
 for tokenization. ``self:128x512`` is self-calibration (:mod:`calibrant.calibration.selfgen`) and needs
-the model.
+the model. ``:chat`` / ``:assistant-only`` (:mod:`~calibrant.calibration.chat`), ``mix(...)``
+(:mod:`~calibrant.calibration.mixture`) and ``select=`` (:mod:`~calibrant.calibration.selection`) are
+dispatched from :func:`make_calibration`; their logic lives in those modules.
 
 One module (over 500 lines) because its parts share the rules that decide whether two calibration
 sets are the same: the tokenizer fingerprint and joiner that key the token cache, the provenance
