@@ -11,7 +11,7 @@ import torch
 
 from calibrant import __version__
 from calibrant.cache import check_space
-from calibrant.calibration import CalibrationSet, heldout_token_ids, make_calibration
+from calibrant.calibration import CalibrationSet, heldout_token_ids, make_calibration, read_chat_template
 from calibrant.engine import CompressionReport, compress
 from calibrant.errors import CalibrantError, CalibrationError, RecipeError
 from calibrant.evaluate.perplexity import PerplexityResult, perplexity
@@ -56,8 +56,15 @@ class CompressResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def as_loaded(model: str | Path | LoadedModel, device: str | torch.device = "cpu", quiet: bool = False) -> LoadedModel:
-    """A loaded model; a calibrant output directory gets its simulated activation quantization back."""
+def as_loaded(model: str | Path | LoadedModel, device: str | torch.device = "cpu", quiet: bool = False,
+              chat_template: str | Path | None = None) -> LoadedModel:
+    """A loaded model; a calibrant output directory gets its simulated activation quantization back.
+    ``chat_template``: a Jinja template file the tokenizer takes (read and checked before any loading)."""
+    if chat_template is not None:
+        template = read_chat_template(chat_template)
+        loaded = as_loaded(model, device, quiet)
+        loaded.tokenizer.chat_template = template
+        return loaded
     if isinstance(model, LoadedModel):
         return model
     local = isinstance(model, str | Path) and Path(model).is_dir()
@@ -158,6 +165,7 @@ def compress_model(
     progress: bool = True,
     export_format: str = "hf",
     gguf_type: str | None = None,
+    chat_template: str | Path | None = None,
     **method_params: Any,
 ) -> CompressResult:
     """Compress a model end to end; with ``out`` the result is saved as a Hugging Face directory.
@@ -166,7 +174,9 @@ def compress_model(
     scales and zero points instead of dequantized floats (loads in vLLM); schemes it cannot store are
     refused before the model is compressed. ``export_format="gguf"`` writes ``out`` as one ``.gguf`` file
     (llama.cpp) of a ``gguf-*`` scheme's blocks; ``gguf_type`` (``q4_0`` … or ``f16``/``f32`` for a recipe
-    that quantizes nothing) must agree with the scheme, and defaults to it.
+    that quantizes nothing) must agree with the scheme, and defaults to it. ``chat_template``: a Jinja file
+    the tokenizer takes before chat-formatted calibration (``SOURCE:chat``) is rendered; a saved model
+    carries it.
 
     Everything that can be refused (output exists, unknown method, bad sparsity or pattern) is checked
     before the model is loaded, so bad input costs nothing and writes nothing.
@@ -191,7 +201,7 @@ def compress_model(
         check_packable_recipe(methods)
     if out is not None and export_format == "gguf":
         gguf_type = check_gguf_recipe(methods, gguf_type)
-    loaded = as_loaded(model, quiet=not progress)
+    loaded = as_loaded(model, quiet=not progress, chat_template=chat_template)
     if packed:
         check_packable_recipe(methods, loaded.model, include, exclude)
     if out is not None and export_format == "gguf":
@@ -245,10 +255,13 @@ def evaluate_perplexity(
     max_tokens: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    chat_template: str | Path | None = None,
 ) -> dict[str, PerplexityResult]:
-    """Perplexity on the held-out split of each corpus (documents never used for calibration)."""
+    """Perplexity on the held-out split of each corpus (documents never used for calibration);
+    ``CORPUS:chat`` (e.g. ``dialogue:chat``) scores its held-out conversations rendered through the chat
+    template (``chat_template``: a Jinja file to use instead of the tokenizer's)."""
     names = [c.strip() for c in (corpora.split(",") if isinstance(corpora, str) else corpora) if c.strip()]
-    loaded = as_loaded(model, quiet=not progress)
+    loaded = as_loaded(model, quiet=not progress, chat_template=chat_template)
     results = {}
     for name in names:
         ids, meta = heldout_token_ids(name, loaded.tokenizer)
@@ -329,6 +342,7 @@ def compute_imatrix(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = True,
+    chat_template: str | Path | None = None,
 ) -> Imatrix:
     """llama.cpp's importance matrix of the dense ``model`` over any calibration set (``llama-quantize
     --imatrix`` reads it); with ``out`` it is written as ``.gguf`` (provenance inside) or legacy ``.dat``
@@ -337,7 +351,7 @@ def compute_imatrix(
     if out is not None:
         check_imatrix_output(out, overwrite)
     device = check_device(device)
-    loaded = as_loaded(model, quiet=not progress)
+    loaded = as_loaded(model, quiet=not progress, chat_template=chat_template)
     tensor_names(loaded.model)
     calib = resolve_calibration(calibration, loaded.tokenizer, seed, loaded.context_length, model=loaded,
                                 progress=None if progress else False)

@@ -14,3 +14,10 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def add_chat_template_option(parser: argparse.ArgumentParser) -> None:
+    """``--chat-template FILE``: the Jinja chat template chat-formatted data renders through."""
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a Jinja chat template file for SOURCE:chat calibration and CORPUS:chat evaluation "
+                             "(default: the tokenizer's own; a saved model carries the one used)")

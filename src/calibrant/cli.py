@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from calibrant.argtypes import positive_int
+from calibrant.argtypes import add_chat_template_option, positive_int
 from calibrant.errors import CalibrantError, disk_full
 from calibrant.tables import table
 
@@ -89,7 +89,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         seed=args.seed, out=args.out, overwrite=args.overwrite, batch_size=args.batch_size,
         propagate=args.propagate, pipeline=args.pipeline, include=_csv(args.include), exclude=_csv(args.exclude), device=args.device,
-        progress=not args.quiet, export_format=args.export_format, gguf_type=args.gguf_type, **params,
+        progress=not args.quiet, export_format=args.export_format, gguf_type=args.gguf_type,
+        chat_template=args.chat_template, **params,
     )
     rep = result.report
     t = rep.timings
@@ -141,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if tasks:  # refuse bad task names and options before loading the model
         check_tasks(tasks, limit=args.limit, num_fewshot=args.fewshot, batch_size=args.batch_size, hub=hub,
                     scorer=args.scorer, token_budget=args.token_budget)
-    loaded = as_loaded(args.model, quiet=args.quiet)
+    loaded = as_loaded(args.model, quiet=args.quiet, chat_template=args.chat_template)
     rows: list[list[Any]] = []
     ppl = {}
     if corpora:
@@ -300,7 +301,7 @@ def cmd_calib_make(args: argparse.Namespace) -> int:
     if out.suffix != ".safetensors" and not out.is_dir():
         raise CalibrantError(f"--out {out} must end in .safetensors (the calibration set is saved as safetensors)")
     check_output_file(out, "--out", "calibration.safetensors")
-    loaded = as_loaded(args.model, quiet=args.quiet)
+    loaded = as_loaded(args.model, quiet=args.quiet, chat_template=args.chat_template)
     calib = make_calibration(args.spec, loaded.tokenizer, seed=args.seed, progress=not args.quiet, model=loaded,
                              max_length=loaded.context_length)
     calib.save(out)
@@ -378,13 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="where blocks run (cpu, cuda, cuda:1); default: the model's")
     c.add_argument("--eval", default=None, help="after compressing, perplexity on these corpora (e.g. wiki,news)")
     c.add_argument("--max-eval-tokens", type=positive_int, default=None)
+    add_chat_template_option(c)
     c.add_argument("--quiet", action="store_true")
     _add_method_options(c)
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("eval", help="perplexity on held-out corpora and zero-shot tasks (lm-eval), offline")
     e.add_argument("--model", default="smollm2-135m")
-    e.add_argument("--ppl", default=None, help="comma-separated corpora, e.g. wiki,news")
+    e.add_argument("--ppl", default=None, help="comma-separated corpora, e.g. wiki,news; CORPUS:chat scores "
+                                               "conversations through the chat template (dialogue:chat)")
     e.add_argument("--tasks", default=None,
                    help="comma-separated zero-shot tasks, e.g. arc_easy,piqa (offline: arc_easy, arc_challenge, "
                         "boolq, hellaswag, openbookqa, piqa, rte, winogrande, copa, sciq, lambada, social_iqa, "
@@ -406,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity windows per forward, and the HF scorer's requests per batch")
     e.add_argument("--json", default=None,
                    help="also write the results (with protocol) to this JSON file (zero-shot under 'zeroshot')")
+    add_chat_template_option(e)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -432,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--seed", type=int, default=0)
     cm.add_argument("--out", required=True, help="output file, *.safetensors")
     cm.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_chat_template_option(cm)
     cm.add_argument("--quiet", action="store_true")
     cm.set_defaults(func=cmd_calib_make)
     ci = csub.add_parser("inspect", help="diagnostics of a saved calibration set")

@@ -89,3 +89,171 @@ def test_assistant_only_marks_exactly_the_assistant_turns(dialogue, sampling, tm
 def test_assistant_only_needs_chat(dialogue):
     with pytest.raises(CalibrationError, match="write dialogue:chat:assistant-only:4x16"):
         make_calibration("dialogue:assistant-only:4x16", _tok(), seed=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# JSONL `messages`, --chat-template FILE, held-out chat text, self:chat
+
+MESSAGES = [[{"role": "system", "content": "be brief ."}, {"role": "user", "content": f"hello there friend {i} ?"},
+             {"role": "assistant", "content": f"nice to meet you {i} ."}] for i in range(30)]
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_messages_render_through_the_template(tmp_path):
+    tok = _tok()
+    tok.add_tokens(["be", "brief", "system"])
+    path = _jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in MESSAGES])
+    chat = make_calibration(f"file:{path}:chat:assistant-only:4x16", tok, seed=0)  # 'messages' is the default field
+    assert chat.provenance["field"] == "messages" and chat.provenance["messages"] is True
+    assert chat.provenance["format"] == "chat" and chat.provenance["turns"] == 90
+    words = tok.convert_ids_to_tokens(chat.input_ids.flatten().tolist())
+    assert "<|im_start|>" in words and "system" in words  # the template's markup and the system turn are there
+    counted = {w for w, f in zip(words, chat.token_mask.flatten().tolist(), strict=True) if f}
+    assert counted and counted <= ASSISTANT_WORDS  # the system and user turns are context only
+    plain = make_calibration(f"file:{path}:messages:4x16", tok, seed=0)  # without :chat: 'role: text' lines
+    assert "<|im_start|>" not in tok.convert_ids_to_tokens(plain.input_ids.flatten().tolist())
+    assert plain.hash != chat.hash
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"messages": [{"role": "narrator", "content": "hi"}]}], "role 'narrator'"),
+    ([{"messages": "hi"}], "is str, not a list"),
+    ([{"messages": [{"role": "user"}]}], "message 0 is not an object with a text 'role' and 'content'"),
+    ([{"messages": MESSAGES[0]}, {"messages": "x", "text": "plain"}], "is str, not a list"),
+])
+def test_bad_messages_are_refused_with_the_line(tmp_path, rows, message):
+    path = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(CalibrationError) as e:
+        make_calibration(f"file:{path}:messages:chat:2x8", _tok(), seed=0)
+    assert message in str(e.value) and "line" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_chat_template_file_is_read_and_checked(tmp_path):
+    from calibrant.calibration import read_chat_template
+
+    good = tmp_path / "t.jinja"
+    good.write_text(TEMPLATE)
+    assert read_chat_template(good) == TEMPLATE
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m['content'] }")
+    for path, message in [(tmp_path / "none.jinja", "does not exist"), (bad, "is not valid Jinja")]:
+        with pytest.raises(CalibrationError, match=message):
+            read_chat_template(path)
+
+
+def test_cli_chat_template_lets_a_base_model_calibrate_on_chat(dialogue, tmp_path, capsys):
+    from calib_helpers import run_cli
+
+    from calibrant.calibration import CalibrationSet
+
+    tok = _tok(None)  # a base model: no template of its own
+    model = __import__("calib_helpers").tiny_llama(len(tok))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.jinja").write_text(TEMPLATE)
+    code, _, err = run_cli(capsys, "calib", "make", "dialogue:chat:4x16", "--model", str(tmp_path / "m"),
+                           "--out", str(tmp_path / "no.safetensors"), "--quiet")
+    assert code == 2 and "--chat-template FILE" in err and not (tmp_path / "no.safetensors").exists()
+    code, out, err = run_cli(capsys, "calib", "make", "dialogue:chat:4x16", "--model", str(tmp_path / "m"),
+                             "--chat-template", str(tmp_path / "t.jinja"), "--out", str(tmp_path / "c.safetensors"),
+                             "--quiet")
+    assert code == 0, err
+    made = CalibrationSet.load(tmp_path / "c.safetensors")
+    assert made.provenance["chat_template_sha256"] == make_calibration("dialogue:chat:4x16", _tok(), seed=0) \
+        .provenance["chat_template_sha256"]
+
+
+def test_heldout_chat_text_renders_the_heldout_conversations(dialogue):
+    from calibrant.calibration import heldout_token_ids
+
+    tok = _tok()
+    ids, info = heldout_token_ids("dialogue:chat", tok)
+    plain, _ = heldout_token_ids("dialogue", tok)
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert start in ids and start not in plain and info["format"] == "chat"
+    assert info["conversations"] == info["documents"] and len(info["chat_template_sha256"]) == 16
+    with pytest.raises(CalibrationError, match="write CORPUS or CORPUS:chat"):
+        heldout_token_ids("dialogue:docs", tok)
+
+
+GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+PROMPTS = [f"Alice: question {i} about {'the ' * (i % 4)}weather ?\nBob: answer {i} ." for i in range(30)]
+
+
+@pytest.fixture
+def chat_model(fake_corpus):
+    from calib_helpers import tiny_llama
+
+    fake_corpus(PROMPTS, "dialogue")
+    tok = _tok(TEMPLATE + GENERATION_PROMPT)
+    tok.add_tokens(["question", "about", "answer", "weather"] + [f"w{i}" for i in range(20)])
+    return tok, tiny_llama(len(tok), context=64)
+
+
+def test_self_chat_rows_start_with_templated_prompts_and_mask_the_answers(chat_model, tmp_path, monkeypatch):
+    import torch
+
+    tok, model = chat_model
+    masked = make_calibration("self:chat:assistant-only:batch=3:5x24", tok, seed=2, model=model)
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    mask = masked.token_mask
+    assert masked.input_ids.shape == (5, 24) and (masked.input_ids[:, 0] == start).all()
+    for row, m in zip(masked.input_ids, mask, strict=True):
+        k = int((~m).sum())  # the prefix: a user turn and the generation prompt, exactly as the template renders it
+        assert not m[:k].any() and m[k:].all()
+        text = tok.decode(row[:k])
+        assert "question" in text and text.rstrip().endswith("assistant")
+    prov = masked.provenance
+    assert prov["format"] == "chat" and prov["prompts"]["source"] == "dialogue" and 0 < prov["token_mask"]["share"] < 1
+    plain = make_calibration("self:chat:batch=3:5x24", tok, seed=2, model=model)  # served from the cache
+    assert plain.token_mask is None and plain.input_ids.equal(masked.input_ids) and plain.hash != masked.hash
+    monkeypatch.setenv("CALIBRANT_CACHE", str(tmp_path / "fresh"))
+    fake = __import__("calibrant.calibration.corpora", fromlist=["_store_corpus"])
+    fake._store_corpus("dialogue", PROMPTS, {"fake": True})
+    again = make_calibration("self:chat:assistant-only:batch=3:5x24", tok, seed=2, model=model)
+    assert again.input_ids.equal(masked.input_ids) and again.hash == masked.hash  # generated again: same ids
+    other = make_calibration("self:chat:batch=3:5x24", tok, seed=3, model=model)
+    assert not torch.equal(other.input_ids, plain.input_ids)
+    assert make_calibration("self:batch=3:5x24", tok, seed=2, model=model).hash != plain.hash
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary (relative) and learned absolute positions
+def test_left_padded_batches_decode_like_single_rows(chat_model, family):
+    """Greedy decoding (top_k=1) after prompts of different lengths: a batch with left padding must pick the
+    same tokens as each row decoded alone (positions and the padding mask are right)."""
+    import torch
+    import transformers as T
+
+    from calibrant.calibration.selfchat import chat_prompts
+    from calibrant.calibration.selfgen import SelfGenConfig, generate_after_prefixes
+
+    tok, model = chat_model
+    if family == "gpt2":
+        torch.manual_seed(0)
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                               vocab_size=len(tok))).eval()
+    prefixes, _ = chat_prompts(tok, 4, 40, seed=0)
+    assert len({len(p) for p in prefixes}) > 1  # the batch really is padded
+    batched, _ = generate_after_prefixes(model, tok, prefixes, 40, SelfGenConfig(top_k=1, batch_size=4), seed=0)
+    single, _ = generate_after_prefixes(model, tok, prefixes, 40, SelfGenConfig(top_k=1, batch_size=1), seed=0)
+    assert batched.equal(single)
+
+
+def test_self_chat_refusals(chat_model):
+    tok, model = chat_model
+    with pytest.raises(CalibrationError, match="write self:chat:assistant-only:4x24"):
+        make_calibration("self:assistant-only:4x24", tok, seed=0, model=model)
+    with pytest.raises(CalibrationError, match="use a longer L or a smaller n"):
+        make_calibration("self:chat:4x8", tok, seed=0, model=model)
+    tok.chat_template = TEMPLATE
+    with pytest.raises(CalibrationError, match="ignores add_generation_prompt"):
+        make_calibration("self:chat:4x24", tok, seed=0, model=model)
+    tok.chat_template = None
+    with pytest.raises(CalibrationError, match="has no chat template"):
+        make_calibration("self:chat:4x24", tok, seed=0, model=model)

@@ -116,7 +116,10 @@ def test_second_round_calibration_specs_expand(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("models: [a]\nmethods: [{name: wanda, sparsity: 0.5}]\n"
                     "calibration: {sources: ['mix(wiki=0.5,dialogue:chat=0.5)', 'dialogue:chat:assistant-only', "
-                    "'wiki:select=diverse:pool=4'], n: 8, length: 64, seeds: [0, 1], sampling: docs}\n")
-    specs = sorted({r.calibration for r in load_study(path).expand()})
+                    "'wiki:select=diverse:pool=4', 'self:chat'], n: 8, length: 64, seeds: [0, 1], sampling: docs}\n"
+                    "evaluation: {perplexity: [wiki, 'dialogue:chat']}\n")
+    study = load_study(path)
+    specs = sorted({r.calibration for r in study.expand()})
     assert specs == ["dialogue:chat:assistant-only:docs:8x64", "mix(wiki=0.5,dialogue:chat=0.5):8x64",
-                     "wiki:select=diverse:pool=4:docs:8x64"]
+                     "self:chat:8x64", "wiki:select=diverse:pool=4:docs:8x64"]
+    assert study.evaluation["perplexity"] == ["wiki", "dialogue:chat"]

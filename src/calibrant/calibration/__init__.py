@@ -14,6 +14,7 @@ from calibrant.calibration.calibset import (
     make_calibration,
     tokenizer_hash,
 )
+from calibrant.calibration.chat import read_chat_template
 from calibrant.calibration.corpora import (
     HUB_CORPORA,
     OFFLINE_CORPORA,
@@ -45,5 +46,6 @@ __all__ = [
     "make_calibration",
     "parse_self_options",
     "parse_spec",
+    "read_chat_template",
     "tokenizer_hash",
 ]

@@ -36,10 +36,21 @@ import numpy as np
 import torch
 
 from calibrant.cache import atomic_path, cache_dir, human_bytes, quiet_loggers, sha256_file, stable_hash
-from calibrant.calibration.chat import ASSISTANT_ONLY, CHAT_OPTION, assistant_token_masks, render_chat
+from calibrant.calibration.chat import (
+    ASSISTANT_ONLY,
+    CHAT_OPTION,
+    assistant_token_masks,
+    render_chat,
+    template_hash,
+)
 from calibrant.calibration.corpora import HUB_CORPORA, OFFLINE_CORPORA, get_corpus, get_hf_corpus
 from calibrant.calibration.sampling import document_windows, packed_documents, random_windows
-from calibrant.calibration.selfgen import generate_self_calibration, parse_self_options
+from calibrant.calibration.selfchat import PROMPT_CORPUS, chat_prompts, generated_mask
+from calibrant.calibration.selfgen import (
+    generate_after_prefixes,
+    generate_self_calibration,
+    parse_self_options,
+)
 from calibrant.calibration.spec import DEFAULT_SAMPLING, SAMPLING_MODES, SPEC_FORM, CalibSpec, parse_spec
 from calibrant.errors import CalibrationError, disk_errors, disk_full_reason, suggest
 
@@ -381,17 +392,38 @@ class CalibrationSet:
 # Sources
 
 
-def _file_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
+Messages = list[dict[str, str]]
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _jsonl_messages(value: Any, where: str) -> Messages:
+    """A JSONL ``messages`` field checked: a list of ``{"role": ..., "content": text}`` objects."""
+    if not isinstance(value, list):
+        raise CalibrationError(f"{where} field 'messages' is {type(value).__name__}, not a list of "
+                               '{"role": ..., "content": ...} objects')
+    out: Messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise CalibrationError(f"{where} message {i} is not an object with a text 'role' and 'content'; write "
+                                   'messages as [{"role": "user", "content": "..."}, ...]')
+        if m["role"] not in MESSAGE_ROLES:
+            raise CalibrationError(f"{where} message {i} has role '{m['role']}';{suggest(m['role'], MESSAGE_ROLES)} "
+                                   f"roles: {', '.join(MESSAGE_ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _file_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any], list[Messages] | None]:
     raw_path, *opts = spec.options
     path = Path(raw_path).expanduser()
     if not path.is_file():
         raise CalibrationError(f"calibration file '{raw_path}' does not exist; give an existing .txt or .jsonl "
                                f"path as file:PATH:NxL")
     suffix = path.suffix.lower()
+    messages: list[Messages] | None = None
     if suffix in (".jsonl", ".ndjson"):
-        field = opts[0] if opts else "text"
+        field = opts[0] if opts else None
         docs: list[str] = []
-        keys: list[str] = []
         with open(path, encoding="utf-8", errors="strict") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -401,6 +433,8 @@ def _file_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
                 except ValueError as e:
                     raise CalibrationError(f"calibration file '{raw_path}' line {lineno} is not JSON ({e}); "
                                            "give one JSON object per line") from e
+                if field is None:  # the default: 'text', or a chat dataset's 'messages' when there is no 'text'
+                    field = "messages" if isinstance(obj, dict) and "text" not in obj and "messages" in obj else "text"
                 if not isinstance(obj, dict) or field not in obj:
                     keys = sorted(obj) if isinstance(obj, dict) else []
                     raise CalibrationError(
@@ -408,12 +442,24 @@ def _file_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
                         f"{suggest(field, keys)} (fields: {', '.join(keys) or 'none'}); "
                         f"name the text field as file:{raw_path}:FIELD:{spec.n}x{spec.seq_len}")
                 value = obj[field]
+                if field == "messages" or isinstance(value, list):
+                    conv = _jsonl_messages(value, f"calibration file '{raw_path}' line {lineno}")
+                    if conv:
+                        messages = [] if messages is None else messages
+                        messages.append(conv)
+                        docs.append("\n".join(f"{m['role']}: {m['content']}" for m in conv))
+                    continue
+                if messages is not None:
+                    raise CalibrationError(f"calibration file '{raw_path}' line {lineno} field '{field}' is text "
+                                           "where earlier lines hold messages; keep one kind per file")
                 if not isinstance(value, str):
                     raise CalibrationError(f"calibration file '{raw_path}' line {lineno} field '{field}' is "
                                            f"{type(value).__name__}, not text; name a text field")
                 if value.strip():
                     docs.append(value)
         options: dict[str, Any] = {"field": field}
+        if messages is not None:
+            options["messages"] = True
     else:
         if len(opts) > 1 or (opts and opts[0] not in _TEXT_FILE_OPTIONS):
             raise CalibrationError(f"text file source takes at most the option 'paragraphs', got "
@@ -431,7 +477,7 @@ def _file_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
     if not docs:
         raise CalibrationError(f"calibration file '{raw_path}' contains no text; give a file with documents in it")
     info = {"source": "file", "path": str(raw_path), "file_sha256": sha256_file(path), **options}
-    return docs, info
+    return docs, info, messages
 
 
 def _hf_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
@@ -447,19 +493,21 @@ def _hf_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
     return list(corpus.documents), info
 
 
-def _source_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any]]:
-    """Documents to calibrate on and what identifies them (for provenance and the token cache key)."""
+def _source_documents(spec: CalibSpec) -> tuple[list[str], dict[str, Any], list[Messages] | None]:
+    """Documents to calibrate on, what identifies them (for provenance and the token cache key) and, for a
+    JSONL file of ``messages``, each document's messages (the documents are then their ``role: text`` lines)."""
     if spec.source == "file":
         return _file_documents(spec)
     if spec.source == "hf":
-        return _hf_documents(spec)
+        return (*_hf_documents(spec), None)
     if spec.source in OFFLINE_CORPORA or spec.source in HUB_CORPORA:
         if spec.options:
             raise CalibrationError(f"corpus '{spec.source}' takes no options, got ':{':'.join(spec.options)}'; "
                                    f"write {spec.source}:{spec.n}x{spec.seq_len} or {spec.source}:SAMPLING:"
                                    f"{spec.n}x{spec.seq_len} with SAMPLING one of {', '.join(SAMPLING_MODES)}")
         corpus = get_corpus(spec.source)
-        return corpus.split("calib"), {"source": corpus.name, "split": "calib", "corpus_checksum": corpus.checksum}
+        return (corpus.split("calib"), {"source": corpus.name, "split": "calib", "corpus_checksum": corpus.checksum},
+                None)
     raise CalibrationError(
         f"unknown calibration source '{spec.source}';{suggest(spec.source, SOURCES)} use one of: "
         f"{', '.join(OFFLINE_CORPORA)}, file:PATH, random-vocab, self, mix(SOURCE=WEIGHT,...) (offline) or "
@@ -488,31 +536,57 @@ def _self_calibration(cs: CalibSpec, tokenizer: Any, seed: int, model: Any, comm
     if model is None:
         raise CalibrationError(f"self-calibration ('{cs}') generates text with the model itself, but no model was "
                                "given; pass model=... to make_calibration (CLI: --model M), or use a text source")
-    config = parse_self_options(cs.options)
+    chat, assistant_only = CHAT_OPTION in cs.options, ASSISTANT_ONLY in cs.options
+    if assistant_only and not chat:
+        raise CalibrationError(f"assistant-only counts the model's answers of self:chat; write "
+                               f"self:chat:assistant-only:{cs.n}x{cs.seq_len}")
+    config = parse_self_options([o for o in cs.options if o not in (CHAT_OPTION, ASSISTANT_ONLY)])
     module, model_hash, model_name = _model_identity(model)
     context = getattr(getattr(module, "config", None), "max_position_embeddings", None)
     if isinstance(context, int) and cs.seq_len > context:
         raise CalibrationError(f"self-calibration length L={cs.seq_len} exceeds the model's context length "
                                f"{context}; use L <= {context}")
-    key = stable_hash({"format": SELF_CACHE_FORMAT, "model": model_hash, "tokenizer": common["tokenizer_hash"],
-                       "n": cs.n, "seq_len": cs.seq_len, "seed": seed, "generation": config.to_dict()}, length=24)
-    path = cache_dir("selfcal") / f"{key}.safetensors"
+    content = {"format": SELF_CACHE_FORMAT, "model": model_hash, "tokenizer": common["tokenizer_hash"],
+               "n": cs.n, "seq_len": cs.seq_len, "seed": seed, "generation": config.to_dict()}
+    if chat:  # the rows start with templated prompts: the template and the prompts' corpus are content too
+        content["chat"] = {"template": template_hash(tokenizer), "prompts": get_corpus(PROMPT_CORPUS).checksum}
+    path = cache_dir("selfcal") / f"{stable_hash(content, length=24)}.safetensors"
+    result = None
     if path.is_file():
         try:
             cached = CalibrationSet.load(path)
-            if cached.input_ids.shape == (cs.n, cs.seq_len):
+            if cached.input_ids.shape == (cs.n, cs.seq_len) and (cached.token_mask is not None) == chat:
                 cached.provenance.update({k: common[k] for k in COSMETIC_KEYS & common.keys()})
                 cached.provenance["model_name"] = model_name
-                return cached
+                result = cached
         except CalibrationError:
             pass  # corrupt cache entry: generate again and overwrite it
-    ids, info = generate_self_calibration(module, tokenizer, cs.n, cs.seq_len, config, seed, progress=progress)
-    prov = {"source": "self", "sampling": "self-generated", **common, "bos": info["generation"]["start_token"] == "bos",
-            "model_hash": model_hash, "model_name": model_name, "generation": info["generation"],
-            "generation_timing": info["timing"]}
-    result = CalibrationSet(ids, prov)
-    result.save(path)
+    if result is None:
+        result = _generate_self(cs, tokenizer, seed, module, config, chat, progress,
+                                {**common, "model_hash": model_hash, "model_name": model_name})
+        result.save(path)  # a chat set is cached with its mask of sampled tokens; see below
+    if chat and not assistant_only:  # the same ids, every token counted
+        prov = {k: v for k, v in result.provenance.items() if k != "token_mask"}
+        return CalibrationSet(result.input_ids, prov)
     return result
+
+
+def _generate_self(cs: CalibSpec, tokenizer: Any, seed: int, module: torch.nn.Module, config: Any, chat: bool,
+                   progress: bool | None, common: dict[str, Any]) -> CalibrationSet:
+    if not chat:
+        ids, info = generate_self_calibration(module, tokenizer, cs.n, cs.seq_len, config, seed, progress=progress)
+        prov = {"source": "self", "sampling": "self-generated", **common,
+                "bos": info["generation"]["start_token"] == "bos", "generation": info["generation"],
+                "generation_timing": info["timing"]}
+        return CalibrationSet(ids, prov)
+    prefixes, prompts = chat_prompts(tokenizer, cs.n, cs.seq_len, seed)
+    ids, info = generate_after_prefixes(module, tokenizer, prefixes, cs.seq_len, config, seed, progress=progress)
+    mask = generated_mask([len(p) for p in prefixes], cs.seq_len)
+    prov = {"source": "self", "sampling": "self-generated", **common, "format": "chat",
+            "chat_template_sha256": prompts["chat_template_sha256"], "prompts": prompts,
+            "generation": info["generation"], "generation_timing": info["timing"],
+            "token_mask": {"kind": "generated (assistant) tokens", "share": round(float(mask.float().mean()), 6)}}
+    return CalibrationSet(ids, prov, mask)
 
 
 def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int | None = None,
@@ -567,10 +641,11 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
                                f"{cs.source}:chat:assistant-only:{cs.n}x{cs.seq_len}")
     if chat:
         cs = dataclasses.replace(cs, options=tuple(o for o in cs.options if o not in (CHAT_OPTION, ASSISTANT_ONLY)))
-    docs, info = _source_documents(cs)
-    conversations: list[list[dict[str, str]]] = []
+    docs, info, messages = _source_documents(cs)
+    conversations: list[Messages] = []
     if chat:
-        docs, chat_info = render_chat(docs, tokenizer, str(info["source"]), conversations)
+        docs, chat_info = render_chat(messages if messages is not None else docs, tokenizer, str(info["source"]),
+                                      conversations)
         info = {**info, **chat_info}
     content_key = {k: v for k, v in info.items() if k not in COSMETIC_KEYS}
     need_lengths = cs.sampling != DEFAULT_SAMPLING or assistant_only
@@ -621,15 +696,25 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
 
 def heldout_token_ids(name: str, tokenizer: Any, progress: bool | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """1-D LongTensor of the corpus's held-out documents joined like calibration (joiner between documents),
-    and a description of it for the perplexity protocol."""
-    corpus = get_corpus(name)
+    and a description of it for the perplexity protocol. ``CORPUS:chat`` (e.g. ``dialogue:chat``) renders each
+    held-out conversation through the tokenizer's chat template first, as the model sees it when served."""
+    corpus_name, _, option = name.partition(":")
+    if option and option.strip().lower() != CHAT_OPTION:
+        raise CalibrationError(f"held-out text '{name}' has option '{option}'; write CORPUS or CORPUS:chat "
+                               "(conversations rendered through the chat template), e.g. wiki or dialogue:chat")
+    corpus = get_corpus(corpus_name)
     docs = corpus.split("heldout")
     if not docs:
         raise CalibrationError(f"corpus '{corpus.name}' has no held-out documents (it has {len(corpus.documents)}); "
                                "evaluate on a corpus with at least two documents")
-    key = {"source": corpus.name, "split": "heldout", "corpus_checksum": corpus.checksum}
-    flat, meta = joined_token_ids(docs, tokenizer, key, label=f"{corpus.name} heldout", progress=progress)
+    key: dict[str, Any] = {"source": corpus.name, "split": "heldout", "corpus_checksum": corpus.checksum}
+    chat_info: dict[str, Any] = {}
+    if option:
+        docs, chat_info = render_chat(docs, tokenizer, corpus.name)
+        key.update(format="chat", chat_template_sha256=chat_info["chat_template_sha256"])
+    label = f"{corpus.name}{':chat' if option else ''} heldout"
+    flat, meta = joined_token_ids(docs, tokenizer, key, label=label, progress=progress)
     info = {"corpus": corpus.name, "split": "heldout", "checksum": corpus.checksum, "documents": meta["documents"],
             "tokens": meta["tokens"], "joiner": meta["joiner"], "joiner_ids": meta["joiner_ids"],
-            "tokenizer_hash": meta["tokenizer_hash"], "bos": False}
+            "tokenizer_hash": meta["tokenizer_hash"], "bos": False, **chat_info}
     return torch.from_numpy(flat.astype(np.int64)), info

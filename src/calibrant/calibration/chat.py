@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,31 +52,60 @@ def conversation(doc: str) -> list[dict[str, str]]:
     return messages if len(speakers) == 2 else []
 
 
+def read_chat_template(path: str | Path) -> str:
+    """The Jinja chat template in file ``path`` (``--chat-template FILE``), checked: it exists, is UTF-8 text
+    and parses as a template. A one-line CalibrationError otherwise."""
+    import jinja2
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CalibrationError(f"chat template file '{path}' does not exist; give a Jinja template file (e.g. one "
+                               "saved from an instruction model's tokenizer_config.json 'chat_template')")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"chat template file '{path}' is not UTF-8 text ({e.reason}); save it as UTF-8") from e
+    if not text.strip():
+        raise CalibrationError(f"chat template file '{path}' is empty; give a Jinja chat template")
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise CalibrationError(f"chat template file '{path}' line {e.lineno} is not valid Jinja ({e.message}); fix "
+                               "the template") from e
+    return text
+
+
 def template_hash(tokenizer: Any) -> str:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise CalibrationError(f"tokenizer '{name}' has no chat template, so ':chat' cannot render conversations as "
-                               "the model sees them; use an instruction model's tokenizer (e.g. smollm2-135m, whose "
-                               "GGUF carries ChatML) or drop ':chat'")
+                               "the model sees them; use an instruction model (e.g. smollm2-135m, whose GGUF carries "
+                               "ChatML), pass --chat-template FILE (API: chat_template=FILE), or drop ':chat'")
     text = template if isinstance(template, str) else repr(sorted(template.items()))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def render_chat(docs: list[str], tokenizer: Any, source: str,
+def render_chat(docs: Sequence[str | list[dict[str, str]]], tokenizer: Any, source: str,
                 conversations: list[list[dict[str, str]]] | None = None) -> tuple[list[str], dict[str, Any]]:
-    """Each conversational document rendered through the chat template; non-conversations are left out and
-    counted (the messages of each rendered one are appended to ``conversations`` when given). Refuses a
+    """Each conversational document (``SPEAKER: text`` lines, or a list of ``{"role", "content"}`` messages as a
+    JSONL ``messages`` field holds them) rendered through the chat template; non-conversations are left out
+    and counted (the messages of each rendered one are appended to ``conversations`` when given). Refuses a
     source with no conversation at all."""
     digest = template_hash(tokenizer)
     rendered, skipped, turns = [], 0, 0
-    for doc in docs:
-        messages = conversation(doc)
+    for i, doc in enumerate(docs):
+        messages = conversation(doc) if isinstance(doc, str) else doc
         if not messages:
             skipped += 1
             continue
         turns += len(messages)
-        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        try:
+            rendered.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        except Exception as e:  # jinja's TemplateError (e.g. a role order the template refuses) and the like
+            raise CalibrationError(f"the chat template refuses conversation {i} of '{source}' "
+                                   f"({type(e).__name__}: {e}); fix that conversation or pass another template "
+                                   "with --chat-template FILE") from e
         if conversations is not None:
             conversations.append(messages)
     if not rendered:

@@ -121,9 +121,12 @@ def temperature_schedule(steps: int, config: SelfGenConfig) -> list[float]:
     return [config.t_start + span * min(i, ramp - 1) / (ramp - 1) for i in range(steps)]
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+def sample_next(logits: torch.Tensor, temperature: float | torch.Tensor, top_k: int | None, top_p: float | None,
                 generator: torch.Generator) -> torch.Tensor:
-    """One token id per row of ``logits`` [b, V] (float32, CPU), sampled at ``temperature`` after top-k/top-p."""
+    """One token id per row of ``logits`` [b, V] (float32, CPU), sampled at ``temperature`` (one for all rows,
+    or one per row as a [b] tensor) after top-k/top-p."""
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.float().reshape(-1, 1)
     scores = logits.float() / temperature
     if top_k is not None and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
@@ -197,6 +200,76 @@ def generate_self_calibration(model: torch.nn.Module, tokenizer: Any, n: int, se
         "t_first": temps[0], "t_last": temps[-1], "after_eos": "continue",
         "sampler": "torch.multinomial on float32 CPU probabilities, torch.Generator(seed)",
     }
+    timing = {"seconds": seconds, "generated_tokens": generated, "tokens_per_second": generated / max(seconds, 1e-9),
+              "device": str(device), "threads": torch.get_num_threads()}
+    return ids, {"generation": info, "timing": timing}
+
+
+def generate_after_prefixes(model: torch.nn.Module, tokenizer: Any, prefixes: Sequence[Sequence[int]], seq_len: int,
+                            config: SelfGenConfig, seed: int,
+                            progress: bool | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Rows of ``seq_len`` ids, each its prefix (e.g. a chat-templated prompt) followed by tokens the model
+    samples after it, batched with left padding and the KV cache. Each row's temperature follows the schedule
+    over its own ``seq_len - len(prefix)`` sampled tokens. Returns (ids, info) like
+    :func:`generate_self_calibration`."""
+    from tqdm.auto import tqdm
+
+    lengths = [len(p) for p in prefixes]
+    if not prefixes or min(lengths) < 1 or max(lengths) >= seq_len:
+        raise CalibrationError(f"every prefix must hold 1 to L-1 = {seq_len - 1} tokens, got lengths "
+                               f"{min(lengths, default=0)}..{max(lengths, default=0)}")
+    try:
+        vocab = len(tokenizer)
+    except TypeError:
+        vocab = int(tokenizer.vocab_size)
+    device = next(model.parameters()).device
+    n = len(prefixes)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.empty((n, seq_len), dtype=torch.long)
+    schedules = [torch.tensor(temperature_schedule(seq_len - k, config), dtype=torch.float32) for k in lengths]
+    generated = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=sum(seq_len - k for k in lengths), desc="self-calibration (chat)", unit="tok", unit_scale=True,
+               leave=False, disable=(None if progress is None else not progress))
+    with inference_mode(model, kv_cache=True), bar:
+        for b0 in range(0, n, config.batch_size):
+            rows = list(range(b0, min(b0 + config.batch_size, n)))
+            width = max(lengths[r] for r in rows)
+            prompt = torch.zeros((len(rows), width), dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):  # left padding: every row's next token is at the same column
+                prompt[j, width - lengths[r]:] = torch.as_tensor(list(prefixes[r]), dtype=torch.long)
+                attention[j, width - lengths[r]:] = 1
+                ids[r, :lengths[r]] = prompt[j, width - lengths[r]:]
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            steps = seq_len - min(lengths[r] for r in rows)
+            current, past = prompt.to(device), None
+            attention, positions = attention.to(device), positions.to(device)
+            for step in range(steps):
+                out = model(input_ids=current, attention_mask=attention, position_ids=positions,
+                            past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits = out.logits[:, -1, :].float().cpu()
+                if torch.isnan(logits).any():
+                    raise CalibrationError("the model's logits are not finite while generating self-calibration "
+                                           "text; check the model's weights and dtype")
+                if logits.shape[-1] > vocab:
+                    logits[:, vocab:] = float("-inf")
+                temps = torch.stack([schedules[r][min(step, len(schedules[r]) - 1)] for r in rows])
+                nxt = sample_next(logits, temps, config.top_k, config.top_p, gen)
+                live = [(j, r) for j, r in enumerate(rows) if lengths[r] + step < seq_len]
+                for j, r in live:
+                    ids[r, lengths[r] + step] = nxt[j]
+                generated += len(live)
+                bar.update(len(live))
+                current = nxt.unsqueeze(1).to(device)
+                attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
+                positions = positions[:, -1:] + 1
+            del past
+    seconds = time.perf_counter() - t0
+    info = {**config.to_dict(), "after_eos": "continue", "prefix_tokens": {"min": min(lengths), "max": max(lengths),
+            "mean": round(sum(lengths) / n, 2)}, "padding": "left",
+            "sampler": "torch.multinomial on float32 CPU probabilities, torch.Generator(seed)"}
     timing = {"seconds": seconds, "generated_tokens": generated, "tokens_per_second": generated / max(seconds, 1e-9),
               "device": str(device), "threads": torch.get_num_threads()}
     return ids, {"generation": info, "timing": timing}

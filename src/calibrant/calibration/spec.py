@@ -3,7 +3,9 @@
 Examples: ``wiki:128x512``, ``random-vocab:32x2048``, ``file:./my.txt:64x512``,
 ``file:./data.jsonl:text:64x512`` (``text`` is the JSON field holding the document),
 ``hf:allenai/c4:en:train:text:128x2048`` (dataset, config, split, column),
-``self:128x512`` or ``self:t=1.5..0.8:top_p=0.95:128x512`` (self-calibration),
+``self:128x512`` or ``self:t=1.5..0.8:top_p=0.95:128x512`` (self-calibration; ``self:chat:128x512`` answers
+templated prompts: :mod:`calibrant.calibration.selfchat`), ``dialogue:chat:128x512`` or
+``file:./chats.jsonl:chat:64x512`` (chat-formatted: :mod:`calibrant.calibration.chat`),
 ``mix(wiki=0.5,austen:docs=0.3,pydocs=0.2):128x512`` (a mixture: :mod:`calibrant.calibration.mixture`).
 
 ``SAMPLING`` (text sources only; the last option before ``NxL``) is one of
@@ -106,6 +108,21 @@ def _pop_selection(rest: str, is_file: bool) -> tuple[str, tuple[str, ...]]:
     return ":".join(parts), tuple(picked)
 
 
+_CHAT_OPTIONS = ("chat", "assistant-only")
+
+
+def _pop_chat(rest: str) -> tuple[str, tuple[str, ...]]:
+    """A file path's trailing ``:chat`` / ``:assistant-only`` (:mod:`calibrant.calibration.chat`), unless the
+    whole rest names an existing file."""
+    if not rest or Path(rest).exists():
+        return rest, ()
+    parts = rest.split(":")
+    picked: list[str] = []
+    while len(parts) > 1 and parts[-1].strip().lower() in _CHAT_OPTIONS:
+        picked.insert(0, parts.pop().strip().lower())
+    return ":".join(parts), tuple(picked)
+
+
 def parse_spec(spec: str) -> CalibSpec:
     """Parse ``SOURCE[:options][:SAMPLING]:NxL``; a malformed spec or a non-positive N or L raises CalibrationError."""
     if not isinstance(spec, str) or ":" not in spec:
@@ -131,10 +148,11 @@ def parse_spec(spec: str) -> CalibSpec:
     rest, selection = _pop_selection(rest, is_file=source == "file")
     rest, sampling = _pop_sampling(rest, is_file=source == "file")
     if source == "file":
+        rest, chat = _pop_chat(rest)
         parts = _split_file_options(rest)
         if not parts[0]:
             raise _bad(spec, "gives no path after 'file:'")
-        return CalibSpec("file", parts + selection, n, seq_len, sampling)
+        return CalibSpec("file", parts + chat + selection, n, seq_len, sampling)
     options = tuple(o for o in rest.split(":")) if rest else ()
     if any(not o for o in options):
         raise _bad(spec, "has an empty option between ':'")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from calibrant.argtypes import positive_int
+from calibrant.argtypes import add_chat_template_option, positive_int
 from calibrant.tables import table
 
 
@@ -16,7 +16,8 @@ def cmd_calib_imatrix(args: argparse.Namespace) -> int:
 
     check_imatrix_output(args.out, args.overwrite)
     imatrix = compute_imatrix(args.model, args.spec, out=args.out, seed=args.seed, overwrite=args.overwrite,
-                              batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+                              batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                              chat_template=args.chat_template)
     calib = imatrix.provenance.get("calibration", {})
     means = [float(imatrix.mean(n).mean()) for n in sorted(imatrix.sums)]
     row = {"entries": len(imatrix.sums), "windows": imatrix.chunk_count, "tokens per window": imatrix.chunk_size,
@@ -39,6 +40,7 @@ def add_imatrix_parser(csub: argparse._SubParsersAction) -> None:
     ci.add_argument("--batch-size", type=positive_int, default=8)
     ci.add_argument("--device", default=None, help="cpu (default) or cuda")
     ci.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_chat_template_option(ci)
     ci.add_argument("--quiet", action="store_true")
     ci.set_defaults(func=cmd_calib_imatrix)
 

@@ -267,7 +267,8 @@ def _calibration(value: Any) -> list[tuple[str, int]]:
             raise StudySpecError(f"{_at(value, 'seeds')}seed {s!r} is not an integer")
     out = []
     for source, n, length in itertools.product(sources, ns, lengths):
-        own_tokens = source in ("self", "random-vocab") or str(source).lstrip().lower().startswith("mix(")
+        head = str(source).strip().lower()
+        own_tokens = head.split(":")[0] in ("self", "random-vocab") or head.startswith("mix(")
         text = f"{source}:{sampling}:{n}x{length}" if sampling and not own_tokens else f"{source}:{n}x{length}"
         try:
             parsed = parse_spec(text)
