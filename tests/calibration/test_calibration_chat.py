@@ -257,3 +257,19 @@ def test_self_chat_refusals(chat_model):
     tok.chat_template = None
     with pytest.raises(CalibrationError, match="has no chat template"):
         make_calibration("self:chat:4x24", tok, seed=0, model=model)
+
+
+def test_assistant_masks_are_cached_beside_the_ids(dialogue, monkeypatch):
+    from calibrant.calibration import calibset
+
+    tok = _tok()
+    first = make_calibration("dialogue:chat:assistant-only:6x16", tok, seed=4)
+
+    def no_retokenizing(*args, **kwargs):
+        raise AssertionError("the masks were recomputed")
+
+    monkeypatch.setattr(calibset, "assistant_token_masks", no_retokenizing)
+    again = make_calibration("dialogue:chat:assistant-only:6x16", tok, seed=4)
+    assert again.token_mask.equal(first.token_mask) and again.hash == first.hash
+    with pytest.raises(AssertionError, match="recomputed"):  # another template is other content: not served
+        make_calibration("dialogue:chat:assistant-only:6x16", _tok(TEMPLATE + " "), seed=4)

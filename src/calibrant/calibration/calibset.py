@@ -589,6 +589,24 @@ def _generate_self(cs: CalibSpec, tokenizer: Any, seed: int, module: torch.nn.Mo
     return CalibrationSet(ids, prov, mask)
 
 
+def _assistant_flags(docs: list[str], conversations: list[Messages], tokenizer: Any, content_key: dict[str, Any],
+                     lengths: np.ndarray, joiner_len: int, size: int) -> np.ndarray:
+    """1 on every assistant token of the joined stream of rendered conversations (int64, ``size`` long); cached
+    beside the token ids under the same content, as finding them re-tokenizes every document with offsets."""
+    key = stable_hash({"content": content_key, "tokenizer": tokenizer_hash(tokenizer), "format": TOKEN_CACHE_FORMAT,
+                       "mask": ASSISTANT_ONLY}, length=24)
+    path = cache_dir("tokens") / f"{key}.assistant.npy"
+    cached = _load_array(path)
+    if cached is not None and cached.size == size and cached.dtype == np.uint8:
+        return cached.astype(np.int64)
+    flags = np.zeros(size, dtype=np.uint8)
+    masks = assistant_token_masks(docs, conversations, tokenizer, lengths)
+    for start, mask in zip(document_starts(lengths, joiner_len), masks, strict=True):
+        flags[start:start + mask.size] = mask
+    _save_array(path, flags)
+    return flags.astype(np.int64)
+
+
 def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int | None = None,
                      progress: bool | None = None, model: Any = None) -> CalibrationSet:
     """Build the calibration set a spec string describes (``wiki:128x512``, ``wiki:docs:128x512``,
@@ -654,10 +672,7 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
     joiner_ids = meta["joiner_ids"]
     if assistant_only:  # sample (id, flag) pairs packed as 2·id + flag, so the mask follows the ids exactly
         assert lengths is not None
-        masks = assistant_token_masks(docs, conversations, tokenizer, lengths)
-        flags = np.zeros(flat.size, dtype=np.int64)
-        for start, mask in zip(document_starts(lengths, len(joiner_ids)), masks, strict=True):
-            flags[start:start + mask.size] = mask
+        flags = _assistant_flags(docs, conversations, tokenizer, content_key, lengths, len(joiner_ids), flat.size)
         if not flags.any():
             raise CalibrationError(f"source '{info['source']}' has no assistant turns to count; drop "
                                    "':assistant-only' or use a conversational source")
