@@ -160,3 +160,22 @@ def test_real_model_heterogeneous_prune_save_reload(tmp_path):
     reloaded = load_model(out, quiet=True).model
     assert reloaded.config.num_hidden_layers == 29
     assert torch.equal(logits(reloaded, ids), expected)
+
+
+def test_importance_honours_a_token_mask():
+    """Rows are independent, so masking whole rows out must give the scores of the kept rows alone; an
+    all-true mask gives the unmasked scores, and a mask changes the cache key."""
+    model = gqa_model("llama")
+    ids = tokens(6, 16, seed=2)
+    mask = torch.zeros(6, 16, dtype=torch.bool)
+    mask[[1, 4]] = True
+    masked = compute_importance(model, ids, "wanda", progress=False, cache=False, token_mask=mask, batch_size=4)
+    alone = compute_importance(model, ids[[1, 4]], "wanda", progress=False, cache=False)
+    full = compute_importance(model, ids, "wanda", progress=False, cache=False)
+    ones = compute_importance(model, ids, "wanda", progress=False, cache=False, token_mask=torch.ones(6, 16).bool())
+    for a, b in [(masked, alone), (ones, full)]:
+        assert a.meta["tokens"] == b.meta["tokens"]
+        for x, y in zip(a.groups + a.channels, b.groups + b.channels, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(a.block_influence, b.block_influence, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(masked.channels[0], full.channels[0])

@@ -61,9 +61,9 @@ SELF_CACHE_FORMAT = 1
 # Provenance keys that describe but do not determine the ids: left out of the content hash so that the
 # same ids from the same data keep their hash across calibrant versions, tokenizer paths and file paths
 # ("spec" and "options" only repeat source, field, n and L, plus the file's path).
-# "model_name" and "generation_timing" (self-calibration) say where and how fast, not what.
+# "model_name", "generation_timing" (self-calibration) and "selection_timing" say where and how fast, not what.
 COSMETIC_KEYS = frozenset({"calibrant_version", "tokenizer_name", "path", "spec", "options", "model_name",
-                           "generation_timing"})
+                           "generation_timing", "selection_timing"})
 _TEXT_FILE_OPTIONS = ("paragraphs",)
 
 

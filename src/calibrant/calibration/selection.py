@@ -20,6 +20,7 @@ row indices (ascending) go in the provenance. Strategies:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -181,15 +182,19 @@ def make_selected(cs: Any, selection: dict[str, Any], tokenizer: Any, seed: int,
     import dataclasses
 
     pool_spec = dataclasses.replace(cs, n=cs.n * selection["pool"])
+    t0 = time.perf_counter()
     try:
         pool = make(str(pool_spec), tokenizer, seed=seed, max_length=max_length, progress=progress,
                                 model=model)
     except CalibrationError as e:
         raise CalibrationError(f"the pool of select={selection['strategy']} ({selection['pool']}·n = {pool_spec.n} "
                                f"rows) cannot be drawn: {e}; or use a smaller pool=") from None
+    t1 = time.perf_counter()
     kept, measured = select_rows(pool.input_ids, cs.n, selection["strategy"], seed, model, selection["layer"])
     prov = {k: v for k, v in pool.provenance.items() if k not in cosmetic}
     prov.update(common)
+    # where the pool came from a cache (token ids, or a generated self set), pool_s is that lookup's time
+    prov["selection_timing"] = {"pool_s": round(t1 - t0, 3), "select_s": round(time.perf_counter() - t1, 3)}
     prov["selection"] = {**selection, "pool_spec": str(pool_spec), "pool_hash": pool.hash, "indices": kept,
                          **measured}
     mask = None if pool.token_mask is None else pool.token_mask[kept].clone()

@@ -95,11 +95,14 @@ def compute_importance(
     cache: bool = True,
     model_hash: str | None = None,
     calibration_hash: str | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> Importance:
     """Score every KV group and MLP channel of the dense ``model`` (see the module docstring).
 
-    ``calibration``: ``[n, L]`` token ids (needed for ``wanda``; ``magnitude`` ignores it). Cached under
-    ``$CALIBRANT_CACHE/structured`` by model hash, calibration hash and score when ``cache``.
+    ``calibration``: ``[n, L]`` token ids (needed for ``wanda``; ``magnitude`` ignores it); ``token_mask``
+    (bool ``[n, L]``, e.g. a chat set's assistant tokens): the tokens the statistics count, the others run as
+    context only. Cached under ``$CALIBRANT_CACHE/structured`` by model hash, calibration (and mask) and
+    score when ``cache``.
     """
     if score not in SCORES:
         raise CalibrantError(f"unknown importance score '{score}'; use one of {', '.join(SCORES)}")
@@ -111,7 +114,9 @@ def compute_importance(
                              "(e.g. wiki:32x512) or use --score magnitude")
     key = None
     if cache:
-        calib_key = (calibration_hash or _tensor_digest(calibration)) if needs_data else None
+        calib_key: Any = (calibration_hash or _tensor_digest(calibration)) if needs_data else None
+        if needs_data and token_mask is not None:
+            calib_key = [calib_key, _tensor_digest(token_mask.long())]
         key = stable_hash({"model": _model_key(model, model_hash), "calibration": calib_key, "score": score,
                            "version": IMPORTANCE_VERSION})
         path = cache_dir("structured") / f"importance-{key}.safetensors"
@@ -134,9 +139,11 @@ def compute_importance(
         assert calibration is not None
         handles = []
 
+        current: list[torch.Tensor | None] = [None]  # the mask of the batch running now
+
         def observe(stats: LayerStats) -> Any:
             def hook(_m: nn.Module, args: tuple) -> None:
-                stats.add(args[0].detach())
+                stats.add(args[0].detach(), current[0])
 
             return hook
 
@@ -145,6 +152,8 @@ def compute_importance(
                 x = args[0] if args else kwargs["hidden_states"]
                 y = out[0] if isinstance(out, tuple | list) else out
                 cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+                if current[0] is not None:
+                    cos = cos[current[0].to(cos.device)]
                 cos_sum[i] += cos.double().sum().cpu()
 
             return hook
@@ -160,8 +169,9 @@ def compute_importance(
             spans = [(b, min(b + batch_size, ids.shape[0])) for b in range(0, ids.shape[0], batch_size)]
             with inference_mode(model):
                 for b0, b1 in tqdm(spans, desc=f"importance ({score})", unit="batch", disable=not progress):
+                    current[0] = None if token_mask is None else token_mask[b0:b1].bool()
                     adapter.base(input_ids=ids[b0:b1].to(device))
-                    tokens += (b1 - b0) * ids.shape[1]
+                    tokens += (b1 - b0) * ids.shape[1] if token_mask is None else int(current[0].sum())
         finally:
             for h in handles:
                 h.remove()

@@ -242,7 +242,8 @@ def _importance(loaded: LoadedModel, calibration: CalibrationSet | None, score: 
     return compute_importance(
         loaded.model, calibration.input_ids if calibration is not None else None, score, batch_size=batch_size,
         progress=progress, model_hash=loaded.model_hash,
-        calibration_hash=calibration.hash if calibration is not None else None)
+        calibration_hash=calibration.hash if calibration is not None else None,
+        token_mask=calibration.token_mask if calibration is not None else None)
 
 
 def search_structured(
