@@ -131,6 +131,8 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=64, help="windows scored (each on its second half)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--no-imatrix", action="store_true",
+                   help="llama.cpp's own quantizer without an importance matrix only (saves computing one)")
     args = p.parse_args()
     bin_dir = ensure_tools()
     methods, types = args.methods.split(","), args.types.split(",")
@@ -168,13 +170,17 @@ def main() -> None:
             print(json.dumps(row), file=sys.stderr, flush=True)
 
         measure("dense (F32)", dense_path, loaded.model, None)
-        imatrix_path = tmp / "wiki.imatrix.gguf"
-        t0 = time.perf_counter()
-        compute_imatrix(loaded, calib, out=imatrix_path, progress=False)
-        imatrix_s = time.perf_counter() - t0
         # with an imatrix, llama-quantize stores the first eighth of ffn_down in Q4_1 (Q5_1) for Q4_0 (Q5_0)
         # files; --pure keeps every weight in the one type, the layout (and size) calibrant writes
         variants = {"q4_0": [(False, False), (True, False), (True, True)], "q4_1": [(False, False), (True, False)]}
+        if args.no_imatrix:
+            variants = {}
+        imatrix_path = tmp / "wiki.imatrix.gguf"
+        imatrix_s = float("nan")
+        if any(im for kind in types for im, _ in variants.get(kind, [])):
+            t0 = time.perf_counter()
+            compute_imatrix(loaded, calib, out=imatrix_path, progress=False)
+            imatrix_s = time.perf_counter() - t0
         for kind in types:
             for use_imatrix, pure in variants.get(kind, [(False, False)]):
                 out = tmp / f"llama-{kind}{'-im' if use_imatrix else ''}{'-pure' if pure else ''}.gguf"
@@ -207,7 +213,7 @@ def main() -> None:
           f"{args.ctx} tokens (of {n_tok} tokenized by llama-tokenize; Hugging Face's tokenizer gives "
           f"{'the same ids' if same else 'different ids'}), each scored on its second half. Calibration "
           f"{args.calibration} seed {args.seed} (hash {calib.hash}); dense forward over it {forward_s:.1f} s; "
-          f"imatrix {imatrix_s:.1f} s; peak RSS {peak_gb:.2f} GB. {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+          f"imatrix {imatrix_s:.1f} s (nan: not computed); peak RSS {peak_gb:.2f} GB. {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print("| file | MB | tensor types | ppl by llama.cpp | ppl by calibrant (fake-quant) | llama.cpp / calibrant − 1 "
           "| quantize s | × dense forward |")
     print("|---|---|---|---|---|---|---|---|")
