@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,10 +11,10 @@ from typing import Any
 import torch
 
 from calibrant import __version__
-from calibrant.cache import check_space
+from calibrant.cache import atomic_path, check_space, human_bytes, release_output
 from calibrant.calibration import CalibrationSet, heldout_token_ids, make_calibration, read_chat_template
 from calibrant.engine import CompressionReport, compress
-from calibrant.errors import CalibrantError, CalibrationError, RecipeError
+from calibrant.errors import CalibrantError, CalibrationError, RecipeError, disk_errors
 from calibrant.evaluate.perplexity import PerplexityResult, perplexity
 from calibrant.evaluate.zeroshot import STANDARD_SUITE, ZeroShotResult, check_tasks, evaluate_tasks
 from calibrant.export.gguf import check_gguf_model, check_gguf_output, check_gguf_recipe, save_gguf
@@ -39,7 +40,7 @@ from calibrant.export.packed import (
     save_packed,
 )
 from calibrant.methods import Method, make_recipe
-from calibrant.models.loader import LoadedModel, load_model
+from calibrant.models.loader import ALIASES, LoadedModel, load_model
 from calibrant.models.structured import load_structured  # noqa: F401 - part of the API (README)
 from calibrant.search import SearchResult, StructuredConfig
 from calibrant.search import search as structured_search
@@ -66,6 +67,9 @@ def as_loaded(model: str | Path | LoadedModel, device: str | torch.device = "cpu
         loaded.tokenizer.chat_template = template
         return loaded
     if isinstance(model, LoadedModel):
+        if any(p.is_meta for p in model.model.parameters()):
+            raise CalibrantError(f"this model was compressed streamed, so none of its weights are in memory; "
+                                 f"evaluate its output directory instead ({model.path}), streamed if it does not fit")
         return model
     local = isinstance(model, str | Path) and Path(model).is_dir()
     meta = read_metadata(model) if local else None  # a damaged calibrant.json is refused before the load
@@ -166,6 +170,7 @@ def compress_model(
     export_format: str = "hf",
     gguf_type: str | None = None,
     chat_template: str | Path | None = None,
+    stream: bool | None = None,
     **method_params: Any,
 ) -> CompressResult:
     """Compress a model end to end; with ``out`` the result is saved as a Hugging Face directory.
@@ -176,7 +181,9 @@ def compress_model(
     (llama.cpp) of a ``gguf-*`` scheme's blocks; ``gguf_type`` (``q4_0`` … or ``f16``/``f32`` for a recipe
     that quantizes nothing) must agree with the scheme, and defaults to it. ``chat_template``: a Jinja file
     the tokenizer takes before chat-formatted calibration (``SOURCE:chat``) is rendered; a saved model
-    carries it.
+    carries it. ``stream``: read the model block by block from its safetensors and write each compressed
+    block to ``out`` at once, for a model larger than memory (:mod:`calibrant.streaming`); None (default)
+    streams when an in-memory load would not fit, False never does.
 
     Everything that can be refused (output exists, unknown method, bad sparsity or pattern) is checked
     before the model is loaded, so bad input costs nothing and writes nothing.
@@ -196,6 +203,13 @@ def compress_model(
         methods = [method] if isinstance(method, Method) else list(method)
     if not any(m.reads_data() for m in methods):
         calibration = None  # a data-free recipe reads no activations: no set is drawn, none is recorded
+    if decide_streaming(model, stream, out, export_format, progress):
+        assert out is not None
+        loaded, report, calib = _compress_streamed(
+            model, methods, calibration, seed=seed, out=Path(out), overwrite=overwrite, batch_size=batch_size,
+            propagate=propagate, pipeline=pipeline, include=include, exclude=exclude, device=device,
+            progress=progress, chat_template=chat_template)
+        return CompressResult(loaded, report, calib, out=Path(out), metadata=read_metadata(out) or {})
     packed = out is not None and export_format == FORMAT_NAME
     if packed:
         check_packable_recipe(methods)
@@ -215,10 +229,26 @@ def compress_model(
         loaded.model, calib, methods, batch_size=batch_size, device=device, propagate=propagate, pipeline=pipeline,
         include=include, exclude=exclude, progress=progress,
     )
-    metadata = {
+    metadata = _metadata(report, loaded.spec, loaded.model_hash)
+    result = CompressResult(loaded, report, calib, metadata=metadata)
+    if out is not None and export_format == "gguf":
+        result.out, result.metadata["export"] = save_gguf(
+            loaded.model, out, metadata, source_dir=loaded.path, tokenizer=loaded.tokenizer, gguf_type_name=gguf_type,
+            overwrite=overwrite)
+    elif packed:
+        result.out = save_packed(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite)
+    elif out is not None:
+        result.out = save_model(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite,
+                                source_dir=loaded.path)
+    return result
+
+
+def _metadata(report: CompressionReport, spec: str, model_hash: str) -> dict[str, Any]:
+    """``calibrant.json`` of a compression."""
+    return {
         "calibrant_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "base_model": {"spec": loaded.spec, "hash": loaded.model_hash},
+        "base_model": {"spec": spec, "hash": model_hash},
         "recipe": report.recipe,
         "calibration": report.calibration,
         "propagate": report.propagate,
@@ -233,17 +263,111 @@ def compress_model(
         "effective_bits": report.effective_bits,
         "timings": report.timings,
     }
-    result = CompressResult(loaded, report, calib, metadata=metadata)
-    if out is not None and export_format == "gguf":
-        result.out, result.metadata["export"] = save_gguf(
-            loaded.model, out, metadata, source_dir=loaded.path, tokenizer=loaded.tokenizer, gguf_type_name=gguf_type,
-            overwrite=overwrite)
-    elif packed:
-        result.out = save_packed(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite)
-    elif out is not None:
-        result.out = save_model(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite,
-                                source_dir=loaded.path)
-    return result
+
+
+def _streamed_perplexity(model: str | Path, names: list[str], *, seq_len: int, stride: int | None,
+                         max_tokens: int | None, batch_size: int, progress: bool,
+                         chat_template: str | Path | None) -> dict[str, PerplexityResult]:
+    import transformers
+
+    from calibrant.evaluate.streamed import streamed_perplexity
+    from calibrant.models.loader import resolve_model_dir
+    from calibrant.streaming import available_memory
+
+    template = read_chat_template(chat_template) if chat_template is not None else None
+    path = resolve_model_dir(model, quiet=not progress)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if template is not None:
+        tokenizer.chat_template = template
+    results = {}
+    for name in names:
+        ids, meta = heldout_token_ids(name, tokenizer)
+        results[name] = streamed_perplexity(path, ids, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                                            max_tokens=max_tokens, max_activation_bytes=available_memory() // 4,
+                                            progress=progress, meta=meta)
+    return results
+
+
+def decide_streaming(model: str | Path | LoadedModel, stream: bool | None, out: str | Path | None = None,
+                     export_format: str = "hf", progress: bool = True, needs_out: bool = True) -> bool:
+    """Whether a run on ``model`` streams it (``stream``: True, False, or None to decide by memory); a
+    streamed compression that cannot be (no ``out``, a non-HF format) is refused here, before anything is
+    read. ``needs_out=False`` for evaluation."""
+    if stream is False:
+        return False
+    if isinstance(model, LoadedModel):
+        if stream:
+            raise CalibrantError("stream=True reads the model from its checkpoint, but this one is loaded in memory "
+                                 "already; pass its directory or alias instead")
+        return False
+    if stream is None:
+        from calibrant.models.loader import resolve_model_dir
+        from calibrant.streaming import would_not_fit
+
+        local = Path(str(model)).expanduser()
+        if not (local.is_dir() or str(model) in ALIASES):
+            return False  # hub ids and .gguf files are converted in memory first
+        fits_not, need, free = would_not_fit(resolve_model_dir(model, quiet=not progress))
+        if not fits_not:
+            return False
+        if progress:
+            print(f"calibrant: the model needs {human_bytes(need)} in memory in float32, {human_bytes(free)} is "
+                  "available: streaming it block by block (--stream)", file=sys.stderr)
+    if not needs_out:
+        return True
+    if out is None:
+        raise CalibrantError("a streamed model is written block by block as it is compressed, so it needs an "
+                             "output directory: pass --out DIR (or use a machine where the model fits in memory)")
+    if export_format != "hf":
+        raise CalibrantError(f"a streamed model is written as a Hugging Face directory; --format {export_format} "
+                             "needs the whole model in memory: stream to a directory first, then "
+                             "`calibrant export DIR --format ...` where it fits")
+    return True
+
+
+def _compress_streamed(model: str | Path, methods: list[Method], calibration: Any, *, seed: int, out: Path,
+                       overwrite: bool, batch_size: int, propagate: str, pipeline: str, include: list[str] | None,
+                       exclude: list[str] | None, device: torch.device | None, progress: bool,
+                       chat_template: str | Path | None) -> tuple[LoadedModel, CompressionReport, Any]:
+    """The streamed run (:mod:`calibrant.streaming`); returns a LoadedModel whose weights are all released."""
+    import transformers
+
+    from calibrant.export.streamed import StreamedBlocks
+    from calibrant.models.adapter import context_length_of
+    from calibrant.models.lazy import LazyCheckpoint, Materializer, skeleton
+    from calibrant.models.loader import check_model_dir, model_dir_hash, resolve_model_dir
+
+    template = read_chat_template(chat_template) if chat_template is not None else None
+    if isinstance(calibration, str) and calibration.strip().lower().startswith("self"):
+        raise CalibrantError("self-calibration generates text with the whole model, which a streamed run never "
+                             "holds; make the set first where the model fits (calibrant calib make self:...) and "
+                             "pass the saved file, or use a text source")
+    path = resolve_model_dir(model, quiet=not progress)
+    check_model_dir(path)
+    checkpoint = LazyCheckpoint(path)
+    dtype = checkpoint.dtype()
+    check_space(out, checkpoint.nbytes(), "--out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if template is not None:
+        tokenizer.chat_template = template
+    skel = skeleton(path, dtype)
+    calib = resolve_calibration(calibration, tokenizer, seed, context_length_of(skel),
+                                progress=None if progress else False)
+    digest = model_dir_hash(path)
+    materializer = Materializer(skel, checkpoint, device="cpu")
+    with disk_errors(str(out), human_bytes(checkpoint.nbytes())), atomic_path(out, overwrite=overwrite) as tmp:
+        tmp.mkdir(parents=True)
+        blocks = StreamedBlocks(skel, materializer, tmp)
+        report = compress(skel, calib, methods, batch_size=batch_size, device=device, propagate=propagate,
+                          pipeline=pipeline, include=include, exclude=exclude, progress=progress, blocks=blocks)
+        metadata = _metadata(report, str(model), digest)
+        metadata["streamed"] = {"dtype": str(dtype).removeprefix("torch."), "compute_dtype": "float32",
+                                "peak_resident_blocks": materializer.peak_blocks,
+                                "checkpoint_bytes": checkpoint.nbytes()}
+        blocks.finish(tokenizer, metadata, path)
+    release_output(out)
+    checkpoint.close()
+    return LoadedModel(model=skel, tokenizer=tokenizer, spec=str(model), path=out, model_hash=digest), report, calib
 
 
 def evaluate_perplexity(
@@ -256,11 +380,17 @@ def evaluate_perplexity(
     batch_size: int = 8,
     progress: bool = True,
     chat_template: str | Path | None = None,
+    stream: bool | None = None,
 ) -> dict[str, PerplexityResult]:
     """Perplexity on the held-out split of each corpus (documents never used for calibration);
     ``CORPUS:chat`` (e.g. ``dialogue:chat``) scores its held-out conversations rendered through the chat
-    template (``chat_template``: a Jinja file to use instead of the tokenizer's)."""
+    template (``chat_template``: a Jinja file to use instead of the tokenizer's). ``stream``: run a model
+    directory block by block from its safetensors (:mod:`calibrant.evaluate.streamed`), for a model larger
+    than memory; None (default) streams when an in-memory load would not fit."""
     names = [c.strip() for c in (corpora.split(",") if isinstance(corpora, str) else corpora) if c.strip()]
+    if decide_streaming(model, stream, None, "hf", progress, needs_out=False):
+        return _streamed_perplexity(model, names, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                                    batch_size=batch_size, progress=progress, chat_template=chat_template)
     loaded = as_loaded(model, quiet=not progress, chat_template=chat_template)
     results = {}
     for name in names:

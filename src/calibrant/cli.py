@@ -90,7 +90,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         seed=args.seed, out=args.out, overwrite=args.overwrite, batch_size=args.batch_size,
         propagate=args.propagate, pipeline=args.pipeline, include=_csv(args.include), exclude=_csv(args.exclude), device=args.device,
         progress=not args.quiet, export_format=args.export_format, gguf_type=args.gguf_type,
-        chat_template=args.chat_template, **params,
+        chat_template=args.chat_template, stream=args.stream, **params,
     )
     rep = result.report
     t = rep.timings
@@ -109,8 +109,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"calibration: {result.calibration.provenance.get('source')} "
               f"{result.calibration.n}x{result.calibration.seq_len} seed={result.calibration.provenance.get('seed')} "
               f"hash={result.calibration.hash}")
+    streamed = result.metadata.get("streamed")
+    if streamed:
+        print(f"streamed: {streamed['dtype']} weights, at most {streamed['peak_resident_blocks']} block(s) in memory "
+              f"at once; read {t.get('read_s', 0):.1f}s, written {t.get('write_s', 0):.1f}s")
     if args.eval:
-        ppl = evaluate_perplexity(result.loaded, _csv(args.eval), max_tokens=args.max_eval_tokens, progress=not args.quiet)
+        ppl = evaluate_perplexity(result.out if streamed else result.loaded, _csv(args.eval),
+                                  max_tokens=args.max_eval_tokens, progress=not args.quiet,
+                                  stream=True if streamed else None)
         for name, r in ppl.items():
             print(f"perplexity {name} (held-out, {r.tokens} tokens, seq_len {r.protocol['seq_len']}): {r.ppl:.3f}")
     if result.out is not None:
@@ -122,7 +128,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from calibrant.api import as_loaded, evaluate_perplexity, evaluate_zeroshot
+    from calibrant.api import as_loaded, decide_streaming, evaluate_perplexity, evaluate_zeroshot
     from calibrant.evaluate.zeroshot import check_tasks
 
     corpora, tasks = _csv(args.ppl), _csv(args.tasks)
@@ -142,13 +148,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if tasks:  # refuse bad task names and options before loading the model
         check_tasks(tasks, limit=args.limit, num_fewshot=args.fewshot, batch_size=args.batch_size, hub=hub,
                     scorer=args.scorer, token_budget=args.token_budget)
-    loaded = as_loaded(args.model, quiet=args.quiet, chat_template=args.chat_template)
+    streamed = decide_streaming(args.model, args.stream, progress=not args.quiet, needs_out=False)
+    if streamed and tasks:
+        raise CalibrantError("zero-shot tasks need the model in memory, and this one is evaluated streamed (it does "
+                             "not fit, or --stream was given); evaluate perplexity only (--ppl), or pass --no-stream")
+    loaded = args.model if streamed else as_loaded(args.model, quiet=args.quiet, chat_template=args.chat_template)
     rows: list[list[Any]] = []
     ppl = {}
     if corpora:
         ppl = evaluate_perplexity(
             loaded, corpora, seq_len=args.seq_len, stride=args.stride,
-            max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.quiet,
+            max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.quiet, stream=streamed,
+            chat_template=args.chat_template if streamed else None,
         )
         rows += [[f"{n} perplexity", f"held-out, seq_len {r.protocol['seq_len']} stride {r.protocol['stride']}",
                   f"{r.tokens} tok", f"{r.ppl:.3f}", "-", f"{r.seconds:.1f}", f"{r.tokens / max(r.seconds, 1e-9):.0f} tok/s"]
@@ -339,6 +350,13 @@ def cmd_calib_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_stream_options(parser: argparse.ArgumentParser, text: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--stream", dest="stream", action="store_const", const=True, default=None, help=text)
+    group.add_argument("--no-stream", dest="stream", action="store_const", const=False,
+                       help="always load the model in memory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from calibrant import __version__
     from calibrant.export.cli import add_export_parser, add_imatrix_parser
@@ -380,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval", default=None, help="after compressing, perplexity on these corpora (e.g. wiki,news)")
     c.add_argument("--max-eval-tokens", type=positive_int, default=None)
     add_chat_template_option(c)
+    _add_stream_options(c, "read the model block by block from its safetensors and write each compressed block "
+                           "to --out at once (a model larger than memory; the default when the model would not fit "
+                           "in memory)")
     c.add_argument("--quiet", action="store_true")
     _add_method_options(c)
     c.set_defaults(func=cmd_compress)
@@ -410,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None,
                    help="also write the results (with protocol) to this JSON file (zero-shot under 'zeroshot')")
     add_chat_template_option(e)
+    _add_stream_options(e, "run a model directory block by block from its safetensors (perplexity only; the "
+                           "default when the model would not fit in memory)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 

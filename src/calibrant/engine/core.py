@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -37,7 +37,17 @@ from calibrant.methods.base import Method
 from calibrant.methods.stats import LayerStats, all_finite
 from calibrant.models.adapter import inference_mode, weight_of
 
-TIMINGS = ("plan_s", "capture_s", "block_s", "forward_s", "stats_s", "compress_s")
+TIMINGS = ("plan_s", "capture_s", "block_s", "forward_s", "stats_s", "compress_s", "read_s", "write_s")
+
+
+class BlockStore(Protocol):
+    """Where a model's decoder blocks live between uses. In memory (``None``, the default) every block is
+    always resident; a streamed model (:mod:`calibrant.export.streamed`) loads block ``i`` on ``enter`` and
+    writes and releases it on ``leave(i, final=True)`` (``final=False``: a planning pass, release only)."""
+
+    def enter(self, index: int) -> None: ...
+
+    def leave(self, index: int, final: bool) -> None: ...
 
 
 def compress(
@@ -52,6 +62,7 @@ def compress(
     exclude: Sequence[str] | None = None,
     progress: bool = True,
     pipeline: str = "one-pass",
+    blocks: BlockStore | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place, block by block, and return what was done.
 
@@ -61,7 +72,9 @@ def compress(
     ones). ``propagate="compressed"`` feeds each block the outputs of the already-compressed previous
     blocks (the SparseGPT/GPTQ default); ``"dense"`` feeds the dense model's activations and saves one
     block forward per block. ``pipeline``: ``"one-pass"`` or ``"two-pass"`` (see
-    :mod:`calibrant.engine.pipelines`); with dense propagation every block runs two-pass.
+    :mod:`calibrant.engine.pipelines`); with dense propagation every block runs two-pass. ``blocks``: a
+    :class:`BlockStore` for a model whose blocks are not all in memory (each is entered before it runs and
+    left when it is done; ``read_s`` and ``write_s`` time it).
     """
     methods = [recipe] if isinstance(recipe, Method) else list(recipe)
     check_finite_weights(model)
@@ -78,18 +91,19 @@ def compress(
     try:
         with inference_mode(model):
             plans: Plans = {}
+            store = _Timed(blocks, clock) if blocks is not None else None
             if plan.planners:
                 with clock.section("plan_s"):
-                    plans = _model_plans(runner, plan, progress)
+                    plans = _model_plans(runner, plan, progress, store)
                 report.plans = {methods[i].name: p for i, p in plans.items()}
             if not plan.layer_sequential:
-                _data_free(runner, plan, report, clock, plans, progress)
+                _data_free(runner, plan, report, clock, plans, progress, store)
             else:
-                _layer_sequential(runner, plan, report, clock, plans, progress)
+                _layer_sequential(runner, plan, report, clock, plans, progress, store)
     finally:
         if bounded is not None:
             relax_heap()
-        always = ("capture_s", "forward_s", "stats_s", "compress_s")
+        always = ("capture_s", "forward_s", "stats_s", "compress_s") + (("read_s", "write_s") if blocks else ())
         report.timings = {k: v for k, v in clock.totals.items() if v or k in always}
         report.timings["total_s"] = time.perf_counter() - start
     return report
@@ -99,7 +113,7 @@ def check_finite_weights(model: nn.Module) -> None:
     """Refuse a model whose parameters hold NaN/Inf, naming the first such tensor: the checkpoint is at fault,
     not the calibration data or the method (one min/max pass per tensor)."""
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not all_finite(p.detach()):
+        if p.is_floating_point() and not p.is_meta and not all_finite(p.detach()):  # streamed blocks: on load
             bad = int((~torch.isfinite(p.detach())).sum())
             raise NumericalError(f"the model's weight {name} holds {bad} NaN/Inf value{'s' * (bad != 1)} before "
                                  "any compression: the checkpoint is damaged (or overflowed when cast to a lower "
@@ -118,16 +132,35 @@ def check_finite_inputs(inps: torch.Tensor, block: int) -> None:
                          "load the model in float32, or calibrate on other text")
 
 
+class _Timed:
+    """A BlockStore whose reads and writes are timed (``read_s``, ``write_s``) — and a no-op without one."""
+
+    def __init__(self, store: BlockStore, clock: Stopwatch):
+        self.store, self.clock = store, clock
+
+    def enter(self, index: int) -> None:
+        with self.clock.section("read_s"):
+            self.store.enter(index)
+
+    def leave(self, index: int, final: bool = True) -> None:
+        with self.clock.section("write_s" if final else "read_s"):
+            self.store.leave(index, final)
+
+
 def _data_free(runner: BlockwiseRunner, plan: Plan, report: CompressionReport, clock: Stopwatch, plans: Plans,
-               progress: bool) -> None:
-    for layer_map in tqdm(plan.targets, desc=f"compress {plan.methods[0].name}", disable=not progress):
+               progress: bool, store: _Timed | None = None) -> None:
+    for i, layer_map in enumerate(tqdm(plan.targets, desc=f"compress {plan.methods[0].name}", disable=not progress)):
+        if store is not None:
+            store.enter(i)
         with clock.section("compress_s"):
             report.layers += compress_linears(layer_map, plan.methods, {}, runner.device, plans)
         report.block_pipelines.append("data-free")
+        if store is not None:
+            store.leave(i)
 
 
 def _layer_sequential(runner: BlockwiseRunner, plan: Plan, report: CompressionReport, clock: Stopwatch,
-                      plans: Plans, progress: bool) -> None:
+                      plans: Plans, progress: bool, store: _Timed | None = None) -> None:
     adapter = runner.adapter
     with clock.section("capture_s"):
         inps = runner.capture(plan.ids)
@@ -137,6 +170,8 @@ def _layer_sequential(runner: BlockwiseRunner, plan: Plan, report: CompressionRe
                disable=not progress, unit="block")
     orders: dict[tuple, list[tuple[str, int]]] = {}  # call order per block structure
     for i in bar:
+        if store is not None:
+            store.enter(i)
         layers = plan.targets[i]
         block = adapter.blocks[i]
         check_finite_inputs(inps, i)
@@ -174,10 +209,12 @@ def _layer_sequential(runner: BlockwiseRunner, plan: Plan, report: CompressionRe
             report.block_pipelines.append("two-pass")
         if moved:
             block.to(runner.model_device)
+        if store is not None:
+            store.leave(i)
         release_freed_memory()
 
 
-def _model_plans(runner: BlockwiseRunner, plan: Plan, progress: bool) -> Plans:
+def _model_plans(runner: BlockwiseRunner, plan: Plan, progress: bool, store: _Timed | None = None) -> Plans:
     """One pass over the dense model: each planning method summarises every block's targeted linears from
     their dense weights and input statistics, then plans per-layer overrides from all the summaries."""
     planners = {i: m for i, m in enumerate(plan.methods) if m.plan_statistics}
@@ -187,6 +224,8 @@ def _model_plans(runner: BlockwiseRunner, plan: Plan, progress: bool) -> Plans:
     inps = runner.capture(plan.ids)
     outs = torch.empty_like(inps)
     for i in tqdm(range(len(runner.adapter.blocks)), desc="plan (dense pass)", disable=not progress, unit="block"):
+        if store is not None:
+            store.enter(i)
         layers = plan.targets[i]
         stats = observe(runner, i, layers, keys, inps, outs) if layers else {}
         if not layers:
@@ -198,6 +237,8 @@ def _model_plans(runner: BlockwiseRunner, plan: Plan, progress: bool) -> Plans:
         for st in {id(s): s for s in stats.values()}.values():
             st.release()
         del block
+        if store is not None:
+            store.leave(i, final=False)
         inps, outs = outs, inps
     del inps, outs
     return {position: m.plan(summaries[position], shapes) for position, m in planners.items()}

@@ -136,16 +136,17 @@ def save_model(
 GGUF_GRID_KEYS = ("gguf_d", "gguf_m")  # a gguf-* layer's block scales and minima, kept for a later GGUF export
 
 
-def quant_extras(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def quant_extras(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """The tensors methods keep beside a layer's dense weight (``QuantState.extras["tensors"]``: SpQR's
     outliers and quantized statistics), keyed ``<module>.<name>``. A sub-directory keeps them out of the
     ``*.safetensors`` files that transformers and :func:`inspect_weights` read. A layer on a GGUF block grid
     also keeps its scales and minima (``<module>.gguf_d``/``.gguf_m``, float16 where that is exact), so the
-    directory can be exported to GGUF later without re-rounding anything."""
+    directory can be exported to GGUF later without re-rounding anything. ``prefix``: the name of ``model``
+    within the whole model, when it is a part of one (a streamed block)."""
     from calibrant.methods.quant import quant_state_of
 
     out = {}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(prefix=prefix):
         state = quant_state_of(module)
         for key, tensor in (state.extras.get("tensors") or {}).items() if state is not None else ():
             out[f"{name}.{key}"] = tensor.detach().to("cpu", copy=True).contiguous()  # q/k/v share g_idx

@@ -1,0 +1,55 @@
+"""Compressing a model larger than memory: when to stream it (the run itself: ``calibrant.api``).
+
+``compress_model(..., stream=True)`` (CLI ``--stream``), or automatically when the model would not fit
+(:func:`would_not_fit`), runs the same engine over a :func:`~calibrant.models.lazy.skeleton` whose decoder
+blocks are read from the checkpoint's safetensors files one at a time and written to the output as soon as
+they are compressed (:class:`~calibrant.export.streamed.StreamedBlocks`). The model keeps its checkpoint's
+dtype (bf16 stays bf16 in memory and in the output); every linear is compressed in float32 and written
+back in that dtype. Peak memory is one block's weights plus the calibration activations plus the
+statistics, whatever the depth; ``calibrant.json`` records the dtypes and the peak count of resident
+blocks under ``streamed``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from calibrant.errors import CalibrantError
+
+FIT_SHARE = 0.8  # a model is loaded in memory only when weights + activations stay under this share of free RAM
+_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (``MemAvailable``; total RAM where unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def in_memory_bytes(path: Path, dtype: torch.dtype = torch.float32) -> int:
+    """What loading directory ``path`` in ``dtype`` takes: its weight files' bytes scaled from their dtype."""
+    from calibrant.models.lazy import LazyCheckpoint
+
+    checkpoint = LazyCheckpoint(path)
+    return checkpoint.nbytes() * _BYTES.get(dtype, 4) // _BYTES.get(checkpoint.dtype(), 4)
+
+
+def would_not_fit(path: Path, dtype: torch.dtype = torch.float32) -> tuple[bool, int, int]:
+    """(stream?, bytes the in-memory load needs, bytes available): stream when a ``dtype`` load of the
+    checkpoint's safetensors would exceed FIT_SHARE of the available memory. A checkpoint without
+    safetensors is never streamed (it cannot be read lazily)."""
+    try:
+        need = in_memory_bytes(path, dtype)
+    except CalibrantError:
+        return False, 0, available_memory()
+    free = available_memory()
+    return need > FIT_SHARE * free, need, free

@@ -1,0 +1,197 @@
+"""Models larger than memory: a sharded safetensors checkpoint compressed and evaluated block by block.
+
+Streamed compression must equal in-memory compression bitwise (same dtype), hold at most one decoder block at
+a time, keep the checkpoint's dtype in the output, and leave nothing behind when interrupted; streamed
+perplexity must equal the in-memory one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from safetensors import safe_open
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from calibrant.api import compress_model, evaluate_perplexity
+from calibrant.engine import compress
+from calibrant.errors import CalibrantError
+from calibrant.evaluate.perplexity import perplexity
+from calibrant.evaluate.streamed import streamed_perplexity
+from calibrant.methods import make_recipe
+
+VOCAB = 96
+CALIB = torch.randint(3, VOCAB, (8, 24), generator=torch.Generator().manual_seed(1))
+METHODS = [("wanda", {"sparsity": 0.5}), ("sparsegpt", {"sparsity": 0.5}), ("gptq", {"scheme": "w4g32"}),
+           ("rtn", {"scheme": "w4g32"}), ("awq", {"scheme": "w4g32"}), ("spqr", {}),
+           ("wanda", {"sparsity": 0.5, "sparsity_profile": "owl"})]
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<s>", "</s>", *(f"w{j}" for j in range(VOCAB - 3))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+
+
+def _checkpoint(root: Path, dtype: torch.dtype, tied: bool = True) -> Path:
+    """A 3-block Llama saved in ``dtype`` over several safetensors shards, with a tokenizer."""
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    path = root / f"ckpt-{str(dtype).removeprefix('torch.')}"
+    T.LlamaForCausalLM(cfg).eval().to(dtype).save_pretrained(path, max_shard_size="40KB")
+    _tokenizer().save_pretrained(path)
+    assert len(list(path.glob("*.safetensors"))) > 2
+    return path
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("name, params", METHODS, ids=[f"{m}-{'-'.join(map(str, p.values()))}" for m, p in METHODS])
+def test_streamed_equals_in_memory_fp32(tmp_path, name, params):
+    src = _checkpoint(tmp_path, torch.float32)
+    ram = compress_model(str(src), name, calibration=CALIB, out=tmp_path / "ram", progress=False, stream=False,
+                         **params)
+    streamed = compress_model(str(src), name, calibration=CALIB, out=tmp_path / "streamed", progress=False,
+                              stream=True, **params)
+    a, b = _tensors(tmp_path / "ram"), _tensors(tmp_path / "streamed")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    meta = json.loads((tmp_path / "streamed" / "calibrant.json").read_text())
+    assert meta["streamed"]["peak_resident_blocks"] == 1 and meta["streamed"]["dtype"] == "float32"
+    assert meta["overall_sparsity"] == ram.report.sparsity == streamed.report.sparsity
+    assert {"read_s", "write_s"} <= streamed.report.timings.keys()
+    if (tmp_path / "ram" / "calibrant-extras").exists():  # SpQR's outliers and statistics travel too
+        assert _tensors(tmp_path / "ram" / "calibrant-extras").keys() == \
+            _tensors(tmp_path / "streamed" / "calibrant-extras").keys()
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(back(CALIB[:2]).logits, ram.loaded.model(CALIB[:2]).logits)
+
+
+@pytest.mark.parametrize("name, params", METHODS[:3])
+def test_streamed_bf16_stays_bf16_and_equals_in_memory_bf16(tmp_path, name, params):
+    src = _checkpoint(tmp_path, torch.bfloat16, tied=False)
+    reference = T.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    compress(reference, CALIB, make_recipe(name, **params), progress=False)
+    compress_model(str(src), name, calibration=CALIB, out=tmp_path / "out", progress=False, stream=True, **params)
+    written = _tensors(tmp_path / "out")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    state = reference.state_dict()
+    assert written.keys() == state.keys()
+    assert [k for k in state if not torch.equal(state[k], written[k])] == []
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_interrupted_streamed_run_leaves_nothing(tmp_path, monkeypatch):
+    from calibrant.export import streamed
+
+    src = _checkpoint(tmp_path, torch.float32)
+    original = streamed.StreamedBlocks.leave
+
+    def leave(self, index, final):
+        if index == 1:
+            raise RuntimeError("injected failure in block 1")
+        original(self, index, final)
+
+    monkeypatch.setattr(streamed.StreamedBlocks, "leave", leave)
+    with pytest.raises(RuntimeError, match="injected"):
+        compress_model(str(src), "wanda", sparsity=0.5, calibration=CALIB, out=tmp_path / "out", progress=False,
+                       stream=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]  # no --out, no temporary sibling
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_perplexity_equals_in_memory(tmp_path, dtype):
+    src = _checkpoint(tmp_path, dtype, tied=dtype == torch.float32)
+    ids = torch.randint(0, VOCAB, (1000,), generator=torch.Generator().manual_seed(2))
+    model = T.AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    ram = perplexity(model, ids, seq_len=64, batch_size=4, progress=False)
+    for budget in (64 * 64 * 2 * 4 * 4, 1 << 30):  # several chunks (the model read once per chunk), or one
+        out = streamed_perplexity(src, ids, seq_len=64, batch_size=4, max_activation_bytes=budget, progress=False)
+        assert out.ppl == ram.ppl and out.tokens == ram.tokens
+    assert out.protocol["streamed"]["chunks"] == 2  # 15 full windows, then the tail window on its own
+
+
+def test_streamed_result_is_refused_in_memory_and_evaluates_from_its_directory(tmp_path):
+    src = _checkpoint(tmp_path, torch.float32)
+    result = compress_model(str(src), "wanda", sparsity=0.5, calibration=CALIB, out=tmp_path / "out",
+                            progress=False, stream=True)
+    assert all(p.is_meta for p in result.loaded.model.parameters())  # nothing stays resident
+    with pytest.raises(CalibrantError, match="evaluate its output directory"):
+        evaluate_perplexity(result.loaded, "wiki", progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"out": None}, "needs an output directory"),
+    ({"export_format": "gguf", "scheme": "gguf-q4_0", "method": "rtn"}, "needs the whole model in memory"),
+    ({"calibration": "self:4x16"}, "self-calibration generates text with the whole model"),
+])
+def test_streaming_refusals(tmp_path, kwargs, message):
+    src = _checkpoint(tmp_path, torch.float32)
+    args = {"method": "wanda", "sparsity": 0.5, "calibration": CALIB, "out": tmp_path / "o", **kwargs}
+    if "scheme" in args:
+        args.pop("sparsity")
+    if args["out"] is not None and args.get("export_format") == "gguf":
+        args["out"] = tmp_path / "o.gguf"
+    method = args.pop("method")
+    with pytest.raises(CalibrantError) as e:
+        compress_model(str(src), method, progress=False, stream=True, **args)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.gguf").exists()
+
+
+def test_a_checkpoint_without_safetensors_is_refused_with_the_fix(tmp_path):
+    src = tmp_path / "bin"
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    src.mkdir()
+    model.config.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")  # an old-style checkpoint: no safetensors
+    _tokenizer().save_pretrained(src)
+    with pytest.raises(CalibrantError, match="streaming reads safetensors: convert it once"):
+        compress_model(str(src), "wanda", sparsity=0.5, calibration=CALIB, out=tmp_path / "o", progress=False,
+                       stream=True)
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_streaming_when_the_model_would_not_fit(tmp_path, monkeypatch, capsys):
+    from calibrant import streaming
+
+    src = _checkpoint(tmp_path, torch.float32)
+    monkeypatch.setattr(streaming, "available_memory", lambda: 1000)  # a model of ~200 KB does not fit in 1 KB
+    result = compress_model(str(src), "wanda", sparsity=0.5, calibration=CALIB, out=tmp_path / "o", progress=True)
+    assert result.metadata["streamed"]["peak_resident_blocks"] == 1
+    assert "streaming it block by block" in capsys.readouterr().err
+
+
+def test_cli_streams_and_refuses_what_a_streamed_model_cannot_do(tmp_path, capsys):
+    from calibrant.calibration import CalibrationSet
+    from calibrant.cli import main
+
+    src = _checkpoint(tmp_path, torch.float32)
+    CalibrationSet.from_tensor(CALIB).save(tmp_path / "calib.safetensors")
+    code = main(["compress", "--model", str(src), "--method", "wanda", "--sparsity", "0.5", "--calibration",
+                 str(tmp_path / "calib.safetensors"), "--out", str(tmp_path / "o"), "--stream", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "streamed: float32 weights, at most 1 block(s) in memory at once" in out
+    assert (tmp_path / "o" / "model.safetensors.index.json").is_file()
+    code = main(["eval", "--model", str(tmp_path / "o"), "--tasks", "arc_easy", "--stream", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "zero-shot tasks need the model in memory" in err
+    code = main(["compress", "--model", str(src), "--method", "rtn", "--scheme", "gguf-q4_0", "--format", "gguf",
+                 "--out", str(tmp_path / "o.gguf"), "--stream", "--quiet"])
+    assert code == 2 and "needs the whole model in memory" in capsys.readouterr().err
+    assert not (tmp_path / "o.gguf").exists()
