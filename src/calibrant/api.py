@@ -44,6 +44,7 @@ from calibrant.models.loader import ALIASES, LoadedModel, load_model
 from calibrant.models.structured import load_structured  # noqa: F401 - part of the API (README)
 from calibrant.search import SearchResult, StructuredConfig
 from calibrant.search import search as structured_search
+from calibrant.streaming import activation_budget_bytes
 
 DEFAULT_CALIBRATION = "wiki:128x512"
 
@@ -171,6 +172,7 @@ def compress_model(
     gguf_type: str | None = None,
     chat_template: str | Path | None = None,
     stream: bool | None = None,
+    max_activation_memory: int | str | None = None,
     **method_params: Any,
 ) -> CompressResult:
     """Compress a model end to end; with ``out`` the result is saved as a Hugging Face directory.
@@ -183,7 +185,9 @@ def compress_model(
     the tokenizer takes before chat-formatted calibration (``SOURCE:chat``) is rendered; a saved model
     carries it. ``stream``: read the model block by block from its safetensors and write each compressed
     block to ``out`` at once, for a model larger than memory (:mod:`calibrant.streaming`); None (default)
-    streams when an in-memory load would not fit, False never does.
+    streams when an in-memory load would not fit, False never does. ``max_activation_memory`` (bytes, or a
+    size such as ``"2G"``; default: a quarter of the memory available when the run starts): above it the
+    calibration activations are held in memory-mapped files in the cache directory instead of RAM.
 
     Everything that can be refused (output exists, unknown method, bad sparsity or pattern) is checked
     before the model is loaded, so bad input costs nothing and writes nothing.
@@ -196,6 +200,7 @@ def compress_model(
     elif out is not None:
         check_output(out, overwrite, inputs=(model,))
     device = check_device(device)
+    activation_bytes = activation_budget_bytes(max_activation_memory)
     if isinstance(method, str):
         methods = make_recipe(method, sparsity=sparsity, pattern=pattern, **method_params)
         check_pattern_sparsity(sparsity, pattern)
@@ -208,7 +213,7 @@ def compress_model(
         loaded, report, calib = _compress_streamed(
             model, methods, calibration, seed=seed, out=Path(out), overwrite=overwrite, batch_size=batch_size,
             propagate=propagate, pipeline=pipeline, include=include, exclude=exclude, device=device,
-            progress=progress, chat_template=chat_template)
+            progress=progress, chat_template=chat_template, activation_bytes=activation_bytes)
         return CompressResult(loaded, report, calib, out=Path(out), metadata=read_metadata(out) or {})
     packed = out is not None and export_format == FORMAT_NAME
     if packed:
@@ -227,7 +232,7 @@ def compress_model(
                                 model=loaded, progress=None if progress else False)
     report = compress(
         loaded.model, calib, methods, batch_size=batch_size, device=device, propagate=propagate, pipeline=pipeline,
-        include=include, exclude=exclude, progress=progress,
+        include=include, exclude=exclude, progress=progress, max_activation_bytes=activation_bytes,
     )
     metadata = _metadata(report, loaded.spec, loaded.model_hash)
     result = CompressResult(loaded, report, calib, metadata=metadata)
@@ -262,6 +267,7 @@ def _metadata(report: CompressionReport, spec: str, model_hash: str) -> dict[str
         ],
         "effective_bits": report.effective_bits,
         "timings": report.timings,
+        **({"activations": report.activations} if report.activations else {}),
     }
 
 
@@ -328,7 +334,8 @@ def decide_streaming(model: str | Path | LoadedModel, stream: bool | None, out: 
 def _compress_streamed(model: str | Path, methods: list[Method], calibration: Any, *, seed: int, out: Path,
                        overwrite: bool, batch_size: int, propagate: str, pipeline: str, include: list[str] | None,
                        exclude: list[str] | None, device: torch.device | None, progress: bool,
-                       chat_template: str | Path | None) -> tuple[LoadedModel, CompressionReport, Any]:
+                       chat_template: str | Path | None,
+                       activation_bytes: int | None = None) -> tuple[LoadedModel, CompressionReport, Any]:
     """The streamed run (:mod:`calibrant.streaming`); returns a LoadedModel whose weights are all released."""
     import transformers
 
@@ -359,7 +366,8 @@ def _compress_streamed(model: str | Path, methods: list[Method], calibration: An
         tmp.mkdir(parents=True)
         blocks = StreamedBlocks(skel, materializer, tmp)
         report = compress(skel, calib, methods, batch_size=batch_size, device=device, propagate=propagate,
-                          pipeline=pipeline, include=include, exclude=exclude, progress=progress, blocks=blocks)
+                          pipeline=pipeline, include=include, exclude=exclude, progress=progress, blocks=blocks,
+                          max_activation_bytes=activation_bytes)
         metadata = _metadata(report, str(model), digest)
         metadata["streamed"] = {"dtype": str(dtype).removeprefix("torch."), "compute_dtype": "float32",
                                 "peak_resident_blocks": materializer.peak_blocks,

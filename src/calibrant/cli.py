@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from calibrant.argtypes import add_chat_template_option, positive_int
+from calibrant.argtypes import add_chat_template_option, byte_size, positive_int
 from calibrant.errors import CalibrantError, disk_full
 from calibrant.tables import table
 
@@ -90,7 +90,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         seed=args.seed, out=args.out, overwrite=args.overwrite, batch_size=args.batch_size,
         propagate=args.propagate, pipeline=args.pipeline, include=_csv(args.include), exclude=_csv(args.exclude), device=args.device,
         progress=not args.quiet, export_format=args.export_format, gguf_type=args.gguf_type,
-        chat_template=args.chat_template, stream=args.stream, **params,
+        chat_template=args.chat_template, stream=args.stream, max_activation_memory=args.max_activation_memory,
+        **params,
     )
     rep = result.report
     t = rep.timings
@@ -398,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval", default=None, help="after compressing, perplexity on these corpora (e.g. wiki,news)")
     c.add_argument("--max-eval-tokens", type=positive_int, default=None)
     add_chat_template_option(c)
+    c.add_argument("--max-activation-memory", type=byte_size, default=None, metavar="SIZE",
+                   help="above this size (e.g. 2G) the calibration activations live in memory-mapped files in the "
+                        "cache directory instead of RAM (default: a quarter of the memory available at the start)")
     _add_stream_options(c, "read the model block by block from its safetensors and write each compressed block "
                            "to --out at once (a model larger than memory; the default when the model would not fit "
                            "in memory)")

@@ -19,7 +19,8 @@ import torch
 
 from calibrant.errors import CalibrantError
 
-FIT_SHARE = 0.8  # a model is loaded in memory only when weights + activations stay under this share of free RAM
+FIT_SHARE = 0.8  # a model is loaded in memory only when its weights stay under this share of free RAM
+ACTIVATION_SHARE = 0.25  # the default activation budget: this share of the memory available when a run starts
 _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 
 
@@ -53,3 +54,23 @@ def would_not_fit(path: Path, dtype: torch.dtype = torch.float32) -> tuple[bool,
         return False, 0, available_memory()
     free = available_memory()
     return need > FIT_SHARE * free, need, free
+
+
+def activation_budget_bytes(value: int | str | None) -> int:
+    """The calibration activations' budget in bytes: ``value`` (an int, or a size such as ``"2G"``), or by
+    default ACTIVATION_SHARE of the memory available now."""
+    if value is None:
+        return int(ACTIVATION_SHARE * available_memory())
+    if isinstance(value, str):
+        import argparse
+
+        from calibrant.argtypes import byte_size
+
+        try:
+            return byte_size(value)
+        except argparse.ArgumentTypeError as e:
+            raise CalibrantError(f"max_activation_memory {e}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CalibrantError(f"max_activation_memory must be a positive number of bytes or a size such as '2G', "
+                             f"got {value!r}")
+    return value

@@ -172,7 +172,8 @@ def test_auto_streaming_when_the_model_would_not_fit(tmp_path, monkeypatch, caps
 
     src = _checkpoint(tmp_path, torch.float32)
     monkeypatch.setattr(streaming, "available_memory", lambda: 1000)  # a model of ~200 KB does not fit in 1 KB
-    result = compress_model(str(src), "wanda", sparsity=0.5, calibration=CALIB, out=tmp_path / "o", progress=True)
+    result = compress_model(str(src), "wanda", sparsity=0.5, calibration=CALIB, out=tmp_path / "o", progress=True,
+                            max_activation_memory="1G")
     assert result.metadata["streamed"]["peak_resident_blocks"] == 1
     assert "streaming it block by block" in capsys.readouterr().err
 
@@ -195,3 +196,33 @@ def test_cli_streams_and_refuses_what_a_streamed_model_cannot_do(tmp_path, capsy
                  "--out", str(tmp_path / "o.gguf"), "--stream", "--quiet"])
     assert code == 2 and "needs the whole model in memory" in capsys.readouterr().err
     assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("name, params", [METHODS[0], METHODS[2], METHODS[4]])  # two-/one-pass, block-level
+def test_activations_spill_to_disk_under_a_small_budget_with_identical_results(tmp_path, name, params, monkeypatch):
+    import os
+
+    mapped = []
+    from_file = torch.from_file
+    monkeypatch.setattr(torch, "from_file", lambda *a, **k: mapped.append(a[0]) or from_file(*a, **k))
+    src = _checkpoint(tmp_path, torch.float32)
+    kept = compress_model(str(src), name, calibration=CALIB, out=tmp_path / "ram", progress=False, stream=True,
+                          batch_size=4, **params)
+    assert kept.report.activations["spilled"] is False and not mapped
+    one_batch = 8 * 24 * 64 * 4
+    spilled = compress_model(str(src), name, calibration=CALIB, out=tmp_path / "spill", progress=False, stream=True,
+                             max_activation_memory=one_batch, batch_size=4, **params)
+    act = spilled.report.activations
+    assert act["spilled"] is True and act["bytes"] > act["budget"] == one_batch
+    assert mapped  # the [n, L, hidden] buffers really were files in the spill directory
+    assert os.listdir(act["spill_dir"]) == []  # the buffers' files are unlinked as soon as they are mapped
+    a, b = _tensors(tmp_path / "ram"), _tensors(tmp_path / "spill")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_a_budget_under_one_batch_is_refused_before_any_work(tmp_path):
+    src = _checkpoint(tmp_path, torch.float32)
+    with pytest.raises(CalibrantError, match="smaller than one batch of activations"):
+        compress_model(str(src), "wanda", sparsity=0.5, calibration=CALIB, out=tmp_path / "o", progress=False,
+                       stream=True, max_activation_memory="1k")
+    assert not (tmp_path / "o").exists()

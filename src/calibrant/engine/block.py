@@ -41,7 +41,7 @@ class BlockContext:
     def run(self, rows: slice | None = None) -> torch.Tensor:
         """The block's outputs for ``inputs[rows]`` (all rows by default), in a new tensor."""
         x = self.inputs if rows is None else self.inputs[rows]
-        out = torch.empty_like(x)
+        out = self._runner.empty(tuple(x.shape), x.dtype)
         self._runner.run_block(self.index, x, out)
         return out
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from calibrant.cache import cache_dir, check_space, human_bytes
 from calibrant.engine.block import BlockContext
 from calibrant.engine.pipelines import (
     Plans,
@@ -31,7 +32,7 @@ from calibrant.engine.plan import Plan, make_plan
 from calibrant.engine.report import CompressionReport
 from calibrant.engine.runner import BlockwiseRunner
 from calibrant.engine.stopwatch import Stopwatch
-from calibrant.errors import NumericalError
+from calibrant.errors import CalibrantError, NumericalError
 from calibrant.heap import bound_heap, relax_heap, release_freed_memory
 from calibrant.methods.base import Method
 from calibrant.methods.stats import LayerStats, all_finite
@@ -63,6 +64,7 @@ def compress(
     progress: bool = True,
     pipeline: str = "one-pass",
     blocks: BlockStore | None = None,
+    max_activation_bytes: int | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place, block by block, and return what was done.
 
@@ -74,7 +76,10 @@ def compress(
     block forward per block. ``pipeline``: ``"one-pass"`` or ``"two-pass"`` (see
     :mod:`calibrant.engine.pipelines`); with dense propagation every block runs two-pass. ``blocks``: a
     :class:`BlockStore` for a model whose blocks are not all in memory (each is entered before it runs and
-    left when it is done; ``read_s`` and ``write_s`` time it).
+    left when it is done; ``read_s`` and ``write_s`` time it). ``max_activation_bytes``: when the calibration
+    activations (two ``[n, L, hidden]`` buffers in the model's dtype, three for block-level methods) exceed
+    it, they live in memory-mapped files under ``$CALIBRANT_CACHE/spill`` instead (removed as they are
+    freed); a budget under one batch's activations is refused.
     """
     methods = [recipe] if isinstance(recipe, Method) else list(recipe)
     check_finite_weights(model)
@@ -85,6 +90,8 @@ def compress(
         runner.token_mask = plan.token_mask.to(runner.device)
     report = CompressionReport([{"method": m.name, **m.params()} for m in methods], plan.calibration, propagate,
                                fallbacks=dict(plan.fallbacks))
+    if plan.layer_sequential and plan.ids is not None:
+        report.activations = activation_budget(runner, plan, max_activation_bytes)
     clock = Stopwatch(*TIMINGS)
     bounded = bound_heap()  # for the compression only: see calibrant.heap
     start = time.perf_counter()
@@ -107,6 +114,31 @@ def compress(
         report.timings = {k: v for k, v in clock.totals.items() if v or k in always}
         report.timings["total_s"] = time.perf_counter() - start
     return report
+
+
+def activation_budget(runner: BlockwiseRunner, plan: Plan, budget: int | None) -> dict[str, Any]:
+    """The calibration activations' size; spill them to disk (``runner.spill_dir``) when over ``budget``,
+    refuse a budget under one batch (both before any forward)."""
+    assert plan.ids is not None
+    cfg = runner.model.config
+    hidden = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0)
+    dtype = next(p for p in runner.model.parameters() if not p.is_meta).dtype
+    row = plan.ids.shape[1] * hidden * dtype.itemsize
+    need = (3 if plan.block_methods else 2) * plan.ids.shape[0] * row
+    out = {"bytes": need, "budget": budget, "spilled": False}
+    if budget is None or need <= budget:
+        return out
+    one_batch = min(runner.batch_size, plan.ids.shape[0]) * row
+    if budget < one_batch:
+        raise CalibrantError(f"the activation budget {human_bytes(budget)} (--max-activation-memory) is smaller than "
+                             f"one batch of activations, {human_bytes(one_batch)} ({runner.batch_size} x "
+                             f"{plan.ids.shape[1]} tokens x {hidden}); raise it or lower --batch-size")
+    if runner.device.type != "cpu":
+        return out  # a GPU's buffers are not spilled: the budget only bounds host memory
+    runner.spill_dir = cache_dir("spill")
+    check_space(runner.spill_dir / "activations", need, "the activation spill", fix="free space under "
+                f"{runner.spill_dir.parent} (CALIBRANT_CACHE) or raise --max-activation-memory")
+    return {**out, "spilled": True, "spill_dir": str(runner.spill_dir)}
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -194,7 +226,7 @@ def _layer_sequential(runner: BlockwiseRunner, plan: Plan, report: CompressionRe
             report.block_pipelines.append("one-pass")
         else:
             if outs is None:
-                outs = torch.empty_like(inps)
+                outs = runner.empty(tuple(inps.shape), inps.dtype)
             stats: dict[str, LayerStats] = {}
             if stats_keys and layers:
                 stats = observe(runner, i, layers, stats_keys, inps, outs if plan.propagate == "dense" else None,
@@ -222,7 +254,7 @@ def _model_plans(runner: BlockwiseRunner, plan: Plan, progress: bool, store: _Ti
     summaries: dict[int, dict[str, Any]] = {i: {} for i in planners}
     shapes: dict[str, tuple[int, int]] = {}
     inps = runner.capture(plan.ids)
-    outs = torch.empty_like(inps)
+    outs = runner.empty(tuple(inps.shape), inps.dtype)
     for i in tqdm(range(len(runner.adapter.blocks)), desc="plan (dense pass)", disable=not progress, unit="block"):
         if store is not None:
             store.enter(i)

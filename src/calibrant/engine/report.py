@@ -26,6 +26,7 @@ class CompressionReport:
     block_pipelines: list[str] = field(default_factory=list)  # the pipeline each block ran
     plans: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # method → layer → overrides
     fallbacks: dict[str, str] = field(default_factory=dict)  # layers the recipe left as they are, and why
+    activations: dict[str, Any] = field(default_factory=dict)  # the [n, L, hidden] buffers: bytes, budget, spilled
 
     @property
     def pipeline(self) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,11 +51,27 @@ class BlockwiseRunner:
     def __init__(self, model: nn.Module, device: torch.device | str | None = None, batch_size: int = 8):
         self.model = model
         self.adapter = Adapter(model)
-        self.model_device = next(model.parameters()).device
+        self.model_device = next(p for p in model.parameters() if not p.is_meta).device
         self.device = torch.device(device) if device is not None else self.model_device
         self.batch_size = max(1, int(batch_size))
         self.token_mask: torch.Tensor | None = None  # [n, L] bool: the tokens the statistics count (None: all)
         self.block_kwargs: list[dict[int, tuple[tuple, dict]]] = []
+        self.spill_dir: Path | None = None  # set: [n, L, hidden] buffers on the CPU live in files there
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised activation buffer on the runner's device; with :attr:`spill_dir` (CPU only) it is
+        a memory-mapped file there, unlinked at once, so the kernel pages it out as needed and nothing is
+        left on disk when the buffer is freed or the process dies."""
+        if self.spill_dir is None or self.device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="activations.", suffix=".bin", dir=self.spill_dir)
+        os.close(fd)
+        try:
+            buffer = torch.from_file(name, shared=True, size=math.prod(shape), dtype=dtype)
+        finally:
+            os.unlink(name)
+        return buffer.view(shape)
 
     def mask_for(self, span: tuple[int, int]) -> torch.Tensor | None:
         """The token mask of the calibration rows ``span`` (None: every token counts)."""
@@ -75,7 +95,7 @@ class BlockwiseRunner:
                 self.block_kwargs[index][size] = _to_device((args, kwargs), self.device)
             if index == 0:
                 if not first:
-                    first.append(torch.empty((n, *hidden.shape[1:]), dtype=hidden.dtype, device=self.device))
+                    first.append(self.empty((n, *hidden.shape[1:]), hidden.dtype))
                 first[0][row[0] : row[0] + size] = hidden
                 row[0] += size
 
