@@ -360,6 +360,12 @@ def _compress_streamed(model: str | Path, methods: list[Method], calibration: An
     skel = skeleton(path, dtype)
     calib = resolve_calibration(calibration, tokenizer, seed, context_length_of(skel),
                                 progress=None if progress else False)
+    if calib is not None:
+        from calibrant.streaming import block_memory, check_block_fits
+
+        stats = {k for m in methods for k in m.statistics}
+        rows = calib.n * calib.seq_len * int(getattr(skel.config, "hidden_size", 0)) * dtype.itemsize
+        check_block_fits(block_memory(skel, dtype, stats, min(3 * rows, activation_bytes or 3 * rows)))
     digest = model_dir_hash(path)
     materializer = Materializer(skel, checkpoint, device="cpu")
     with disk_errors(str(out), human_bytes(checkpoint.nbytes())), atomic_path(out, overwrite=overwrite) as tmp:

@@ -48,11 +48,17 @@ def would_not_fit(path: Path, dtype: torch.dtype = torch.float32) -> tuple[bool,
     """(stream?, bytes the in-memory load needs, bytes available): stream when a ``dtype`` load of the
     checkpoint's safetensors would exceed FIT_SHARE of the available memory. A checkpoint without
     safetensors is never streamed (it cannot be read lazily)."""
+    free = available_memory()
     try:
         need = in_memory_bytes(path, dtype)
-    except CalibrantError:
-        return False, 0, available_memory()
-    free = available_memory()
+    except CalibrantError as exc:  # no safetensors: it loads in memory if it fits, else the fix is said
+        from calibrant.cache import human_bytes
+
+        bins = sum(f.stat().st_size for f in Path(path).glob("pytorch_model*.bin"))
+        if bins * _BYTES.get(dtype, 4) // 2 > FIT_SHARE * free:  # .bin checkpoints are mostly 16-bit
+            raise CalibrantError(f"the model needs about {human_bytes(bins * 2)} in memory and "
+                                 f"{human_bytes(free)} is available, and {exc}") from None
+        return False, bins, free
     return need > FIT_SHARE * free, need, free
 
 
@@ -74,3 +80,38 @@ def activation_budget_bytes(value: int | str | None) -> int:
         raise CalibrantError(f"max_activation_memory must be a positive number of bytes or a size such as '2G', "
                              f"got {value!r}")
     return value
+
+
+def block_memory(model: torch.nn.Module, checkpoint_dtype: torch.dtype, statistics: set[str],
+                 activation_bytes: int) -> dict[str, int]:
+    """Bytes a streamed compression holds at its peak, by part: one decoder block's weights in the
+    checkpoint's dtype plus a float32 working copy of its largest linear; the embeddings, final norm and
+    head (resident throughout); the input statistics (``XᵀX`` of every distinct input width, three times
+    for the solver's factorisations, when a method needs the Hessian; ``[in]`` vectors otherwise); and the
+    activation buffers held in memory (at most ``activation_bytes``)."""
+    from calibrant.models.adapter import Adapter, weight_of
+
+    adapter = Adapter(model)
+    block = adapter.blocks[0]
+    item = torch.finfo(checkpoint_dtype).bits // 8
+    weights = sum(p.numel() for p in block.parameters()) * item
+    linears = adapter.block_linears(0).values()
+    largest = max((weight_of(m).numel() for m in linears), default=0) * 4
+    rest = sum(p.numel() for p in model.parameters()) * item - weights * len(adapter.blocks)
+    widths = {weight_of(m).shape[1] for m in linears}
+    stats = sum(3 * w * w * 4 if "hessian" in statistics else 2 * w * 4 for w in widths) if statistics else 0
+    return {"block weights": weights + largest, "embeddings and head": max(rest, 0), "statistics": stats,
+            "activations": activation_bytes}
+
+
+def check_block_fits(parts: dict[str, int], free: int | None = None) -> None:
+    """Refuse, before any work, a streamed run whose peak (:func:`block_memory`) exceeds the memory available."""
+    from calibrant.cache import human_bytes
+
+    free = available_memory() if free is None else free
+    total = sum(parts.values())
+    if total > free:
+        detail = ", ".join(f"{k} {human_bytes(v)}" for k, v in parts.items())
+        raise CalibrantError(f"one block of this model does not fit in memory even streamed: it needs about "
+                             f"{human_bytes(total)} ({detail}) and {human_bytes(free)} is available; lower "
+                             "--max-activation-memory or --batch-size, or use a machine with more memory")

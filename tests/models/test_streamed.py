@@ -171,9 +171,8 @@ def test_auto_streaming_when_the_model_would_not_fit(tmp_path, monkeypatch, caps
     from calibrant import streaming
 
     src = _checkpoint(tmp_path, torch.float32)
-    monkeypatch.setattr(streaming, "available_memory", lambda: 1000)  # a model of ~200 KB does not fit in 1 KB
-    result = compress_model(str(src), "wanda", sparsity=0.5, calibration=CALIB, out=tmp_path / "o", progress=True,
-                            max_activation_memory="1G")
+    monkeypatch.setattr(streaming, "in_memory_bytes", lambda *a: 10**15)  # as if it took a petabyte in memory
+    result = compress_model(str(src), "wanda", sparsity=0.5, calibration=CALIB, out=tmp_path / "o", progress=True)
     assert result.metadata["streamed"]["peak_resident_blocks"] == 1
     assert "streaming it block by block" in capsys.readouterr().err
 
@@ -226,3 +225,36 @@ def test_a_budget_under_one_batch_is_refused_before_any_work(tmp_path):
         compress_model(str(src), "wanda", sparsity=0.5, calibration=CALIB, out=tmp_path / "o", progress=False,
                        stream=True, max_activation_memory="1k")
     assert not (tmp_path / "o").exists()
+
+
+def test_block_memory_counts_the_parts_and_a_block_that_cannot_fit_is_refused(tmp_path, monkeypatch):
+    from calibrant import streaming
+    from calibrant.models.lazy import skeleton
+
+    src = _checkpoint(tmp_path, torch.bfloat16)
+    parts = streaming.block_memory(skeleton(src, torch.bfloat16), torch.bfloat16, {"hessian"}, 1000)
+    block = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3 + 64 * 2)  # q, o, k, v, gate, up, down, two norms in bf16
+    assert parts == {"block weights": block + 4 * 128 * 64, "embeddings and head": 2 * (VOCAB * 64 + 64),
+                     "statistics": 3 * 4 * (64 * 64 + 128 * 128), "activations": 1000}
+    assert streaming.block_memory(skeleton(src, torch.bfloat16), torch.bfloat16, {"sq_norms"}, 0)["statistics"] == \
+        2 * 4 * (64 + 128)
+    monkeypatch.setattr(streaming, "available_memory", lambda: 100_000)
+    with pytest.raises(CalibrantError, match=r"does not fit in memory even streamed: it needs about .* statistics"):
+        compress_model(str(src), "gptq", scheme="w4g32", calibration=CALIB, out=tmp_path / "o", progress=False,
+                       stream=True, max_activation_memory="1G")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bin_checkpoint_too_big_for_memory_is_refused_with_the_conversion(tmp_path, monkeypatch):
+    from calibrant import streaming
+
+    src = tmp_path / "bin"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"\0" * 10_000)
+    monkeypatch.setattr(streaming, "available_memory", lambda: 1000)
+    with pytest.raises(CalibrantError, match="is available, and .* has only PyTorch pytorch_model.bin; streaming "
+                                             "reads safetensors: convert it once"):
+        streaming.would_not_fit(src)
+    monkeypatch.setattr(streaming, "available_memory", lambda: 10**9)
+    assert streaming.would_not_fit(src)[0] is False  # it fits: loaded in memory as before
