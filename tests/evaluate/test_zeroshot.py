@@ -447,3 +447,16 @@ def test_items_of_every_output_type():
     assert ll[0]["pred"] is True and ll[0]["lls"] == [-4.0]
     rolling = zs_scorer._items([{"doc_id": 0, "target": "", "filtered_resps": [-123.5]}], "loglikelihood_rolling")
     assert rolling[0]["lls"] == [-123.5] and "pred" not in rolling[0]
+
+
+def test_no_git_noise_outside_a_repository(synthetic_store, model, tok, tmp_path, monkeypatch, capfd):
+    """lm-eval asks git for the working directory's commit; outside a repository git would print 'fatal: not a
+    git repository' on every task. calibrant skips that question (it records its own version)."""
+    import lm_eval.evaluator
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    asked = lm_eval.evaluator.get_git_commit_hash
+    evaluate_tasks(model, tok, ["piqa"], limit=2, progress=False)
+    assert "not a git repository" not in capfd.readouterr().err
+    assert lm_eval.evaluator.get_git_commit_hash is asked  # restored afterwards

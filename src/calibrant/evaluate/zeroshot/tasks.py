@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,9 +235,20 @@ def members_of(name: str) -> tuple[str, ...]:
 # Validation (cheap: before any model is loaded)
 
 
-def quiet_lm_eval() -> contextlib.AbstractContextManager[None]:
-    """lm-eval logs at INFO/WARNING about things calibrant reports itself; keep it to errors."""
-    return quiet_loggers("lm_eval", "lm-eval")
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """lm-eval logs at INFO/WARNING about things calibrant reports itself; keep it to errors. It also asks
+    ``git describe`` for the working directory's commit (not calibrant's; calibrant records its own version),
+    and git prints ``fatal: not a git repository`` outside one: that question is skipped while inside."""
+    import lm_eval.evaluator as evaluator
+
+    asked = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        with quiet_loggers("lm_eval", "lm-eval"):
+            yield
+    finally:
+        evaluator.get_git_commit_hash = asked
 
 
 @functools.cache
