@@ -273,3 +273,13 @@ def test_assistant_masks_are_cached_beside_the_ids(dialogue, monkeypatch):
     assert again.token_mask.equal(first.token_mask) and again.hash == first.hash
     with pytest.raises(AssertionError, match="recomputed"):  # another template is other content: not served
         make_calibration("dialogue:chat:assistant-only:6x16", _tok(TEMPLATE + " "), seed=4)
+
+
+def test_inspect_names_a_self_chat_set_and_a_selections_time(chat_model):
+    from calibrant.calibration import inspect_calibration
+
+    tok, model = chat_model
+    rows = dict(inspect_calibration(make_calibration("self:chat:assistant-only:batch=3:3x24", tok, seed=0,
+                                                     model=model)).rows())
+    assert "3 answers to templated prompts (first user turns of dialogue)" in rows["format"]
+    assert rows["token mask"].startswith("generated (assistant) tokens: statistics count")

@@ -51,15 +51,19 @@ class CalibrationDiagnostics:
         out = [["source", f"{self.source} ({self.sampling})"], ["shape", f"{self.n} x {self.seq_len}"],
                ["hash", self.hash]]
         if self.provenance.get("format") == "chat":
-            out.append(["format", f"chat template (sha256 {self.provenance.get('chat_template_sha256')}), "
-                                  f"{self.provenance.get('conversations')} conversations"])
+            prompts = self.provenance.get("prompts")
+            what = (f"{self.n} answers to templated prompts ({prompts['prompt']}s of {prompts['source']})" if prompts
+                    else f"{self.provenance.get('conversations')} conversations")
+            out.append(["format", f"chat template (sha256 {self.provenance.get('chat_template_sha256')}), {what}"])
         masked = self.provenance.get("token_mask")
         if masked:
             out.append(["token mask", f"{masked['kind']}: statistics count {masked['share']:.1%} of the tokens"])
         sel = self.provenance.get("selection")
         if sel:
+            timing = self.provenance.get("selection_timing") or {}
+            took = f"; pool drawn in {timing['pool_s']:.2f}s, selected in {timing['select_s']:.2f}s" if timing else ""
             out.append(["selection", f"{sel['strategy']}: {self.n} of {sel['pool']}·n pool rows ({sel['pool_spec']}, "
-                                     f"hash {sel['pool_hash']})"])
+                                     f"hash {sel['pool_hash']}){took}"])
         for c in self.provenance.get("components") or []:  # a mixture: each part with its rows and own hash
             out.append([f"  component {c['spec']}", f"{c['n']} rows (weight {c['weight']:g}), seed {c['seed']}, "
                                                    f"hash {c['hash']}"])
