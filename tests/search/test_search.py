@@ -120,7 +120,7 @@ def test_search_end_to_end_writes_pairs_and_a_reloadable_model(tmp_path, monkeyp
     assert res.uniform is not None and res.best.nll <= res.uniform.nll
     db = sqlite3.connect(out / "pairs.sqlite")
     n, origins = db.execute("SELECT count(*), group_concat(DISTINCT origin) FROM pairs").fetchone()
-    assert n == len(res.pairs) + 1 and {"dense", "uniform", "random", "search", "heldout"} <= set(origins.split(","))
+    assert n == len(res.pairs) + 1 and {"dense", "uniform", "random", "predicted", "heldout"} <= set(origins.split(","))
     assert json.loads(db.execute("SELECT features FROM pairs LIMIT 1").fetchone()[0])
     summary = json.loads((out / "search.json").read_text())
     assert summary["best"]["kept_fraction"] <= 0.7 and summary["cv"]["n"] >= 16
@@ -150,7 +150,8 @@ def model_dirs(tmp_path_factory):
         (["--keep", "0.5,1.2", "--score", "magnitude"], r"in (0, 1]"),
         (["--keep", "half"], "HEADS,MLP"),
         (["--model", "{gpt2}", "--score", "magnitude"], "supported families: llama, mistral, qwen2, qwen3"),
-        (["--samples", "2"], "at least 8"),
+        (["--samples", "2"], "at least 10 measured configurations"),
+        (["--samples", "16", "--max-samples", "12"], "--max-samples 12 is below --samples 16"),
     ],
 )
 def test_cli_bad_input_one_line_exit_2(model_dirs, tmp_path, capsys, args, message):
@@ -173,3 +174,146 @@ def test_cli_keep_prunes_and_saves(model_dirs, tmp_path, capsys):
     plain = T.AutoModelForCausalLM.from_pretrained(out)  # uniform shapes: a stock llama directory
     assert plain.config.model_type == "llama" and plain.config.num_key_value_heads == 2
     assert plain.model.layers[0].mlp.down_proj.in_features == 48
+
+
+# ---- rounds, stopping rule, baselines, monotone constraints (issue 17) ---------------------------------------
+
+def _proxy_search(monkeypatch, **kwargs):
+    """search_structured on a tiny 4-block llama with a synthetic proxy stream."""
+    from calibrant.models.loader import LoadedModel
+
+    stream = torch.randint(3, 96, (6000,), generator=torch.Generator().manual_seed(0))
+    import calibrant.search.search
+
+    monkeypatch.setattr(calibrant.search.search, "heldout_token_ids",
+                        lambda name, tok, progress=None: (stream, {"checksum": "synthetic"}))
+    loaded = LoadedModel(gqa_model("llama", layers=kwargs.pop("layers", 4)), word_tokenizer(), "tiny", None,
+                         "0123456789abcdef")
+    args = {"proxy_tokens": 256, "seq_len": 64, "quantum": 16, "population": 12, "generations": 4,
+            "progress": False, **kwargs}
+    return search_structured(loaded, CalibrationSet.from_tensor(tokens(8, 32)), args.pop("budget", 0.7),
+                             args.pop("samples", 12), **args)
+
+
+def test_rounds_add_exactly_the_measured_top_k_with_their_round(monkeypatch, tmp_path):
+    res = _proxy_search(monkeypatch, rounds=3, top_k=3, patience=99, out=tmp_path / "s")
+    by_round = {}
+    for p in res.pairs:
+        by_round.setdefault(p.round, []).append(p)
+    assert sorted(by_round) == [0, 1, 2, 3]
+    assert [len(by_round[r]) for r in (1, 2, 3)] == [3, 3, 3]
+    assert all(p.origin == "predicted" for r in (1, 2, 3) for p in by_round[r])
+    assert [h["round"] for h in res.extra["rounds"]] == [1, 2, 3] and res.extra["stopped"] == "rounds"
+    db = sqlite3.connect(tmp_path / "s" / "pairs.sqlite")
+    assert db.execute("SELECT round, count(*) FROM pairs WHERE origin = 'predicted' GROUP BY round").fetchall() == \
+        [(1, 3), (2, 3), (3, 3)]
+    assert res.extra["winner"] == {"origin": res.best.origin, "round": res.best.round}
+
+
+def test_the_stopping_rule_stops_and_max_samples_bounds_the_cost(monkeypatch):
+    res = _proxy_search(monkeypatch, rounds=5, top_k=2, min_improvement=100.0)  # nothing improves by 100 nats
+    assert res.extra["stopped"] == "no improvement" and len(res.extra["rounds"]) == 1
+    assert not res.extra["rounds"][0]["improved"]
+    capped = _proxy_search(monkeypatch, rounds=10, top_k=4, patience=99, max_samples=18)
+    assert capped.extra["measured"] == 18 and capped.extra["stopped"] == "max_samples"
+
+
+@pytest.mark.parametrize("strategy, origin", [("random", "random"), ("evolution", "evolved")])
+def test_baselines_measure_as_many_configurations_within_the_budget(monkeypatch, strategy, origin):
+    res = _proxy_search(monkeypatch, strategy=strategy, max_samples=20)
+    space = SearchSpace(ModelShape.of(gqa_model("llama", layers=4)), quantum=16)
+    assert res.extra["measured"] == 20 and all(space.within(p.config, 0.7) for p in res.pairs)
+    assert sum(p.origin == origin and p.round >= 1 for p in res.pairs) == 8  # 20 − the 12 of the initial sample
+    assert res.best.nll == min(p.nll for p in res.pairs)
+
+
+def test_an_exact_predictor_finds_the_brute_force_optimum(monkeypatch):
+    """With a test double that predicts the true proxy loss, the rounds must find the best configuration of a
+    small space (729 configurations, of which the search's candidates are those that spend the budget), found
+    here by measuring every one; the initial sample alone does not hold it."""
+    import copy
+    import itertools
+
+    import calibrant.search.search as search_mod
+    from calibrant.evaluate.perplexity import perplexity
+
+    stream = torch.randint(3, 96, (6000,), generator=torch.Generator().manual_seed(0))
+    proxy = stream[-256:]
+    base = gqa_model("llama", layers=3)
+    shape = ModelShape.of(base)
+    space = SearchSpace(shape, quantum=32)  # per block 3 KV groups x 3 channel levels
+    imp = compute_importance(base, tokens(8, 32), "wanda", progress=False, cache=False)
+    pruner = StructuredPruner(copy.deepcopy(base), imp)
+    known: dict = {}
+
+    def true_nll(cfg):
+        if cfg not in known:
+            pruner.apply(cfg)
+            known[cfg] = perplexity(pruner.model, proxy, seq_len=64, batch_size=4, progress=False).nll
+        return known[cfg]
+
+    budget = 0.7
+    every = [StructuredConfig(g, c, (False,) * 3) for g in itertools.product((1, 2, 3), repeat=3)
+             for c in itertools.product((32, 64, 96), repeat=3)]
+
+    def grown(cfg):  # every configuration one step larger
+        for b in range(3):
+            if cfg.kv_groups[b] < 3:
+                yield StructuredConfig(tuple(g + (i == b) for i, g in enumerate(cfg.kv_groups)), cfg.mlp_channels,
+                                       cfg.removed)
+            if cfg.mlp_channels[b] < 96:
+                yield StructuredConfig(cfg.kv_groups, tuple(c + 32 * (i == b) for i, c in enumerate(cfg.mlp_channels)),
+                                       cfg.removed)
+
+    # the search spends the budget: its candidates are the configurations under it that no step can grow
+    feasible = [c for c in every if space.within(c, budget) and not any(space.within(g, budget) for g in grown(c))]
+    assert len(feasible) > 40
+    optimum = min(feasible, key=true_nll)
+
+    class Exact:  # decodes the configuration from its keep-ratio features and measures it
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self, X, y):
+            return self
+
+        def all(self, X):
+            n = shape.n_blocks
+            cfgs = [StructuredConfig(tuple(int(round(h * shape.n_kv)) for h in row[:n]),
+                                     tuple(int(round(m * shape.intermediate)) for m in row[n:2 * n]), (False,) * n)
+                    for row in X]
+            return np.array([[true_nll(c) for c in cfgs]])
+
+        def predict(self, X):
+            return self.all(X)[0]
+
+    monkeypatch.setattr(search_mod, "Ensemble", Exact)
+    res = _proxy_search(monkeypatch, layers=3, quantum=32, budget=budget, samples=10, rounds=2, top_k=3,
+                        patience=99)
+    assert optimum not in {p.config for p in res.pairs if p.round == 0}
+    assert res.best.config == optimum and res.best.origin == "predicted"
+
+
+def test_monotone_constraints_hold_on_the_fitted_predictor():
+    space = SearchSpace(SYNTH, quantum=32)
+    rng = np.random.default_rng(5)
+    configs, y, _ = _synthetic(space, rng, 150)
+    y = y + rng.normal(0, 0.3, len(y))  # noisy enough that an unconstrained fit is not monotone everywhere
+    feat = Featurizer(space)
+    model = Predictor("lightgbm", 0, feat.monotone).fit(feat(configs), y)
+    for cfg in configs[:40]:
+        for b in range(SYNTH.n_blocks):
+            if cfg.kv_groups[b] < SYNTH.n_kv:
+                more = StructuredConfig(tuple(g + (i == b) for i, g in enumerate(cfg.kv_groups)), cfg.mlp_channels,
+                                        cfg.removed)
+                assert model.predict(feat([more]))[0] <= model.predict(feat([cfg]))[0] + 1e-9
+    assert len(feat.monotone) == feat(configs[:1]).shape[1]
+
+
+def test_rounds_below_one_are_refused(model_dirs, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "search", "--model", model_dirs / "llama", "--rounds", "0", "--quiet")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--rounds: must be a positive integer, got 0" in err
+    with pytest.raises(CalibrantError, match="--rounds and --top-k must be at least 1"):
+        search_structured(None, None, 0.8, 16, rounds=0)

@@ -42,6 +42,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         out=args.out, overwrite=args.overwrite, proxy_corpus=args.proxy_corpus, proxy_tokens=args.proxy_tokens,
         quantum=args.quantum, allow_removal=args.allow_removal, predictor=args.predictor, rounds=args.rounds,
         top_k=args.top_k, heldout_samples=args.heldout, batch_size=args.batch_size, progress=not args.quiet,
+        strategy=args.strategy, max_samples=args.max_samples, min_improvement=args.min_improvement,
     )
     rows: list[list[Any]] = []
     for label, p in (("dense", res.dense), ("uniform (best)", res.uniform), ("searched", res.best)):
@@ -52,6 +53,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     ho = f"; held-out configurations ρ {res.heldout.spearman:.3f}" if res.heldout else ""
     print(f"predictor ({args.predictor}): {cv.n} pairs, K-fold Spearman ρ {cv.spearman:.3f}, MAE(log ppl) "
           f"{cv.mae:.4f}{ho}")
+    rounds = res.extra.get("rounds") or []
+    print(f"{args.strategy}: {res.extra['measured']} configurations measured"
+          + (f" over {len(rounds)} round(s), stopped by {res.extra['stopped']}" if rounds else "")
+          + f"; the winner came from {res.best.origin} (round {res.best.round})")
     p = res.params
     print(f"parameters: {p['dense_total']:,} → {p['pruned_total']:,} (blocks {p['dense_blocks']:,} → "
           f"{p['pruned_blocks']:,})")
@@ -82,8 +87,17 @@ def add_search_parser(sub: Any) -> None:
     s.add_argument("--quantum", type=positive_int, default=64, help="MLP channels are kept in multiples of this")
     s.add_argument("--allow-removal", action="store_true", help="let the search remove whole blocks")
     s.add_argument("--predictor", choices=["lightgbm", "forest"], default="lightgbm")
-    s.add_argument("--rounds", type=positive_int, default=1, help="search rounds; each refits on the re-evaluated top-k")
+    s.add_argument("--rounds", type=positive_int, default=8,
+                   help="at most this many search rounds; each refits the predictor on everything measured, searches "
+                        "and measures its top-k (8)")
     s.add_argument("--top-k", type=positive_int, default=6, help="predicted-best configurations measured for real per round")
+    s.add_argument("--min-improvement", type=float, default=0.001,
+                   help="stop when a round improves the best measured proxy loss by no more than this (nats; 0.001)")
+    s.add_argument("--max-samples", type=positive_int, default=None,
+                   help="measured configurations in all, the initial sample included (default samples + rounds x top-k)")
+    s.add_argument("--strategy", choices=["predictor", "random", "evolution"], default="predictor",
+                   help="predictor (default), or a baseline at equal measured cost: random (best of random "
+                        "configurations) or evolution (scored by measurement)")
     s.add_argument("--heldout", type=int, default=0, help="extra random configurations to test the predictor on")
     s.add_argument("--batch-size", type=positive_int, default=4)
     s.add_argument("--seed", type=int, default=0)

@@ -1,9 +1,16 @@
 """An accuracy predictor over structured configurations: features → log-perplexity, with K-fold quality.
 
 Features are the per-block keep ratios (KV groups, MLP channels, removal) plus simple aggregates:
-mean and min per component, the kept fraction of attention, MLP and all block parameters, and the
-fraction of the importance score each component keeps (Σ kept scores / Σ scores, over the blocks).
-The model is a LightGBM regressor (``lightgbm``) or scikit-learn's random forest (``forest``).
+mean and min per component, the kept fraction of attention, MLP and all block parameters; with an
+importance table also, per block and component, the share of that block's importance score the
+configuration removes, the fraction of the whole score each component keeps, and the removed share
+weighted by each block's influence (1 − cos(input, output), the block's position in the residual stream).
+
+The model is a LightGBM regressor (``lightgbm``) or scikit-learn's random forest (``forest``). LightGBM is
+fitted with **monotone constraints** where they are true of the proxy: keeping more of any block never
+predicts a higher loss (keep features −1, removed-score features +1). :class:`Ensemble` bags several
+predictors (bootstrap resamples, their own seeds) for a mean and a spread, the uncertainty the search
+uses to choose what to measure.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class Featurizer:
         if space.allow_removal:
             self.names += [f"removed_{i}" for i in range(n)]
         self.names += ["heads_mean", "heads_min", "mlp_mean", "mlp_min", "kept_attn", "kept_mlp", "kept_total"]
+        # +1: more of it never lowers the loss; -1: more of it never raises it (LightGBM's monotone constraints)
+        self.monotone = [-1] * (2 * n) + ([1] * n if space.allow_removal else []) + [-1] * 7
         self._g_cum = self._c_cum = None
         if importance is not None:
             # cumulative kept score of the top-k units, normalised by the whole model's score per component
@@ -38,7 +47,13 @@ class Featurizer:
             cs = [np.concatenate([[0.0], np.cumsum(np.sort(x.numpy())[::-1])]) for x in importance.channels]
             self._g_cum = np.stack(gs) / sum(x[-1] for x in gs)
             self._c_cum = np.stack(cs) / sum(x[-1] for x in cs)
-            self.names += ["score_attn", "score_mlp"]
+            self._g_block = np.stack([x / max(x[-1], 1e-300) for x in gs])  # per block, normalised by the block
+            self._c_block = np.stack([x / max(x[-1], 1e-300) for x in cs])
+            influence = importance.block_influence.numpy().astype(float)
+            self._influence = np.nan_to_num(influence, nan=1.0) if influence.size == n else np.ones(n)
+            self.names += [f"removed_score_heads_{i}" for i in range(n)] + [f"removed_score_mlp_{i}" for i in range(n)]
+            self.names += ["score_attn", "score_mlp", "removed_influence"]
+            self.monotone += [1] * (2 * n) + [-1, -1, 1]
 
     def __call__(self, configs: list[StructuredConfig]) -> np.ndarray:
         s = self.space.shape
@@ -56,19 +71,25 @@ class Featurizer:
         if self._g_cum is not None:
             rows = np.arange(n)
             gi, ci = g.astype(int), ch.astype(int)
+            removed_g = np.where(rm, 1.0, 1.0 - self._g_block[rows, gi])
+            removed_c = np.where(rm, 1.0, 1.0 - self._c_block[rows, ci])
+            cols += [removed_g, removed_c]
             aggs.append(np.where(rm, 0, self._g_cum[rows, gi]).sum(1))
             aggs.append(np.where(rm, 0, self._c_cum[rows, ci]).sum(1))
+            aggs.append(((removed_g + removed_c) * self._influence).sum(1) / max(self._influence.sum(), 1e-12))
         return np.column_stack([*cols, *[a[:, None] for a in aggs]])
 
 
 class Predictor:
-    """A regressor of log-perplexity; ``kind`` is ``lightgbm`` (default) or ``forest``."""
+    """A regressor of log-perplexity; ``kind`` is ``lightgbm`` (default) or ``forest``; ``monotone``: one
+    of -1 / 0 / +1 per feature (LightGBM only; see the module docstring)."""
 
-    def __init__(self, kind: str = "lightgbm", seed: int = 0):
+    def __init__(self, kind: str = "lightgbm", seed: int = 0, monotone: list[int] | None = None):
         if kind not in PREDICTORS:
             raise CalibrantError(f"unknown predictor '{kind}'; use one of {', '.join(PREDICTORS)}")
         self.kind = kind
         self.seed = seed
+        self.monotone = monotone
         self.model = None
 
     def _make(self, n: int):
@@ -84,9 +105,13 @@ class Predictor:
             n_estimators=400, learning_rate=0.03, num_leaves=8, max_depth=4, min_child_samples=max(3, n // 20),
             subsample=0.8, subsample_freq=1, colsample_bytree=0.6, reg_lambda=1.0, min_split_gain=0.0,
             random_state=self.seed, n_jobs=1, verbose=-1, deterministic=True, force_col_wise=True,
+            **({"monotone_constraints": list(self.monotone), "monotone_constraints_method": "advanced"}
+               if self.monotone is not None else {}),
         )
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> Predictor:
+        if self.monotone is not None and len(self.monotone) != X.shape[1]:
+            raise ValueError(f"{len(self.monotone)} monotone constraints for {X.shape[1]} features")
         if len(y) < 4:
             raise CalibrantError(f"the predictor needs at least 4 measured configurations, got {len(y)}; raise "
                                  "--samples")
@@ -101,6 +126,31 @@ class Predictor:
 
     def importances(self) -> np.ndarray:
         return np.asarray(self.model.feature_importances_, dtype=float)
+
+
+class Ensemble:
+    """``bags`` predictors, each fitted on a bootstrap resample with its own seed: :meth:`predict` is their
+    mean, :meth:`spread` their standard deviation (high where the measured pairs say little)."""
+
+    def __init__(self, kind: str = "lightgbm", seed: int = 0, monotone: list[int] | None = None, bags: int = 8):
+        self.members = [Predictor(kind, seed + 1000 * b, monotone) for b in range(bags)]
+        self.seed = seed
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> Ensemble:
+        rng = np.random.default_rng(self.seed)
+        for b, member in enumerate(self.members):
+            rows = np.arange(len(y)) if b == 0 else rng.integers(0, len(y), len(y))  # member 0: all the data
+            member.fit(X[rows], y[rows])
+        return self
+
+    def all(self, X: np.ndarray) -> np.ndarray:
+        return np.stack([m.predict(X) for m in self.members])
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.all(X).mean(0)
+
+    def spread(self, X: np.ndarray) -> np.ndarray:
+        return self.all(X).std(0)
 
 
 @dataclass
@@ -126,7 +176,7 @@ def quality(y: np.ndarray, pred: np.ndarray) -> Quality:
 
 
 def cross_validate(X: np.ndarray, y: np.ndarray, kind: str = "lightgbm", folds: int = 5,
-                   seed: int = 0) -> tuple[Quality, np.ndarray]:
+                   seed: int = 0, monotone: list[int] | None = None) -> tuple[Quality, np.ndarray]:
     """Out-of-fold predictions of a K-fold split and their Spearman ρ / MAE against ``y``."""
     from sklearn.model_selection import KFold
 
@@ -135,5 +185,5 @@ def cross_validate(X: np.ndarray, y: np.ndarray, kind: str = "lightgbm", folds: 
         raise CalibrantError("cross-validation needs at least 2 measured configurations")
     pred = np.empty(len(y))
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(X):
-        pred[test] = Predictor(kind, seed).fit(X[train], y[train]).predict(X[test])
+        pred[test] = Predictor(kind, seed, monotone).fit(X[train], y[train]).predict(X[test])
     return quality(y, pred), pred

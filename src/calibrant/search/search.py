@@ -2,10 +2,18 @@
 
 1. importance once (cached); 2. measure K configurations on a cheap proxy (perplexity on a held-out
 slice): the uniform ones, random ones in the budget band, perturbations of the best so far — each a
-re-slice of the dense weights, stored in SQLite; 3. fit the predictor (K-fold Spearman ρ / MAE);
-4. narrow each block's ranges to the region the predictor likes, then evolve (tournament, uniform
-crossover, mutation, budget repair) scored by the predictor; 5. measure the top-k for real (optional
-further rounds refit on them) and return the best measured configuration — never one over budget.
+re-slice of the dense weights, stored in SQLite (round 0); 3. rounds (active learning): fit a bagged,
+monotone-constrained predictor (:mod:`calibrant.search.predictor`; K-fold Spearman ρ / MAE), narrow each
+block's ranges to the region it likes, evolve (tournament, uniform crossover, mutation, budget repair)
+on its optimistic score (mean − ``kappa`` × bag spread), measure the top-k new configurations for real
+(stored with their round), refit, and again — until a round's measurements stop improving the best
+measured proxy loss by more than ``min_improvement`` nats for ``patience`` rounds, ``rounds`` rounds are
+done, or ``max_samples`` configurations are measured; 4. return the best measured configuration — never
+one over budget.
+
+The same entry point runs the ablation's baselines at an equal number of measured configurations
+(``strategy``): ``random`` (the uniform configurations, then random ones in the budget band: the best
+measured) and ``evolution`` (the same evolution scored by measurement instead of the predictor).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from calibrant.export.hf import check_output
 from calibrant.models.loader import LoadedModel
 from calibrant.models.structured import save_structured
 from calibrant.search.importance import SCORES, Importance, compute_importance
-from calibrant.search.predictor import Featurizer, Predictor, Quality, cross_validate, quality
+from calibrant.search.predictor import Ensemble, Featurizer, Predictor, Quality, cross_validate, quality
 from calibrant.search.pruner import StructuredPruner, count_params
 from calibrant.search.space import Bounds, SearchSpace, check_ratio
 from calibrant.search.structured import ModelShape, StructuredConfig
@@ -53,13 +61,14 @@ class Pair:
     ppl: float
     nll: float
     seconds: float
-    origin: str  # uniform | random | perturb | search | heldout
+    origin: str  # dense | uniform | random | perturb | predicted | evolved | heldout
 
     @property
     def tokens_per_second(self) -> float:
         return math.nan if not self.seconds else self.meta_tokens / self.seconds
 
     meta_tokens: int = 0
+    round: int | None = 0  # the search round that proposed it (0: the initial sample; None: held-out)
 
 
 class PairStore:
@@ -70,17 +79,19 @@ class PairStore:
         self.db = sqlite3.connect(self.path)
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS pairs (id INTEGER PRIMARY KEY, config TEXT NOT NULL, features TEXT, "
-            "kept_fraction REAL, ppl REAL, nll REAL, seconds REAL, tokens INTEGER, origin TEXT, created TEXT)"
+            "kept_fraction REAL, ppl REAL, nll REAL, seconds REAL, tokens INTEGER, origin TEXT, created TEXT, "
+            "round INTEGER)"
         )
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.db.commit()
 
     def add(self, pair: Pair, features: list[float] | None = None) -> None:
         self.db.execute(
-            "INSERT INTO pairs (config, features, kept_fraction, ppl, nll, seconds, tokens, origin, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO pairs (config, features, kept_fraction, ppl, nll, seconds, tokens, origin, created, round) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (pair.config.to_json(), json.dumps(features) if features is not None else None, pair.kept_fraction,
-             pair.ppl, pair.nll, pair.seconds, pair.meta_tokens, pair.origin, time.strftime("%Y-%m-%dT%H:%M:%S")),
+             pair.ppl, pair.nll, pair.seconds, pair.meta_tokens, pair.origin, time.strftime("%Y-%m-%dT%H:%M:%S"),
+             pair.round),
         )
         self.db.commit()
 
@@ -90,8 +101,9 @@ class PairStore:
 
     def pairs(self) -> list[Pair]:
         rows = self.db.execute(
-            "SELECT config, kept_fraction, ppl, nll, seconds, origin, tokens FROM pairs ORDER BY id").fetchall()
-        return [Pair(StructuredConfig.from_dict(json.loads(c)), k, p, n, s, o, t) for c, k, p, n, s, o, t in rows]
+            "SELECT config, kept_fraction, ppl, nll, seconds, origin, tokens, round FROM pairs ORDER BY id").fetchall()
+        return [Pair(StructuredConfig.from_dict(json.loads(c)), k, p, n, s, o, t, r)
+                for c, k, p, n, s, o, t, r in rows]
 
     def close(self) -> None:
         self.db.close()
@@ -125,7 +137,7 @@ class SearchResult:
                 return None
             return {"config": p.config.to_dict(), "kept_fraction": p.kept_fraction, "proxy_ppl": p.ppl,
                     "proxy_nll": p.nll, "seconds": p.seconds, "tokens_per_second": p.tokens_per_second,
-                    "origin": p.origin}
+                    "origin": p.origin, "round": p.round}
 
         return {
             "calibrant_version": __version__, "budget": self.budget, "best": pd(self.best),
@@ -147,13 +159,13 @@ class _Measurer:
         self.seq_len, self.batch_size, self.store, self.featurize = seq_len, batch_size, store, featurize
         self.seen: dict[StructuredConfig, Pair] = {}
 
-    def __call__(self, cfg: StructuredConfig, origin: str) -> Pair:
+    def __call__(self, cfg: StructuredConfig, origin: str, round_no: int | None = 0) -> Pair:
         if cfg in self.seen:
             return self.seen[cfg]
         self.pruner.apply(cfg)
         r = perplexity(self.pruner.model, self.proxy, seq_len=self.seq_len, batch_size=self.batch_size,
                        progress=False)
-        pair = Pair(cfg, self.space.kept_fraction(cfg), r.ppl, r.nll, r.seconds, origin, r.tokens)
+        pair = Pair(cfg, self.space.kept_fraction(cfg), r.ppl, r.nll, r.seconds, origin, r.tokens, round_no)
         self.seen[cfg] = pair
         if self.store is not None:
             feats = self.featurize([cfg])[0].tolist() if self.featurize else None
@@ -161,7 +173,7 @@ class _Measurer:
         return pair
 
 
-def narrow(space: SearchSpace, predictor: Predictor, featurize: Featurizer, budget: float,
+def narrow(space: SearchSpace, predictor: Predictor | Ensemble, featurize: Featurizer, budget: float,
            rng: np.random.Generator, pool: int = 3000, top: float = 0.05) -> tuple[Bounds, list[StructuredConfig]]:
     """Per-block ranges spanned by the top-predicted random configurations (widened by one step).
 
@@ -219,13 +231,24 @@ def evolve(space: SearchSpace, score: Callable[[list[StructuredConfig]], np.ndar
     return out
 
 
+FOLDS = 5  # the predictor's K-fold cross-validation
+STRATEGIES = ("predictor", "random", "evolution")
+
+
 def check_search(budget: float, samples: int, *, score: str = "wanda", rounds: int = 1, top_k: int = 6,
-                 proxy_tokens: int = 4096, out: str | Path | None = None, overwrite: bool = False) -> None:
+                 proxy_tokens: int = 4096, out: str | Path | None = None, overwrite: bool = False,
+                 strategy: str = "predictor", max_samples: int | None = None) -> None:
     """Refuse bad :func:`search_structured` arguments (cheap: nothing is loaded)."""
-    if not isinstance(samples, int) or samples < 8:
-        raise CalibrantError(f"--samples must be at least 8 measured configurations, got {samples}")
-    if rounds < 1 or top_k < 1:
-        raise CalibrantError("--rounds and --top-k must be at least 1")
+    if not isinstance(samples, int) or samples < max(8, 2 * FOLDS):
+        raise CalibrantError(f"--samples must be at least {max(8, 2 * FOLDS)} measured configurations (the "
+                             f"predictor's {FOLDS}-fold cross-validation needs two per fold), got {samples}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1 or top_k < 1:
+        raise CalibrantError(f"--rounds and --top-k must be at least 1, got rounds={rounds}, top-k={top_k}")
+    if strategy not in STRATEGIES:
+        raise CalibrantError(f"unknown search strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
+    if max_samples is not None and max_samples < samples:
+        raise CalibrantError(f"--max-samples {max_samples} is below --samples {samples}: the initial sample alone "
+                             "would exceed it; raise --max-samples or lower --samples")
     if not 0 < budget <= 1:
         raise CalibrantError(f"the budget must be a keep ratio in (0, 1], got {budget}; e.g. 0.8 keeps 80 % of the "
                              "block parameters")
@@ -262,7 +285,7 @@ def search_structured(
     quantum: int = 64,
     allow_removal: bool = False,
     predictor: str = "lightgbm",
-    rounds: int = 1,
+    rounds: int = 8,
     top_k: int = 6,
     population: int = 48,
     generations: int = 30,
@@ -270,6 +293,13 @@ def search_structured(
     batch_size: int = 4,
     progress: bool = True,
     save_model: bool = True,
+    strategy: str = "predictor",
+    max_samples: int | None = None,
+    min_improvement: float = 0.001,
+    patience: int = 1,
+    kappa: float = 1.0,
+    bags: int = 8,
+    monotone_constraints: bool = True,
 ) -> SearchResult:
     """Search per-block structured-pruning configurations of ``loaded`` keeping ``budget`` of block parameters.
 
@@ -278,9 +308,13 @@ def search_structured(
     *last* ``proxy_tokens`` tokens of ``proxy_corpus``'s held-out split (so the usual evaluation on its
     first tokens stays separate). With ``out``, writes ``pairs.sqlite``, ``search.json`` and the pruned
     model (``model/``) atomically. The returned model is left pruned to the best configuration.
+
+    Rounds and their stopping rule, ``strategy`` (``predictor``, or the ``random`` / ``evolution`` baselines)
+    and ``max_samples`` (measured configurations in all; default ``samples + rounds · top_k``): see the
+    module docstring. ``monotone_constraints`` (LightGBM only) and ``bags`` / ``kappa`` shape the predictor.
     """
     check_search(budget, samples, score=score, rounds=rounds, top_k=top_k, proxy_tokens=proxy_tokens, out=out,
-                 overwrite=overwrite)
+                 overwrite=overwrite, strategy=strategy, max_samples=max_samples)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     torch_model = loaded.model
@@ -298,6 +332,7 @@ def search_structured(
 
     pruner = StructuredPruner(torch_model, importance)
     featurize = Featurizer(space, importance)
+    monotone = featurize.monotone if monotone_constraints and predictor == "lightgbm" else None
     rng = np.random.default_rng(seed)
     with atomic_path(out, overwrite=overwrite) if out is not None else contextlib.nullcontext() as tmp:
         store = None
@@ -336,39 +371,71 @@ def search_structured(
             t0 = time.perf_counter()
             hrng = np.random.default_rng(seed + 7919)
             for _ in tqdm(range(heldout_samples), desc="held-out configurations", disable=not progress):
-                heldout_pairs.append(measure(space.random(budget, hrng), "heldout"))
+                heldout_pairs.append(measure(space.random(budget, hrng), "heldout", None))
             timings["heldout_pairs_s"] = time.perf_counter() - t0
 
         train = list(measured)
         cv = heldout_q = None
         timings["fit_s"] = timings["search_s"] = timings["reeval_s"] = 0.0
-        for _round in range(rounds):
+        limit = max_samples if max_samples is not None else samples + rounds * top_k
+        history: list[dict[str, Any]] = []
+        stopped = "rounds"
+        if strategy == "predictor":
+            best_nll = min(p.nll for p in train)
+            stale = 0
+            for round_no in range(1, rounds + 1):
+                if len(train) >= limit:
+                    stopped = "max_samples"
+                    break
+                t0 = time.perf_counter()
+                X = featurize([p.config for p in train])
+                y = np.array([p.nll for p in train])
+                cv, _ = cross_validate(X, y, predictor, folds=FOLDS, seed=seed, monotone=monotone)
+                model_p = Ensemble(predictor, seed + round_no, monotone, bags=bags).fit(X, y)
+                if heldout_pairs:
+                    heldout_q = quality(np.array([p.nll for p in heldout_pairs]),
+                                        model_p.predict(featurize([p.config for p in heldout_pairs])))
+                timings["fit_s"] += time.perf_counter() - t0
+
+                t0 = time.perf_counter()
+                bounds, top = narrow(space, model_p, featurize, budget, rng)
+                start = [p.config for p in sorted(train, key=lambda p: p.nll)[:8]] + top
+
+                def optimistic(cfgs: list[StructuredConfig], m: Ensemble = model_p) -> np.ndarray:
+                    all_ = m.all(featurize(cfgs))
+                    return all_.mean(0) - kappa * all_.std(0)
+
+                ranked = evolve(space, optimistic, budget, rng, start, bounds, population=population,
+                                generations=generations)
+                timings["search_s"] += time.perf_counter() - t0
+
+                t0 = time.perf_counter()
+                fresh = [c for _, c in ranked if c not in measure.seen][:min(top_k, limit - len(train))]
+                new = [measure(cfg, "predicted", round_no)
+                       for cfg in tqdm(fresh, desc=f"round {round_no}: measure top {len(fresh)}", disable=not progress)]
+                train += new
+                timings["reeval_s"] += time.perf_counter() - t0
+                round_best = min((p.nll for p in new), default=math.inf)
+                improved = round_best < best_nll - min_improvement
+                history.append({"round": round_no, "measured": len(new), "round_best_nll": round_best,
+                                "best_nll": min(best_nll, round_best), "improved": improved,
+                                "cv_spearman": cv.spearman})
+                best_nll = min(best_nll, round_best)
+                stale = 0 if improved else stale + 1
+                if stale >= patience:
+                    stopped = "no improvement"
+                    break
+        else:  # the ablation's baselines, at the same number of measured configurations
             t0 = time.perf_counter()
-            X = featurize([p.config for p in train])
-            y = np.array([p.nll for p in train])
-            cv, _ = cross_validate(X, y, predictor, seed=seed)
-            model_p = Predictor(predictor, seed).fit(X, y)
-            if heldout_pairs:
-                heldout_q = quality(np.array([p.nll for p in heldout_pairs]),
-                                    model_p.predict(featurize([p.config for p in heldout_pairs])))
-            timings["fit_s"] += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            bounds, top = narrow(space, model_p, featurize, budget, rng)
-            start = [p.config for p in sorted(train, key=lambda p: p.nll)[:8]] + top
-
-            def predicted(cfgs: list[StructuredConfig], m: Predictor = model_p) -> np.ndarray:
-                return m.predict(featurize(cfgs))
-
-            ranked = evolve(space, predicted, budget, rng, start, bounds, population=population,
-                            generations=generations)
-            timings["search_s"] += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            fresh = [c for _, c in ranked if c not in measure.seen][:top_k]
-            for cfg in tqdm(fresh, desc=f"re-evaluate top {len(fresh)}", disable=not progress):
-                train.append(measure(cfg, "search"))
+            more = max(0, limit - len(train))
+            extra = _random_arm(space, measure, budget, rng, more, top_k) if strategy == "random" else \
+                _evolution_arm(space, measure, budget, rng, train, more, top_k)
+            train += extra
             timings["reeval_s"] += time.perf_counter() - t0
+            stopped = "max_samples"
+            X = featurize([p.config for p in train])
+            cv, _ = cross_validate(X, np.array([p.nll for p in train]), predictor, folds=FOLDS, seed=seed,
+                                   monotone=monotone)
 
         candidates = [p for p in train if space.within(p.config, budget)]
         best = min(candidates, key=lambda p: p.nll)
@@ -387,8 +454,12 @@ def search_structured(
              "calibration": ({**calib.provenance, "hash": calib.hash} if calib is not None else None),
              "score": score, "seed": seed, "samples": samples, "quantum": space.quantum,
              "allow_removal": allow_removal, "predictor": predictor, "rounds": rounds, "top_k": top_k,
+             "strategy": strategy, "max_samples": limit, "min_improvement": min_improvement, "patience": patience,
+             "kappa": kappa, "bags": bags, "monotone": monotone is not None,
              "model": {"spec": loaded.spec, "hash": loaded.model_hash}},
             model=torch_model, pruner=pruner,
+            extra={"rounds": history, "stopped": stopped, "measured": len(train),
+                   "winner": {"origin": best.origin, "round": best.round}},
         )
         if tmp is not None:
             t0 = time.perf_counter()
@@ -405,6 +476,40 @@ def search_structured(
     if out is not None:
         result.out = Path(out)
     return result
+
+
+def _random_arm(space: SearchSpace, measure: _Measurer, budget: float, rng: np.random.Generator, n: int,
+                per_round: int) -> list[Pair]:
+    """``n`` more random configurations in the budget band, measured (rounds of ``per_round`` numbered)."""
+    out: list[Pair] = []
+    tries = 0
+    while len(out) < n and tries < 50 * (n + 1):
+        cfg = space.random(budget, rng)
+        tries += 1
+        if cfg not in measure.seen:
+            out.append(measure(cfg, "random", 1 + len(out) // per_round))
+    return out
+
+
+def _evolution_arm(space: SearchSpace, measure: _Measurer, budget: float, rng: np.random.Generator,
+                   pool: list[Pair], n: int, per_round: int, population: int = 8) -> list[Pair]:
+    """``n`` more configurations bred (tournament, crossover, mutation, budget repair) from the best measured
+    so far and each measured: evolution scored by measurement instead of the predictor."""
+    out: list[Pair] = []
+    tries = 0
+    while len(out) < n and tries < 50 * (n + 1):
+        tries += 1
+        parents = [p.config for p in sorted(pool + out, key=lambda p: p.nll)[:population]]
+
+        def pick(parents: list[StructuredConfig] = parents) -> StructuredConfig:
+            i, j = rng.integers(len(parents), size=2)
+            return parents[min(i, j)]  # sorted: the lower index is the better one
+
+        child = space.crossover(pick(), pick(), budget, rng) if rng.random() < 0.7 else pick()
+        child = space.mutate(child, budget, rng, blocks=int(rng.integers(1, 4)))
+        if child not in measure.seen:
+            out.append(measure(child, "evolved", 1 + len(out) // per_round))
+    return out
 
 
 def _sample_plan(space: SearchSpace, budget: float, samples: int,
