@@ -19,6 +19,9 @@ def gqa_config(family: str = "llama", layers: int = 3) -> T.PretrainedConfig:
         return T.Qwen2Config(**common)  # q/k/v carry biases
     if family == "qwen3":
         return T.Qwen3Config(**common)  # per-head q/k RMSNorm
+    if family == "gemma3_text":  # q/k norms, sliding-window layers, scaled embeddings, soft-capped logits
+        kinds = [("full_attention" if i % 2 else "sliding_attention") for i in range(layers)]
+        return T.Gemma3TextConfig(**common, sliding_window=8, layer_types=kinds, final_logit_softcapping=30.0)
     raise ValueError(family)
 
 

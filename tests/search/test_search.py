@@ -149,7 +149,10 @@ def model_dirs(tmp_path_factory):
         (["--keep", "0,0.5", "--score", "magnitude"], r"in (0, 1]"),
         (["--keep", "0.5,1.2", "--score", "magnitude"], r"in (0, 1]"),
         (["--keep", "half"], "HEADS,MLP"),
-        (["--model", "{gpt2}", "--score", "magnitude"], "supported families: llama, mistral, qwen2, qwen3"),
+        (["--model", "{gpt2}", "--score", "magnitude"],
+         "'gpt2' models is not supported: its attention is one fused c_attn (q, k and v in one transposed Conv1D "
+         "matrix) and its MLP c_fc → c_proj has no gate; supported families: llama, mistral, qwen2, qwen3, "
+         "gemma3_text"),
         (["--samples", "2"], "at least 10 measured configurations"),
         (["--samples", "16", "--max-samples", "12"], "--max-samples 12 is below --samples 16"),
     ],

@@ -15,7 +15,7 @@ from calibrant.search.importance import compute_importance
 from calibrant.search.pruner import StructuredPruner, count_block_params
 from calibrant.search.structured import ModelShape, StructuredConfig
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
 
 def logits(model, ids):
@@ -63,8 +63,9 @@ def test_keep_all_is_exact_and_masking_reference_matches(family):
     torch.testing.assert_close(pruned, logits(reference, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_block_removal_and_dense_restore():
-    model = gqa_model("llama", layers=4)
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_block_removal_and_dense_restore(family):
+    model = gqa_model(family, layers=4)
     ids = tokens()
     dense = logits(model, ids)
     pruner = StructuredPruner(model, compute_importance(model, None, "magnitude", progress=False, cache=False))
@@ -76,11 +77,13 @@ def test_block_removal_and_dense_restore():
     out = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)  # KV cache works with fewer blocks
     assert out.shape == (1, 9)
     # the reference: run the dense model with block 1 skipped
-    ref = gqa_model("llama", layers=4)
+    ref = gqa_model(family, layers=4)
     ref.model.layers = torch.nn.ModuleList([ref.model.layers[i] for i in (0, 2, 3)])
     for j, b in enumerate(ref.model.layers):
         b.self_attn.layer_idx = j
     ref.config.num_hidden_layers = 3
+    if getattr(ref.config, "layer_types", None):  # per-layer attention kinds (Gemma-3's sliding windows)
+        ref.config.layer_types = [ref.config.layer_types[i] for i in (0, 2, 3)]
     ref_pruner = StructuredPruner(ref, compute_importance(ref, None, "magnitude", progress=False, cache=False))
     ref_pruner.apply(StructuredConfig((3, 3, 1), (96, 96, 32)))
     torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-5, atol=1e-5)
@@ -89,8 +92,9 @@ def test_block_removal_and_dense_restore():
     assert torch.equal(logits(model, ids), dense)
 
 
-def test_heterogeneous_save_reload_identical(tmp_path):
-    model = gqa_model("qwen2")
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
+def test_heterogeneous_save_reload_identical(tmp_path, family):
+    model = gqa_model(family)
     ids = tokens()
     pruner = StructuredPruner(model, compute_importance(model, tokens(8, 16), "wanda", progress=False, cache=False))
     pruner.apply(StructuredConfig((1, 3, 2), (40, 96, 16), (False, False, False)))
@@ -99,7 +103,7 @@ def test_heterogeneous_save_reload_identical(tmp_path):
     out = save_structured(model, tok, tmp_path / "het")
     record = json.loads((out / "config.json").read_text())["calibrant_structured"]
     assert record["num_key_value_heads"] == [1, 3, 2] and record["intermediate_size"] == [40, 96, 16]
-    assert json.loads((out / "config.json").read_text())["model_type"] == "calibrant_qwen2"
+    assert json.loads((out / "config.json").read_text())["model_type"] == f"calibrant_{family}"
     loaded = load_structured(out)
     assert isinstance(loaded, type(model))
     assert torch.equal(logits(loaded, ids), expected)
@@ -179,3 +183,13 @@ def test_importance_honours_a_token_mask():
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(a.block_influence, b.block_influence, rtol=1e-5, atol=1e-9)
     assert not torch.allclose(masked.channels[0], full.channels[0])
+
+
+@pytest.mark.parametrize("family, why", [("opt", "fc1 → fc2 without a gate"), ("gpt_neox", "fused query_key_value")])
+def test_families_that_cannot_be_sliced_say_why(family, why):
+    from calibrant.search.structured import check_prunable
+    from conftest import tiny_model
+
+    with pytest.raises(CalibrantError, match=f"'{family}' models is not supported: .*{why}.*supported families: "
+                                             "llama, mistral, qwen2, qwen3, gemma3_text"):
+        check_prunable(tiny_model(family))

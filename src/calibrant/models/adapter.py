@@ -34,7 +34,7 @@ FAMILIES: dict[str, Family] = {
         for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "phi3")
     },
     # structurally pruned models with per-block shapes (calibrant.models.structured.STRUCTURED_FAMILIES)
-    **{f"calibrant_{t}": _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3")},
+    **{f"calibrant_{t}": _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")},
     "opt": Family(
         "model.decoder",
         "model.decoder.layers",

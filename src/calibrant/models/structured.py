@@ -23,7 +23,7 @@ from calibrant.models.adapter import Adapter
 
 # the families whose blocks can be sliced (q/k/v/o_proj + gate/up/down_proj); models.adapter.FAMILIES
 # lists their ``calibrant_`` types too
-STRUCTURED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+STRUCTURED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 CONFIG_KEY = "calibrant_structured"
 
 

@@ -27,14 +27,25 @@ ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
+# why a family calibrant loads cannot be sliced: the slicer cuts q/k/v/o_proj (KV groups) and gate/up/down_proj
+WHY_NOT = {
+    "opt": "its MLP is fc1 → fc2 without a gate, its attention output out_proj, and its heads have no KV groups",
+    "gpt2": "its attention is one fused c_attn (q, k and v in one transposed Conv1D matrix) and its MLP "
+            "c_fc → c_proj has no gate",
+    "gpt_neox": "its attention is one fused query_key_value with interleaved heads and its MLP "
+                "dense_h_to_4h → dense_4h_to_h has no gate",
+}
+
+
 def check_prunable(model: nn.Module) -> Adapter:
-    """The model's adapter, or a CalibrantError saying which families can be pruned structurally."""
+    """The model's adapter, or a CalibrantError saying why its family cannot be pruned structurally and which
+    can."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in STRUCTURED_FAMILIES:
-        raise CalibrantError(
-            f"structured pruning of '{model_type}' models is not supported yet (their attention/MLP layout "
-            f"cannot be sliced); supported families: {', '.join(STRUCTURED_FAMILIES)}"
-        )
+        why = WHY_NOT.get(str(model_type), "its attention/MLP layout is not the q/k/v/o_proj + gate/up/down_proj "
+                                           "one the slicer cuts")
+        raise CalibrantError(f"structured pruning of '{model_type}' models is not supported: {why}; supported "
+                             f"families: {', '.join(STRUCTURED_FAMILIES)}")
     if getattr(model.config, CONFIG_KEY, None):
         raise CalibrantError(
             "this model is already structurally pruned; search and prune starting from the dense model"
