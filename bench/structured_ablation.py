@@ -28,10 +28,16 @@ import argparse
 import json
 import platform
 import resource
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _llmc import dense_forward_passes  # noqa: E402
 
 SUITE = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 
@@ -68,12 +74,7 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lm = load_model(args.model, quiet=True)
     calib = resolve_calibration(args.calibration, lm.tokenizer, args.seed, lm.context_length, progress=False)
-    ids = calib.input_ids
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        for b in range(0, ids.shape[0], args.batch_size):
-            lm.model(input_ids=ids[b:b + args.batch_size], use_cache=False)
-        fwd_s = time.perf_counter() - t0
+    fwd_s = min(dense_forward_passes(lm.model, calib.input_ids, batch_size=args.batch_size, passes=1))
     streams = {c: heldout_token_ids(c, lm.tokenizer, progress=False)[0] for c in ("wiki", "news")}
 
     def evaluate(pruner: Any, cfg: StructuredConfig, full: bool) -> dict[str, Any]:

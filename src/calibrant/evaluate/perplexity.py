@@ -51,6 +51,18 @@ def windows(total: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]
     return out
 
 
+def group_windows(spans: list[tuple[int, int, int]], size: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive windows of equal length in groups of at most ``size`` (all but possibly the last, shorter
+    tail window have the same length)."""
+    groups: list[list[tuple[int, int, int]]] = []
+    for span in spans:
+        if groups and len(groups[-1]) < size and groups[-1][0][1] - groups[-1][0][0] == span[1] - span[0]:
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    return groups
+
+
 MAX_LOGITS_BYTES = 256 << 20  # one batch's float32 logits: the largest tensor of an evaluation
 
 
@@ -98,13 +110,7 @@ def perplexity(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     spans = windows(ids.numel(), seq_len, stride)
     batch_size = bounded_batch(model, seq_len, batch_size)
-    # batch windows of equal length together (all but possibly the last)
-    groups: list[list[tuple[int, int, int]]] = []
-    for span in spans:
-        if groups and len(groups[-1]) < batch_size and groups[-1][0][1] - groups[-1][0][0] == span[1] - span[0]:
-            groups[-1].append(span)
-        else:
-            groups.append([span])
+    groups = group_windows(spans, batch_size)
     total_nll = torch.zeros((), dtype=torch.float64)
     scored = 0
     to_score = sum(e - first for _b, e, first in spans)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from calibrant.engine.runner import BlockwiseRunner
 from calibrant.errors import CalibrantError, NumericalError
-from calibrant.evaluate.perplexity import PerplexityResult, bounded_batch, windows
+from calibrant.evaluate.perplexity import PerplexityResult, bounded_batch, group_windows, windows
 from calibrant.models.adapter import Adapter, inference_mode
 from calibrant.models.lazy import LazyCheckpoint, Materializer, skeleton
 
@@ -77,13 +77,7 @@ def streamed_perplexity(model_dir: str | Path, token_ids: torch.Tensor, *, seq_l
     hidden = int(model.config.hidden_size)
     per_window = 2 * seq_len * hidden * torch.finfo(checkpoint.dtype()).bits // 8
     chunk = max(batch, max_activation_bytes // per_window // batch * batch)
-    # chunks of equal-length windows (the tail window, shorter, is its own chunk)
-    chunks: list[list[tuple[int, int, int]]] = []
-    for span in spans:
-        if chunks and len(chunks[-1]) < chunk and chunks[-1][0][1] - chunks[-1][0][0] == span[1] - span[0]:
-            chunks[-1].append(span)
-        else:
-            chunks.append([span])
+    chunks = group_windows(spans, chunk)  # the tail window, shorter, is its own chunk
     total_nll = torch.zeros((), dtype=torch.float64)
     scored = 0
     start = time.perf_counter()
