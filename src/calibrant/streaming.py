@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from calibrant.errors import CalibrantError
 
@@ -51,6 +52,8 @@ def would_not_fit(path: Path, dtype: torch.dtype = torch.float32) -> tuple[bool,
     free = available_memory()
     try:
         need = in_memory_bytes(path, dtype)
+    except (OSError, ValueError, RuntimeError, SafetensorError):
+        return False, 0, free  # unreadable weight files: the in-memory loader names the damage in one line
     except CalibrantError as exc:  # no safetensors: it loads in memory if it fits, else the fix is said
         from calibrant.cache import human_bytes
 

@@ -188,8 +188,11 @@ def test_importance_honours_a_token_mask():
 @pytest.mark.parametrize("family, why", [("opt", "fc1 → fc2 without a gate"), ("gpt_neox", "fused query_key_value")])
 def test_families_that_cannot_be_sliced_say_why(family, why):
     from calibrant.search.structured import check_prunable
-    from conftest import tiny_model
 
+    cfg = {"opt": T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+                              word_embed_proj_dim=32, vocab_size=96),
+           "gpt_neox": T.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, vocab_size=96)}[family]
     with pytest.raises(CalibrantError, match=f"'{family}' models is not supported: .*{why}.*supported families: "
                                              "llama, mistral, qwen2, qwen3, gemma3_text"):
-        check_prunable(tiny_model(family))
+        check_prunable(T.AutoModelForCausalLM.from_config(cfg))
