@@ -1,4 +1,10 @@
-"""The Python API the CLI is a thin layer over: load → calibrate → compress → save → evaluate."""
+"""The Python API the CLI is a thin layer over: load → calibrate → compress → save → evaluate.
+
+One module (over 500 lines) because each public function checks its arguments before anything is loaded
+and the checks share helpers (outputs, devices, calibration, streaming's decision); the streamed run
+lives here rather than in :mod:`calibrant.streaming` because it needs this module's calibration and
+metadata helpers, and that module must not import this one.
+"""
 
 from __future__ import annotations
 

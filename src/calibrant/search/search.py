@@ -14,6 +14,9 @@ one over budget.
 The same entry point runs the ablation's baselines at an equal number of measured configurations
 (``strategy``): ``random`` (the uniform configurations, then random ones in the budget band: the best
 measured) and ``evolution`` (the same evolution scored by measurement instead of the predictor).
+
+One module (over 500 lines) because the arms must share one measurer, one pair store and one initial
+sample to be compared at equal cost.
 """
 
 from __future__ import annotations
