@@ -58,8 +58,16 @@ def main() -> None:
     ap.add_argument("--quantum", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="results, written after every budget; a rerun with the same "
+                    "options skips the budgets it already holds (a long run spans sessions)")
     args = ap.parse_args()
+    settings = {k: v for k, v in vars(args).items() if k not in ("budgets", "json")}
+    saved: dict[str, Any] = {}
+    if args.json and Path(args.json).is_file():
+        saved = json.loads(Path(args.json).read_text())
+        if saved.get("settings") != settings:
+            raise SystemExit(f"{args.json} holds a run with other options ({saved.get('settings')}); "
+                             "pass another --json or the same options")
 
     import transformers
 
@@ -89,15 +97,27 @@ def main() -> None:
             row["mmlu"] = mmlu.average
         return row
 
-    results: dict[str, Any] = {}
-    dense_row = None
+    results: dict[str, Any] = saved.get("budgets", {})
+    dense_row = saved.get("dense")
+    started = saved.get("started", started)
+
+    def save() -> None:
+        if args.json:
+            tmp = Path(args.json + ".tmp")
+            tmp.write_text(json.dumps({"settings": settings, "started": started, "dense": dense_row,
+                                       "budgets": results, "forward_s": fwd_s}, indent=2, default=str))
+            tmp.replace(args.json)
     common = {"score": "wanda", "seed": args.seed, "proxy_tokens": args.proxy_tokens, "quantum": args.quantum,
               "top_k": args.top_k, "batch_size": args.batch_size, "progress": False, "save_model": False}
     for budget in [float(b) for b in args.budgets.split(",")]:
+        if f"{budget:g}" in results:
+            print(f"# budget {budget:g}: already in {args.json}", flush=True)
+            continue
         t_budget = time.perf_counter()
         arms: dict[str, Any] = {}
         res = search_structured(lm, calib, budget, args.samples, rounds=args.rounds, heldout_samples=args.heldout,
                                 **common)
+        predictor_s = time.perf_counter() - t_budget
         dense_cfg = StructuredConfig.dense(res.pruner.shape)
         res.pruner.apply(dense_cfg)  # a search leaves the model pruned to its winner: the next one starts dense
         n = res.extra["measured"]
@@ -121,7 +141,9 @@ def main() -> None:
         results[f"{budget:g}"] = {"rows": rows, "measured": n, "stopped": res.extra["stopped"],
                                   "rounds": res.extra["rounds"], "cv": res.cv.to_dict() if res.cv else None,
                                   "heldout": res.heldout.to_dict() if res.heldout else None,
-                                  "search_s": search_s, "wall_s": time.perf_counter() - t_budget}
+                                  "predictor_s": predictor_s, "search_s": search_s,
+                                  "wall_s": time.perf_counter() - t_budget, "forward_s": fwd_s}
+        save()
         print(f"# budget {budget:g} done in {results[f'{budget:g}']['wall_s']:.0f}s", flush=True)
 
     print(f"## Structured search ablation — {args.model}, wanda importance, calibration {args.calibration} "
@@ -130,7 +152,8 @@ def main() -> None:
           f"Initial sample {args.samples} configurations (shared by the arms), top-k {args.top_k}, at most "
           f"{args.rounds} rounds; proxy: last {args.proxy_tokens} wiki held-out tokens; ppl: first {args.eval_tokens} "
           f"tokens of each held-out split; zero-shot: 7 tasks at {args.limit} documents; MMLU 5-shot, "
-          f"{args.mmlu_limit} questions per subject. One dense forward over the calibration tokens: {fwd_s:.1f} s.\n")
+          f"{args.mmlu_limit} questions per subject. One dense forward over the calibration tokens, timed in each "
+          f"run (a budget's ratio uses its own run's): {fwd_s:.1f} s in this one.\n")
     print("| budget | arm | measured | proxy ppl | wiki ppl | news ppl | MMLU | 7-task avg | winner from |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     assert dense_row is not None
@@ -147,8 +170,9 @@ def main() -> None:
             print(f"| {budget} | {name} | {cost} | {row['proxy']:.3f} | {row['wiki']:.3f} | {row['news']:.3f} | "
                   f"{cell(row, 'mmlu')} | {cell(row, 'zs_avg')} | {row['origin']} (round {row['round']}) |")
     print("\n| budget | predictor vs uniform: wiki | news | MMLU (points) | beats random | beats evolution | "
-          "held-out ρ | K-fold ρ | rounds run, stopped by | wall s | × dense forward |")
-    print("|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|")
+          "held-out ρ | K-fold ρ | rounds run, stopped by | predictor search s | × dense forward | all arms and "
+          "evaluations s |")
+    print("|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|")
     for budget, r in results.items():
         p, u = r["rows"]["predictor"], r["rows"]["uniform"]
         mm = f"{100 * (p['mmlu'] - u['mmlu']):+.2f}" if "mmlu" in p and "mmlu" in u else "–"
@@ -156,12 +180,9 @@ def main() -> None:
         print(f"| {budget} | {100 * (p['wiki'] / u['wiki'] - 1):+.2f} % | {100 * (p['news'] / u['news'] - 1):+.2f} % "
               f"| {mm} | {'yes' if beats['random'] else 'no'} | {'yes' if beats['evolution'] else 'no'} | "
               f"{(r['heldout'] or {}).get('spearman', float('nan')):.3f} | {(r['cv'] or {}).get('spearman', float('nan')):.3f} "
-              f"| {len(r['rounds'])}, {r['stopped']} | {r['wall_s']:.0f} | {r['wall_s'] / fwd_s:.1f} |")
-    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "dense": dense_row, "budgets": results, "forward_s": fwd_s}, f, indent=2,
-                      default=str)
+              f"| {len(r['rounds'])}, {r['stopped']} | {r['predictor_s']:.0f} | {r['predictor_s'] / r['forward_s']:.1f} | "
+              f"{r['wall_s']:.0f} |")
+    print(f"\npeak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
 
 
 if __name__ == "__main__":
