@@ -163,7 +163,7 @@ def main() -> None:
 
     print(f"| 1.0 | dense | – | {dense_row['proxy']:.3f} | {dense_row['wiki']:.3f} | {dense_row['news']:.3f} | "
           f"{cell(dense_row, 'mmlu')} | {cell(dense_row, 'zs_avg')} | – |")
-    for budget, r in results.items():
+    for budget, r in sorted(results.items(), key=lambda kv: -float(kv[0])):
         for name in ("predictor", "random", "evolution", "uniform"):
             row = r["rows"][name]
             cost = r["measured"] if name != "uniform" else "–"
@@ -173,7 +173,7 @@ def main() -> None:
           "held-out ρ | K-fold ρ | rounds run, stopped by | predictor search s | × dense forward | all arms and "
           "evaluations s |")
     print("|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|")
-    for budget, r in results.items():
+    for budget, r in sorted(results.items(), key=lambda kv: -float(kv[0])):
         p, u = r["rows"]["predictor"], r["rows"]["uniform"]
         mm = f"{100 * (p['mmlu'] - u['mmlu']):+.2f}" if "mmlu" in p and "mmlu" in u else "–"
         beats = {a: all(p[c] < r["rows"][a][c] for c in ("wiki", "news")) for a in ("random", "evolution")}
