@@ -72,9 +72,14 @@ class LazyCheckpoint:
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
         """(safetensors dtype string, shape) of tensor ``name``, read from the header only."""
-        if name not in self._meta:
-            sl = self._handle(self.files[name]).get_slice(name)
-            self._meta[name] = (sl.get_dtype(), tuple(sl.get_shape()))
+        if name not in self._meta:  # every tensor of the file at once, and the file not kept mapped
+            file = self.files[name]
+            if not file.is_file():
+                raise ModelError(f"{file} is missing (listed in {INDEX_FILE}); re-download or re-save the model")
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    self._meta[key] = (sl.get_dtype(), tuple(sl.get_shape()))
         return self._meta[name]
 
     def get(self, name: str) -> torch.Tensor:
@@ -95,6 +100,12 @@ class LazyCheckpoint:
             if code in _DTYPES:
                 weight[_DTYPES[code]] = weight.get(_DTYPES[code], 0) + int(torch.Size(shape).numel())
         return max(weight, key=lambda d: weight[d]) if weight else torch.float32
+
+    def unmap(self, names: list[str]) -> None:
+        """Close the memory maps of the files holding tensors ``names``: their pages leave the process (a file
+        still needed is mapped again on the next :meth:`get`)."""
+        for file in {self.files[n] for n in names if n in self.files}:
+            self._handles.pop(file, None)
 
     def close(self) -> None:
         self._handles.clear()
@@ -175,7 +186,13 @@ class Materializer:
                 raise ModelError(f"{self.checkpoint.path}: tensor {name} is {tuple(value.shape)} but the config "
                                  f"makes it {tuple(current.shape)}; use the config.json these weights were saved with")
             dtype = self.dtype if (self.dtype is not None and value.is_floating_point()) else value.dtype
-            self._set(name, value.to(device=self.device, dtype=dtype))
+            # a copy, always: ``value`` lives in the shard's private memory map, and compressing it in place
+            # would turn each written page into anonymous memory held until the file is closed — every
+            # block of the run at once
+            self._set(name, value.to(device=self.device, dtype=dtype, copy=True))
+        # copied: the shards are unmapped, or their pages would count in this process's memory, every block
+        # read so far
+        self.checkpoint.unmap([c for name in self._params(prefix) for c in self._candidates(name)])
         if block is not None:
             self.resident.add(block)
             self.peak_blocks = max(self.peak_blocks, len(self.resident))
