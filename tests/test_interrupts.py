@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from calibrant import interrupts
-from calibrant.cache import HOST, atomic_path, sweep_stale
+from calibrant.cache import HOST, atomic_path, check_space, sweep_stale
 from calibrant.cli import main
 from tests.calibration.calib_helpers import tiny_model_dir
 
@@ -123,6 +123,26 @@ def test_sweep_removes_only_dead_owners_temporaries(tmp_path, cache):
     assert done == [f"removed {stale}"]
     assert not stale.exists() and live.exists() and foreign.exists() and user.read_text() == "a user's file"
     assert sorted(p.name for p in inflight.iterdir()) == [f"{alive}@{HOST}.a1b2"]
+
+
+def test_space_check_counts_what_a_killed_run_of_the_same_output_left(tmp_path, cache, monkeypatch):
+    # a run killed by the OOM killer left its 20 GB temporary beside --out; the API's space check, before any
+    # CLI sweep, refused the rerun that would have removed it
+    dead = _dead_pid()
+    stale = tmp_path / f".out.{dead}@{HOST}.x1y2.tmp"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "shard.safetensors").write_bytes(b"\0" * 4096)
+    other = tmp_path / f".elsewhere.{dead}@{HOST}.x1y2.tmp"  # another output's: the CLI's sweep handles it
+    other.mkdir()
+    free = {"bytes": 1000}
+    usage = __import__("collections").namedtuple("usage", "total used free")
+
+    def disk_usage(path):
+        return usage(10**9, 0, free["bytes"] + (0 if stale.exists() else 4096))
+
+    monkeypatch.setattr("calibrant.cache.shutil.disk_usage", disk_usage)
+    check_space(tmp_path / "out", 4000, "--out")
+    assert not stale.exists() and other.exists()
 
 
 def test_sweep_restores_an_output_a_kill_left_swapped_out(tmp_path, cache):

@@ -243,9 +243,13 @@ def release_output(path: str | Path) -> None:
 def check_space(path: str | Path, needed: int, flag: str, fix: str | None = None) -> None:
     """Refuse, before the long work, an output whose disk has less than ``needed`` bytes (+5 %) free.
 
-    The old output an ``--overwrite`` replaces stays until the new one is complete, so it frees nothing.
+    The old output an ``--overwrite`` replaces stays until the new one is complete, so it frees nothing. What a
+    killed run of this same output left (a dead owner's temporary) is removed first: it would be anyway, and
+    it may be what fills the disk.
     """
     path = Path(path).absolute()
+    if path.parent.is_dir():
+        _sweep_siblings(path)
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
