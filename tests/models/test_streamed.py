@@ -122,6 +122,24 @@ def test_no_input_shard_stays_mapped_while_blocks_are_compressed(tmp_path, monke
     assert len(seen) == 3 and seen == [set()] * 3
 
 
+def test_an_untied_head_is_read_only_to_be_written(tmp_path, monkeypatch):
+    from calibrant.export import streamed
+
+    src = _checkpoint(tmp_path, torch.float32, tied=False)
+    head_loaded: list[bool] = []
+    original = streamed.StreamedBlocks.leave
+
+    def leave(self, index, final):
+        head_loaded.append(not self.model.lm_head.weight.is_meta)
+        original(self, index, final)
+
+    monkeypatch.setattr(streamed.StreamedBlocks, "leave", leave)
+    compress_model(str(src), "wanda", sparsity=0.5, calibration=CALIB, out=tmp_path / "out", progress=False,
+                   stream=True)
+    assert head_loaded == [False] * 3
+    assert torch.equal(_tensors(tmp_path / "out")["lm_head.weight"], _tensors(src)["lm_head.weight"])
+
+
 def test_interrupted_streamed_run_leaves_nothing(tmp_path, monkeypatch):
     from calibrant.export import streamed
 

@@ -1,13 +1,13 @@
 """A streamed model's blocks: read from the checkpoint when a block starts, written to the output when it ends.
 
 :class:`StreamedBlocks` is the engine's :class:`~calibrant.engine.core.BlockStore` for a model larger than
-memory. The embeddings, final norm and LM head are loaded once (the capture and every block need them);
-decoder block ``i`` is materialised from the checkpoint when the engine enters it and, when the engine
-leaves it, its compressed weights go at once into their own shard of the output directory (the model's
-dtype) and its memory is released. ``finish`` writes the shard of the embeddings, norm and head, the
-shard index, the config, the tokenizer and ``calibrant.json``. Everything is written inside the temporary
-sibling directory that :func:`calibrant.cache.atomic_path` renames into place only at the very end, so an
-interrupted run leaves no output (and its temporary directory is swept by the next run).
+memory. The embeddings and final norm are loaded once (the capture runs them), the LM head only at the end,
+to be written; decoder block ``i`` is materialised from the checkpoint when the engine enters it and, when
+the engine leaves it, its compressed weights go at once into their own shard of the output directory (the
+model's dtype) and its memory is released. ``finish`` writes the shard of the embeddings, norm and head,
+the shard index, the config, the tokenizer and ``calibrant.json``. Everything is written inside the
+temporary sibling directory that :func:`calibrant.cache.atomic_path` renames into place only at the very
+end, so an interrupted run leaves no output (and its temporary directory is swept by the next run).
 """
 
 from __future__ import annotations
@@ -46,9 +46,16 @@ class StreamedBlocks:
         family = self.adapter.family
         self.rest = [*family.embeddings, *([family.final_norm] if family.final_norm else []), family.lm_head]
         self.rest = [p for p in self.rest if _has(model, p)]
+        # the capture runs the base model (embeddings, blocks, final norm); an untied head (half a GB at 7 B in
+        # float32) is read only by ``finish``, to write it
+        self.head = family.lm_head
         for prefix in self.rest:
-            materializer.load(prefix)
-            _check_finite(model.get_submodule(prefix), prefix)
+            if prefix != self.head:
+                self._load(prefix)
+
+    def _load(self, prefix: str) -> None:
+        self.materializer.load(prefix)
+        _check_finite(self.model.get_submodule(prefix), prefix)
 
     def prefix(self, index: int) -> str:
         return f"{self.adapter.block_prefix}.{index}"
@@ -77,6 +84,8 @@ class StreamedBlocks:
 
         rest: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
+        if self.head in self.rest:
+            self._load(self.head)  # a tied one is resident already, with the embeddings
         for prefix in self.rest:
             for name, p in self.model.get_submodule(prefix).named_parameters(prefix=prefix):
                 if id(p) not in seen:  # a tied head is stored once, under the embeddings' name
