@@ -230,6 +230,8 @@ def quarter(args: argparse.Namespace) -> None:
         a = LazyCheckpoint(src.parent / f"{src.name}-{label}-ram")
         b = LazyCheckpoint(src.parent / f"{src.name}-{label}-streamed")
         same = sorted(a.keys()) == sorted(b.keys()) and all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+        a.close()
+        b.close()
         for stream in (False, True):
             shutil.rmtree(src.parent / f"{src.name}-{label}-{'streamed' if stream else 'ram'}")
         ram, st = res[False], res[True]
