@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _llmc import peak_rss_gb  # noqa: E402
 
 HERE = Path(__file__).resolve()
 SHAPE = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -124,7 +127,7 @@ def child(args: argparse.Namespace) -> None:
         res = evaluate_perplexity(job["model"], "wiki", max_tokens=job["max_tokens"], progress=False,
                                   stream=job["stream"])["wiki"]
         out = {"ppl": res.ppl, "tokens": res.tokens}
-    out.update(wall_s=time.perf_counter() - t0, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+    out.update(wall_s=time.perf_counter() - t0, peak_rss_gb=peak_rss_gb())
     print(json.dumps(out))
 
 
