@@ -63,20 +63,20 @@ class LazyCheckpoint:
     def keys(self) -> list[str]:
         return list(self.files)
 
+    def _open(self, file: Path) -> Any:
+        if not file.is_file():
+            raise ModelError(f"{file} is missing (listed in {INDEX_FILE}); re-download or re-save the model")
+        return safe_open(str(file), framework="pt")
+
     def _handle(self, file: Path) -> Any:
         if file not in self._handles:
-            if not file.is_file():
-                raise ModelError(f"{file} is missing (listed in {INDEX_FILE}); re-download or re-save the model")
-            self._handles[file] = safe_open(str(file), framework="pt")
+            self._handles[file] = self._open(file)
         return self._handles[file]
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
         """(safetensors dtype string, shape) of tensor ``name``, read from the header only."""
         if name not in self._meta:  # every tensor of the file at once, and the file not kept mapped
-            file = self.files[name]
-            if not file.is_file():
-                raise ModelError(f"{file} is missing (listed in {INDEX_FILE}); re-download or re-save the model")
-            with safe_open(str(file), framework="pt") as f:
+            with self._open(self.files[name]) as f:
                 for key in f.keys():
                     sl = f.get_slice(key)
                     self._meta[key] = (sl.get_dtype(), tuple(sl.get_shape()))
@@ -171,6 +171,7 @@ class Materializer:
     def load(self, prefix: str, block: int | None = None) -> None:
         """Materialise module ``prefix`` (e.g. ``model.layers.3``) from the checkpoint; ``block``: its
         decoder-block index, counted in :attr:`resident`."""
+        read: list[str] = []
         for name in self._params(prefix):
             module, attr = self._owners[name][0]
             current = module._parameters[attr]
@@ -182,6 +183,7 @@ class Materializer:
                 raise ModelError(f"{self.checkpoint.path} has no tensor '{name}'; the checkpoint does not match "
                                  "its config.json")
             value = self.checkpoint.get(source)
+            read.append(source)
             if tuple(value.shape) != tuple(current.shape):
                 raise ModelError(f"{self.checkpoint.path}: tensor {name} is {tuple(value.shape)} but the config "
                                  f"makes it {tuple(current.shape)}; use the config.json these weights were saved with")
@@ -190,9 +192,9 @@ class Materializer:
             # would turn each written page into anonymous memory held until the file is closed — every
             # block of the run at once
             self._set(name, value.to(device=self.device, dtype=dtype, copy=True))
-        # copied: the shards are unmapped, or their pages would count in this process's memory, every block
-        # read so far
-        self.checkpoint.unmap([c for name in self._params(prefix) for c in self._candidates(name)])
+        # copied: the shards read are unmapped, or their pages would count in this process's memory, every
+        # block read so far
+        self.checkpoint.unmap(read)
         if block is not None:
             self.resident.add(block)
             self.peak_blocks = max(self.peak_blocks, len(self.resident))
