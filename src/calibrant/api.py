@@ -25,10 +25,12 @@ from calibrant.evaluate.perplexity import PerplexityResult, perplexity
 from calibrant.evaluate.zeroshot import STANDARD_SUITE, ZeroShotResult, check_tasks, evaluate_tasks
 from calibrant.export.gguf import check_gguf_model, check_gguf_output, check_gguf_recipe, save_gguf
 from calibrant.export.hf import (
+    HALF_DTYPES,
     check_output,
     model_bytes,
     read_metadata,
     restore_activation_quant,
+    round_weights,
     save_model,
 )
 from calibrant.export.imatrix import (
@@ -241,6 +243,14 @@ def compress_model(
         include=include, exclude=exclude, progress=progress, max_activation_bytes=activation_bytes,
     )
     metadata = _metadata(report, loaded.spec, loaded.model_hash)
+    keep_dtype = export_format == "hf" and loaded.source_dtype in HALF_DTYPES and \
+        next(loaded.model.parameters()).dtype == torch.float32
+    if keep_dtype:  # computed in float32, the result is the checkpoint's dtype: in memory as written
+        round_weights(loaded.model, loaded.source_dtype)
+    if export_format == "hf":
+        metadata["dtype"] = {"stored": _dtype_name(loaded.source_dtype if keep_dtype else
+                                                   next(loaded.model.parameters()).dtype),
+                             "compute": _dtype_name(next(loaded.model.parameters()).dtype)}
     result = CompressResult(loaded, report, calib, metadata=metadata)
     if out is not None and export_format == "gguf":
         result.out, result.metadata["export"] = save_gguf(
@@ -250,8 +260,12 @@ def compress_model(
         result.out = save_packed(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite)
     elif out is not None:
         result.out = save_model(loaded.model, loaded.tokenizer, out, metadata, overwrite=overwrite,
-                                source_dir=loaded.path)
+                                source_dir=loaded.path, dtype=loaded.source_dtype if keep_dtype else None)
     return result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _metadata(report: CompressionReport, spec: str, model_hash: str) -> dict[str, Any]:
@@ -363,25 +377,27 @@ def _compress_streamed(model: str | Path, methods: list[Method], calibration: An
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     if template is not None:
         tokenizer.chat_template = template
-    skel = skeleton(path, dtype)
+    # computed in float32 as in memory, each block read in float32 and written back in the checkpoint's dtype
+    skel = skeleton(path, torch.float32)
     calib = resolve_calibration(calibration, tokenizer, seed, context_length_of(skel),
                                 progress=None if progress else False)
     if calib is not None:
         from calibrant.streaming import block_memory, check_block_fits
 
         stats = {k for m in methods for k in m.statistics}
-        rows = calib.n * calib.seq_len * int(getattr(skel.config, "hidden_size", 0)) * dtype.itemsize
-        check_block_fits(block_memory(skel, dtype, stats, min(3 * rows, activation_bytes or 3 * rows)))
+        rows = calib.n * calib.seq_len * int(getattr(skel.config, "hidden_size", 0)) * 4
+        check_block_fits(block_memory(skel, stats, min(3 * rows, activation_bytes or 3 * rows)))
     digest = model_dir_hash(path)
-    materializer = Materializer(skel, checkpoint, device="cpu")
+    materializer = Materializer(skel, checkpoint, device="cpu", dtype=torch.float32)
     with disk_errors(str(out), human_bytes(checkpoint.nbytes())), atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
-        blocks = StreamedBlocks(skel, materializer, tmp)
+        blocks = StreamedBlocks(skel, materializer, tmp, dtype)
         report = compress(skel, calib, methods, batch_size=batch_size, device=device, propagate=propagate,
                           pipeline=pipeline, include=include, exclude=exclude, progress=progress, blocks=blocks,
                           max_activation_bytes=activation_bytes)
         metadata = _metadata(report, str(model), digest)
-        metadata["streamed"] = {"dtype": str(dtype).removeprefix("torch."), "compute_dtype": "float32",
+        metadata["dtype"] = {"stored": _dtype_name(dtype), "compute": "float32"}
+        metadata["streamed"] = {"dtype": _dtype_name(dtype), "compute_dtype": "float32",
                                 "peak_resident_blocks": materializer.peak_blocks,
                                 "checkpoint_bytes": checkpoint.nbytes()}
         blocks.finish(tokenizer, metadata, path)

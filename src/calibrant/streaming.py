@@ -4,10 +4,10 @@
 (:func:`would_not_fit`), runs the same engine over a :func:`~calibrant.models.lazy.skeleton` whose decoder
 blocks are read from the checkpoint's safetensors files one at a time and written to the output as soon as
 they are compressed (:class:`~calibrant.export.streamed.StreamedBlocks`). The model keeps its checkpoint's
-dtype (bf16 stays bf16 in memory and in the output); every linear is compressed in float32 and written
-back in that dtype. Peak memory is one block's weights plus the calibration activations plus the
-statistics, whatever the depth; ``calibrant.json`` records the dtypes and the peak count of resident
-blocks under ``streamed``.
+dtype on disk (a bf16 checkpoint gives a bf16 output); the block in memory is computed on in float32, as an
+in-memory run computes, so both give the same weights. Peak memory is one block's weights in float32 plus
+the calibration activations plus the statistics, whatever the depth; ``calibrant.json`` records the dtypes
+and the peak count of resident blocks under ``streamed``.
 """
 
 from __future__ import annotations
@@ -85,18 +85,17 @@ def activation_budget_bytes(value: int | str | None) -> int:
     return value
 
 
-def block_memory(model: torch.nn.Module, checkpoint_dtype: torch.dtype, statistics: set[str],
-                 activation_bytes: int) -> dict[str, int]:
-    """Bytes a streamed compression holds at its peak, by part: one decoder block's weights in the
-    checkpoint's dtype plus a float32 working copy of its largest linear; the embeddings, final norm and
-    head (resident throughout); the input statistics (``XᵀX`` of every distinct input width, three times
-    for the solver's factorisations, when a method needs the Hessian; ``[in]`` vectors otherwise); and the
-    activation buffers held in memory (at most ``activation_bytes``)."""
+def block_memory(model: torch.nn.Module, statistics: set[str], activation_bytes: int) -> dict[str, int]:
+    """Bytes a streamed compression holds at its peak, by part, everything in float32 (the compute dtype): one
+    decoder block's weights plus a working copy of its largest linear; the embeddings, final norm and head
+    (an upper bound: an untied head is read only at the end); the input statistics (``XᵀX`` of every distinct
+    input width, three times for the solver's factorisations, when a method needs the Hessian; ``[in]``
+    vectors otherwise); and the activation buffers held in memory (at most ``activation_bytes``)."""
     from calibrant.models.adapter import Adapter, weight_of
 
     adapter = Adapter(model)
     block = adapter.blocks[0]
-    item = torch.finfo(checkpoint_dtype).bits // 8
+    item = 4
     weights = sum(p.numel() for p in block.parameters()) * item
     linears = adapter.block_linears(0).values()
     largest = max((weight_of(m).numel() for m in linears), default=0) * 4

@@ -1,7 +1,7 @@
 """Models larger than memory: a sharded safetensors checkpoint compressed and evaluated block by block.
 
-Streamed compression must equal in-memory compression bitwise (same dtype), hold at most one decoder block at
-a time, keep the checkpoint's dtype in the output, and leave nothing behind when interrupted; streamed
+Streamed compression must equal in-memory compression bitwise (both compute in float32 and write the
+checkpoint's dtype), hold at most one decoder block at a time, and leave nothing behind when interrupted; streamed
 perplexity must equal the in-memory one.
 """
 
@@ -81,18 +81,29 @@ def test_streamed_equals_in_memory_fp32(tmp_path, name, params):
         assert torch.equal(back(CALIB[:2]).logits, ram.loaded.model(CALIB[:2]).logits)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("name, params", METHODS[:3])
-def test_streamed_bf16_stays_bf16_and_equals_in_memory_bf16(tmp_path, name, params):
-    src = _checkpoint(tmp_path, torch.bfloat16, tied=False)
-    reference = T.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
-    compress(reference, CALIB, make_recipe(name, **params), progress=False)
+def test_bf16_computes_in_float32_and_stays_bf16_streamed_or_in_memory(tmp_path, name, params, tied):
+    src = _checkpoint(tmp_path, torch.bfloat16, tied=tied)
+    ram = compress_model(str(src), name, calibration=CALIB, out=tmp_path / "ram", progress=False, stream=False,
+                         **params)
     compress_model(str(src), name, calibration=CALIB, out=tmp_path / "out", progress=False, stream=True, **params)
-    written = _tensors(tmp_path / "out")
-    assert {t.dtype for t in written.values()} == {torch.bfloat16}
-    state = reference.state_dict()
-    assert written.keys() == state.keys()
-    assert [k for k in state if not torch.equal(state[k], written[k])] == []
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    written, in_memory = _tensors(tmp_path / "out"), _tensors(tmp_path / "ram")
+    assert {t.dtype for t in written.values()} == {t.dtype for t in in_memory.values()} == {torch.bfloat16}
+    assert written.keys() == in_memory.keys()
+    assert [k for k in written if not torch.equal(written[k], in_memory[k])] == []
+    for out in ("out", "ram"):
+        assert json.loads((tmp_path / out / "config.json").read_text())["dtype"] == "bfloat16"
+        assert json.loads((tmp_path / out / "calibrant.json").read_text())["dtype"] == \
+            {"stored": "bfloat16", "compute": "float32"}
+    # computed in float32, not in bf16: a bf16 forward would give other statistics, other weights
+    reference = T.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    compress(reference, CALIB, make_recipe(name, **params), progress=False)
+    assert [k for k, v in reference.state_dict().items() if k in written
+            and not torch.equal(v.to(torch.bfloat16), written[k])] == []
+    # the in-memory result holds, in float32, exactly the bf16 weights it wrote
+    state = ram.loaded.model.state_dict()
+    assert [k for k in written if not torch.equal(state[k], written[k].float())] == []
 
 
 def _mapped(directory: Path) -> set[str]:
@@ -162,7 +173,7 @@ def test_interrupted_streamed_run_leaves_nothing(tmp_path, monkeypatch):
 def test_streamed_perplexity_equals_in_memory(tmp_path, dtype):
     src = _checkpoint(tmp_path, dtype, tied=dtype == torch.float32)
     ids = torch.randint(0, VOCAB, (1000,), generator=torch.Generator().manual_seed(2))
-    model = T.AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    model = T.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()  # calibrant computes in fp32
     ram = perplexity(model, ids, seq_len=64, batch_size=4, progress=False)
     for budget in (64 * 64 * 2 * 4 * 4, 1 << 30):  # several chunks (the model read once per chunk), or one
         out = streamed_perplexity(src, ids, seq_len=64, batch_size=4, max_activation_bytes=budget, progress=False)
@@ -277,12 +288,12 @@ def test_block_memory_counts_the_parts_and_a_block_that_cannot_fit_is_refused(tm
     from calibrant.models.lazy import skeleton
 
     src = _checkpoint(tmp_path, torch.bfloat16)
-    parts = streaming.block_memory(skeleton(src, torch.bfloat16), torch.bfloat16, {"hessian"}, 1000)
-    block = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3 + 64 * 2)  # q, o, k, v, gate, up, down, two norms in bf16
-    assert parts == {"block weights": block + 4 * 128 * 64, "embeddings and head": 2 * (VOCAB * 64 + 64),
+    parts = streaming.block_memory(skeleton(src, torch.float32), {"hessian"}, 1000)
+    # a bf16 checkpoint's block is computed on in float32: q, o, k, v, gate, up, down, two norms at 4 bytes
+    block = 4 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3 + 64 * 2)
+    assert parts == {"block weights": block + 4 * 128 * 64, "embeddings and head": 4 * (VOCAB * 64 + 64),
                      "statistics": 3 * 4 * (64 * 64 + 128 * 128), "activations": 1000}
-    assert streaming.block_memory(skeleton(src, torch.bfloat16), torch.bfloat16, {"sq_norms"}, 0)["statistics"] == \
-        2 * 4 * (64 + 128)
+    assert streaming.block_memory(skeleton(src, torch.float32), {"sq_norms"}, 0)["statistics"] == 2 * 4 * (64 + 128)
     monkeypatch.setattr(streaming, "available_memory", lambda: 100_000)
     with pytest.raises(CalibrantError, match=r"does not fit in memory even streamed: it needs about .* statistics"):
         compress_model(str(src), "gptq", scheme="w4g32", calibration=CALIB, out=tmp_path / "o", progress=False,

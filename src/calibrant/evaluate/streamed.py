@@ -4,8 +4,9 @@ The windows are those of :func:`calibrant.evaluate.perplexity.perplexity` (same 
 They go through the model in chunks: the embeddings of a chunk's windows are captured, then each decoder
 block is read from the checkpoint, run over the whole chunk and released, and the model's own forward
 finishes each batch from the last block's output (final norm, LM head and whatever else the family
-applies), so the logits are the ones an in-memory forward gives. Each chunk reads the model once; its
-size follows ``max_activation_bytes`` (two ``[windows, L, hidden]`` buffers).
+applies), so the logits are the ones an in-memory forward gives: blocks are computed on in float32, as an
+in-memory load computes, whatever the checkpoint's dtype. Each chunk reads the model once; its size follows
+``max_activation_bytes`` (two float32 ``[windows, L, hidden]`` buffers).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def streamed_perplexity(model_dir: str | Path, token_ids: torch.Tensor, *, seq_l
                         progress: bool = True, meta: dict[str, Any] | None = None) -> PerplexityResult:
     """Perplexity of the model in ``model_dir`` (safetensors), streamed block by block (module docstring)."""
     checkpoint = LazyCheckpoint(model_dir)
-    model = skeleton(model_dir, checkpoint.dtype())
+    model = skeleton(model_dir, torch.float32)  # computed in float32, as an in-memory load computes
     stride = seq_len if stride is None else stride
     context = getattr(model.config, "max_position_embeddings", None)
     if seq_len < 2 or (context and seq_len > context) or not 0 < stride <= seq_len:
@@ -67,7 +68,7 @@ def streamed_perplexity(model_dir: str | Path, token_ids: torch.Tensor, *, seq_l
     if ids.numel() < 2:
         raise CalibrantError("the evaluation text has fewer than 2 tokens; use a longer corpus")
     adapter = Adapter(model)
-    materializer = Materializer(model, checkpoint)
+    materializer = Materializer(model, checkpoint, dtype=torch.float32)
     family = adapter.family
     rest = [*family.embeddings, *([family.final_norm] if family.final_norm else []), family.lm_head]
     for prefix in rest:
@@ -75,7 +76,7 @@ def streamed_perplexity(model_dir: str | Path, token_ids: torch.Tensor, *, seq_l
     spans = windows(ids.numel(), seq_len, stride)
     batch = bounded_batch(model, seq_len, batch_size)
     hidden = int(model.config.hidden_size)
-    per_window = 2 * seq_len * hidden * torch.finfo(checkpoint.dtype()).bits // 8
+    per_window = 2 * seq_len * hidden * 4
     chunk = max(batch, max_activation_bytes // per_window // batch * batch)
     chunks = group_windows(spans, chunk)  # the tail window, shorter, is its own chunk
     total_nll = torch.zeros((), dtype=torch.float64)

@@ -105,20 +105,53 @@ def check_writable(path: str | Path, flag: str) -> None:
     os.rmdir(probe)
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@torch.no_grad()
+def round_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round every floating parameter of a float32 ``model`` to ``dtype`` (bf16/fp16) in place, kept in
+    float32: a model computed on in float32 holds exactly the weights it is written with in its
+    checkpoint's dtype. Buffers (rotary frequencies) are computed, not stored, and stay as they are."""
+    for p in model.parameters():
+        if p.dtype == torch.float32 and not p.is_meta:
+            p.copy_(p.to(dtype))
+
+
+def stored_state(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
+    """The state dict to write the model in ``dtype``: its float32 tensors cast (a tensor shared by two
+    names, tied embeddings, stays one tensor); None when nothing needs casting."""
+    if dtype is None or dtype == torch.float32:
+        return None
+    cast: dict[tuple[Any, ...], torch.Tensor] = {}
+    state = {}
+    for name, t in model.state_dict().items():
+        if t.dtype == torch.float32:
+            t = cast.setdefault((t.data_ptr(), tuple(t.shape), t.stride()), t.to(dtype))
+        state[name] = t
+    return state
+
+
 def save_model(
     model: torch.nn.Module, tokenizer: Any, out: str | Path, metadata: dict[str, Any], overwrite: bool = False,
-    source_dir: str | Path | None = None,
+    source_dir: str | Path | None = None, dtype: torch.dtype | None = None,
 ) -> Path:
     """``source_dir``: the directory the model was loaded from; a GGUF source's metadata kept there
     (:mod:`calibrant.models.ggufmeta`) is copied along, so ``calibrant export OUT --format gguf`` can carry
-    the tokenizer later."""
+    the tokenizer later. ``dtype``: the dtype to write a float32 model's floating tensors in (its
+    checkpoint's, e.g. bfloat16), recorded in config.json; None writes them as they are."""
     from calibrant.models.ggufmeta import SOURCE_KV_FILE
 
     out = check_output(out, overwrite)
     source_kv = None if source_dir is None else Path(source_dir) / SOURCE_KV_FILE
     with disk_errors(str(out), human_bytes(model_bytes(model))), atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        state = stored_state(model, dtype)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        if state is not None:  # save_pretrained records the in-memory dtype; the files hold ``dtype``
+            config = json.loads((tmp / "config.json").read_text())
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         extras = quant_extras(model)

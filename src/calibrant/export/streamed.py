@@ -3,10 +3,10 @@
 :class:`StreamedBlocks` is the engine's :class:`~calibrant.engine.core.BlockStore` for a model larger than
 memory. The embeddings and final norm are loaded once (the capture runs them), the LM head only at the end,
 to be written; decoder block ``i`` is materialised from the checkpoint when the engine enters it and, when
-the engine leaves it, its compressed weights go at once into their own shard of the output directory (the
-model's dtype) and its memory is released. ``finish`` writes the shard of the embeddings, norm and head,
-the shard index, the config, the tokenizer and ``calibrant.json``. Everything is written inside the
-temporary sibling directory that :func:`calibrant.cache.atomic_path` renames into place only at the very
+the engine leaves it, its compressed weights go at once into their own shard of the output directory (in the
+checkpoint's dtype: a block is computed on in float32) and its memory is released. ``finish`` writes the
+shard of the embeddings, norm and head, the shard index, the config, the tokenizer and ``calibrant.json``.
+Everything is written inside the temporary sibling directory that :func:`calibrant.cache.atomic_path` renames into place only at the very
 end, so an interrupted run leaves no output (and its temporary directory is swept by the next run).
 """
 
@@ -34,8 +34,9 @@ def shard_name(k: int, total: int) -> str:
 class StreamedBlocks:
     """See the module docstring. ``out`` is the (temporary) output directory, created already."""
 
-    def __init__(self, model: nn.Module, materializer: Materializer, out: Path):
+    def __init__(self, model: nn.Module, materializer: Materializer, out: Path, dtype: torch.dtype | None = None):
         self.model = model
+        self.dtype = dtype  # the floating dtype tensors are written in (the checkpoint's); None: as computed
         self.adapter = Adapter(model)
         self.materializer = materializer
         self.out = out
@@ -68,7 +69,7 @@ class StreamedBlocks:
         prefix = self.prefix(index)
         if final:
             block = self.adapter.blocks[index]
-            self._write(index + 1, _state(block, prefix))
+            self._write(index + 1, _state(block, prefix, self.dtype))
             self.extras.update(quant_extras(block, prefix))
         self.materializer.release(prefix, index)
 
@@ -90,11 +91,13 @@ class StreamedBlocks:
             for name, p in self.model.get_submodule(prefix).named_parameters(prefix=prefix):
                 if id(p) not in seen:  # a tied head is stored once, under the embeddings' name
                     seen.add(id(p))
-                    rest[name] = p.detach().to("cpu").contiguous()
+                    rest[name] = _stored(p, self.dtype)
         self._write(self.total, rest)
         (self.out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": self.bytes},
                                                        "weight_map": dict(sorted(self.weight_map.items()))},
                                                       indent=2) + "\n")
+        if self.dtype is not None:  # config.json names the dtype the files hold
+            self.model.config.dtype = self.dtype
         self.model.config.save_pretrained(self.out)
         generation = getattr(self.model, "generation_config", None)
         if generation is not None:
@@ -120,9 +123,14 @@ def _has(model: nn.Module, path: str) -> bool:
     return True
 
 
-def _state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """The module's parameters under their full names, on the CPU."""
-    return {name: p.detach().to("cpu").contiguous() for name, p in module.named_parameters(prefix=prefix)}
+def _state(module: nn.Module, prefix: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The module's parameters under their full names, on the CPU, floating ones in ``dtype``."""
+    return {name: _stored(p, dtype) for name, p in module.named_parameters(prefix=prefix)}
+
+
+def _stored(p: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    cast = dtype if dtype is not None and p.is_floating_point() else p.dtype
+    return p.detach().to(device="cpu", dtype=cast).contiguous()
 
 
 def _check_finite(module: nn.Module, prefix: str) -> None:

@@ -4,9 +4,10 @@
 ``model.safetensors.index.json`` lists) and reads a tensor only when asked, memory-mapped by safetensors.
 :func:`skeleton` builds the model from its config with every parameter on the meta device (no memory);
 buffers that are computed rather than stored (rotary frequencies, causal masks) are real. A
-:class:`Materializer` then loads one module at a time (a decoder block, the embeddings) into the skeleton in
-the checkpoint's own dtype, and releases it back to the meta device when it is done, counting the decoder
-blocks that are resident so that a caller (and the tests) can hold it to a bound.
+:class:`Materializer` then loads one module at a time (a decoder block, the embeddings) into the skeleton, in
+a given dtype (calibrant computes in float32) or the checkpoint's own, and releases it back to the meta
+device when it is done, counting the decoder blocks that are resident so that a caller (and the tests) can
+hold it to a bound.
 
 Loading assigns ``parameter.data``: parameters shared between modules (tied input and output embeddings)
 are one object, so they are loaded and released together.

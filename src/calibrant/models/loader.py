@@ -31,6 +31,7 @@ from calibrant.models.assets import (
     convert_gguf,
     is_complete_model_dir,
 )
+from calibrant.models.lazy import LazyCheckpoint
 
 __all__ = [
     "ALIASES",
@@ -55,6 +56,9 @@ class LoadedModel:
     spec: str  # what the user typed
     path: Path | None  # the local HF directory it came from (None for an in-memory model)
     model_hash: str  # 16 hex: sha256 over the weight files' contents
+    # the dtype its checkpoint stores the weights in: a bf16/fp16 checkpoint is computed on in float32 and its
+    # compressed weights are rounded back to it (``calibrant.export.hf.round_weights``)
+    source_dtype: torch.dtype = torch.float32
 
     @property
     def context_length(self) -> int | None:
@@ -94,7 +98,20 @@ def load_model(
     _check_loading_info(path, model, info)
     model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=str(spec), path=path, model_hash=digest)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=str(spec), path=path, model_hash=digest,
+                       source_dtype=stored_dtype(path))
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The floating dtype directory ``path`` stores its weights in: from its safetensors headers, else its
+    config.json's ``dtype`` (``torch_dtype``), else float32."""
+    try:
+        return LazyCheckpoint(path).dtype()
+    except ModelError:  # no safetensors (a .bin checkpoint): what its config says
+        config = json.loads((path / "config.json").read_text())
+        name = config.get("dtype") or config.get("torch_dtype") or "float32"
+        dtype = getattr(torch, str(name), torch.float32)
+        return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _from_pretrained(path: Path, dtype: torch.dtype) -> tuple[transformers.PreTrainedModel, dict[str, Any]]:
