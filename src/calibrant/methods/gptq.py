@@ -51,7 +51,7 @@ SUBBLOCK = 32  # columns per rank-1 update slice inside a lazy block (see _gptq_
 
 def gptq_quantize(
     W: torch.Tensor,
-    U: torch.Tensor,
+    U: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     scheme: QuantScheme,
     *,
     blocksize: int = 128,
@@ -62,7 +62,8 @@ def gptq_quantize(
     out_dtype: torch.dtype | None = None,
     global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``W`` [out, in] given ``U`` (``UᵀU = H⁻¹``, already permuted if ``perm``).
+    """Quantize ``W`` [out, in] given ``U`` (``UᵀU = H⁻¹``, already permuted if ``perm``), or ``U`` with its
+    rows divided by its diagonal, as ``(V, 1 / diag(U))`` (:func:`~calibrant.methods.hessian.row_scaled_factor`).
 
     Returns ``(Ŵ, scales [out, G], zeros [out, G], g_idx [in])`` in the original column order;
     ``g_idx[c]`` is the group whose parameters column ``c`` uses. ``loss`` ([out], float64), when given,
@@ -112,32 +113,68 @@ def gptq_quantize(
         on_the_fly = True
         blocksize = max(g, blocksize // g * g) if g <= blocksize else g  # a group never straddles two blocks
     # the column loop runs on the transpose: column j of W is the contiguous row j of WpT (transposing
-    # first and gathering rows is several times faster than gathering columns of W)
-    WpT = W.t().contiguous().index_select(0, order)
-    maskT = mask.t().contiguous().index_select(0, order) if mask is not None else None
+    # first and gathering rows is several times faster than gathering columns of W); without act-order the
+    # order is the identity and nothing is gathered (a copy of W less)
+    WpT = _in_order(_transposed(W), perm)
+    maskT = _in_order(mask.t().contiguous(), perm) if mask is not None else None
     scaleT, zeroT = scale.t().contiguous(), zero.t().contiguous()
     QT = torch.empty_like(WpT)
     groups_p = g_idx[order]
+    if isinstance(U, torch.Tensor):
+        inv_d = 1.0 / torch.diagonal(U)
+        V = U * inv_d[:, None]
+    else:
+        V, inv_d = U
     with single_threaded():
-        _gptq_loop(WpT, U, QT, scaleT, zeroT, groups_p.tolist(), maskT, scheme, lo, hi, g, blocksize, on_the_fly,
-                   loss, global_scale, grids)
+        _gptq_loop(WpT, V, inv_d, QT, scaleT, zeroT, groups_p.tolist(), maskT, scheme, lo, hi, g, blocksize,
+                   on_the_fly, loss, global_scale, grids)
+    del maskT
     out_dtype = out_dtype or W.dtype
+    restore = None if perm is None else torch.argsort(order)
+
+    def output(rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` back in column order, transposed to ``[out, in]``: into ``WpT``'s storage, dead after the
+        loop and always the function's own copy (a weight-sized matrix less at the peak)."""
+        rows = _in_order(rows, restore)
+        if rows.dtype != WpT.dtype:
+            return rows.t().contiguous()
+        return WpT.view(W.shape).copy_(rows.t())
     if grids is not None:  # QT holds the dequantized values; report the stored float16 scales and minima
         assert all(grid is not None for grid in grids)
-        out = QT.to(out_dtype).index_select(0, torch.argsort(order)).t().contiguous()
+        out = output(QT.to(out_dtype))
         d16 = torch.stack([grid.d16 for grid in grids], dim=1)  # type: ignore[union-attr]
         m16 = torch.stack([grid.m16 for grid in grids], dim=1)  # type: ignore[union-attr]
         return out, d16, m16, g_idx
     if fmt == "nvfp4":  # float32 values from the float32 effective scales; report the E4M3 block scales
         eff = scaleT.to(torch.float32)
-        QT = QT.to(torch.float32).mul_(eff.index_select(0, groups_p)).to(out_dtype)
-        out = QT.index_select(0, torch.argsort(order)).t().contiguous()
+        QT = _scale_rows_(QT.to(torch.float32), eff, groups_p).to(out_dtype)
+        out = output(QT)
         blocks = round_e4m3(eff * global_scale).t().contiguous()
         return out, blocks, torch.zeros_like(blocks), g_idx
     QT, scaleT, zeroT = QT.to(out_dtype), scaleT.to(out_dtype), zeroT.to(out_dtype)  # no copies at W's dtype
-    QT.mul_(scaleT.index_select(0, groups_p))  # integer codes (zero point taken off) → values
-    out = QT.index_select(0, torch.argsort(order)).t().contiguous()
+    _scale_rows_(QT, scaleT, groups_p)  # integer codes (zero point taken off) → values
+    out = output(QT)
     return out, scaleT.t().contiguous(), zeroT.t().contiguous(), g_idx
+
+
+def _scale_rows_(QT: torch.Tensor, scaleT: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``QT[j] *= scaleT[groups[j]]`` in place, a slice of rows at a time (the gathered scales of all rows
+    would be a weight-sized matrix); returns ``QT``."""
+    step = max(1, (1 << 22) // max(QT.shape[1], 1))
+    for r in range(0, QT.shape[0], step):
+        QT[r:r + step].mul_(scaleT.index_select(0, groups[r:r + step]))
+    return QT
+
+
+def _transposed(W: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``Wᵀ``, always a copy (``W.t().contiguous()`` is ``W`` itself for one row)."""
+    out = torch.empty(W.shape[1], W.shape[0], dtype=W.dtype, device=W.device)
+    return out.copy_(W.t())
+
+
+def _in_order(rows: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """``rows`` gathered in ``order``; None is the identity (``rows`` itself, no copy)."""
+    return rows if order is None else rows.index_select(0, order)
 
 
 def _float_qparams(W: torch.Tensor, fmt: str, global_scale: torch.Tensor | None,
@@ -157,7 +194,8 @@ def _float_qparams(W: torch.Tensor, fmt: str, global_scale: torch.Tensor | None,
 
 def _gptq_loop(
     WpT: torch.Tensor,
-    U: torch.Tensor,
+    V: torch.Tensor,
+    inv_d: torch.Tensor,
     QT: torch.Tensor,
     scaleT: torch.Tensor,
     zeroT: torch.Tensor,
@@ -185,14 +223,13 @@ def _gptq_loop(
 
     Five ops per column: the code ``t = clamp(round(w / s), lo − z, hi − z)`` (three, into ``QT``), the
     rounding error ``w − t·s`` (one ``addcmul``) and its update. GPTQ's error is that difference over
-    ``U_jj``; the division is folded into the rows of ``V = U / diag(U)``, which carry every update.
+    ``U_jj``; the division is folded into the rows of ``V = U / diag(U)`` (``inv_d = 1 / diag(U)``), which carry
+    every update.
     Float grids round ``w / s`` onto their grid (:func:`round_float_`) in place of round-and-clamp. GGUF grids
     (``grids``: one :class:`BlockGrid` per block, filled on the fly when None) write the dequantized value of
     each column into ``QT`` and feed back ``w`` minus it."""
     cols = WpT.shape[0]
     fmt = scheme.float_fmt
-    inv_d = 1.0 / torch.diagonal(U)
-    V = U * inv_d[:, None]
     zero_point = not scheme.symmetric
     # per-column views made once (indexing a tensor in the loop costs as much as the arithmetic)
     wrows, qrows, vrows = WpT.unbind(0), QT.unbind(0), V.unbind(0)
@@ -325,15 +362,17 @@ class GPTQ(Method):
             raise RecipeError("LoRC cannot follow pruning: the rank-r correction would fill the pruned weights")
         if scheme.granularity == "tensor" and len(weights) > 1:  # one scale per layer: solve them one by one
             return [self.compress_group([w], stats, [c])[0] for w, c in zip(weights, ctxs, strict=True)]
-        W, mask, U, perm, dead, damp_used = stacked_problem(weights, [c.mask for c in ctxs], stats, self.damp,
-                                                            ctxs[0].name, self.act_order, self._dtype)
+        W, mask, (V, inv_d), perm, dead, damp_used = stacked_problem(
+            weights, [c.mask for c in ctxs], stats, self.damp, ctxs[0].name, self.act_order, self._dtype,
+            row_scaled=True)
         loss = None if scheme.lorc_rank else torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
         global_scale = None
         if scheme.fmt == "nvfp4":  # one global scale for the linears vLLM fuses (they read one input)
             global_scale = nvfp4_global_scale(torch.stack([w.abs().amax() for w in weights]).amax())
         amax = input_amax(scheme, stats)
         Q, scale, zero, g_idx = gptq_quantize(
-            W, U.to(W.device), scheme, blocksize=self.blocksize, perm=None if perm is None else perm.to(W.device),
+            W, (V.to(W.device), inv_d.to(W.device)), scheme, blocksize=self.blocksize,
+            perm=None if perm is None else perm.to(W.device),
             static_groups=self.static_groups, mask=mask, loss=loss, out_dtype=weights[0].dtype,
             global_scale=global_scale,
         )

@@ -90,25 +90,37 @@ class Hessian(Statistic):
 
     def __init__(self, dim: int, device: torch.device | str) -> None:
         super().__init__(dim, device)
-        self._h: torch.Tensor | None = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        # allocated at the first update (or read): a block's groups are all created before its forwards, and a
+        # 7 B down-projection's XᵀX (0.5 GB) need not be resident while the groups before it are solved
+        self._h: torch.Tensor | None = None
+        self._device = device
+        self._allocated = False
         self._lower_stale = False
         self._chunks = 4 if dim < 1024 else 6
 
     def _chunk_bounds(self) -> list[int]:
         return [self.dim * i // self._chunks for i in range(self._chunks + 1)]
 
+    def _matrix(self) -> torch.Tensor | None:
+        if not self._allocated:
+            self._h = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=self._device)
+            self._allocated = True
+        return self._h
+
     def update(self, x: torch.Tensor) -> None:
-        assert self._h is not None
+        h = self._matrix()
+        assert h is not None
         if self.dim < self.TRIANGULAR_MIN_DIM or x.device.type != "cpu":
-            self._h.addmm_(x.t(), x)
+            h.addmm_(x.t(), x)
             return
         bounds = self._chunk_bounds()
         for i in range(self._chunks):  # the diagonal tiles in full, the tiles right of them
             a0, a1 = bounds[i], bounds[i + 1]
-            self._h[a0:a1, a0:].addmm_(x[:, a0:a1].t(), x[:, a0:])
+            h[a0:a1, a0:].addmm_(x[:, a0:a1].t(), x[:, a0:])
         self._lower_stale = True
 
     def result(self) -> torch.Tensor | None:
+        self._matrix()
         if self._h is not None and self._lower_stale:  # copy each tile above the diagonal to its mirror
             bounds = self._chunk_bounds()
             for i in range(self._chunks):
@@ -121,6 +133,7 @@ class Hessian(Statistic):
 
     def replace(self, value: torch.Tensor | None) -> None:
         self._h = value
+        self._allocated = True
         self._lower_stale = False
 
 
