@@ -4,6 +4,7 @@ at a quarter of its depth, and streamed vs in-RAM perplexity of real models.
     .venv/bin/python bench/streaming.py synthetic --dir /var/tmp/llama7b   # ~27 GB fp32 written, then compressed
     .venv/bin/python bench/streaming.py quarter --dir /var/tmp/llama7b-q   # 8 blocks: in RAM and streamed
     .venv/bin/python bench/streaming.py real                               # SmolLM2-135M, Gemma-3-270M
+    .venv/bin/python bench/streaming.py block                              # one block: each method's memory
 
 ``synthetic`` writes a Llama checkpoint of a real 7 B shape (hidden 4096, 32 blocks, MLP 11008, 32 heads,
 vocabulary 32000) in float32 with seeded random weights, one safetensors shard per block, then compresses it
@@ -20,6 +21,10 @@ identical weights; the streaming overhead is the wall-time difference.
 
 ``real``: SmolLM2-135M and Gemma-3-270M, each in float32 and bfloat16, Wanda 50 % (wiki 32×512) in memory and
 streamed, then wiki perplexity of each output in memory and streamed: all four numbers must be equal per model.
+
+``block``: one block of the 7 B shape in memory (a one-block model, 256-token vocabulary), compressed from the
+same 4×128 rows: the memory each method's statistics and solver add to the block's weights (its peak RSS less
+the resident set before the compression), in a process of its own.
 """
 
 from __future__ import annotations
@@ -121,6 +126,9 @@ def child(args: argparse.Namespace) -> None:
         res = streamed_perplexity(job["model"], ids.reshape(-1), seq_len=ids.shape[1], batch_size=ids.shape[0],
                                   progress=False)
         out = {"ppl": res.ppl, "seconds": res.seconds}
+    elif job["kind"] == "block":  # one block of the shape in memory: what a method adds to its weights
+        SHAPE.update(job["shape"])
+        out = _one_block(job["method"], job["params"], job["n"], job["length"])
     elif job["kind"] == "ppl":
         from calibrant.api import evaluate_perplexity
 
@@ -129,6 +137,60 @@ def child(args: argparse.Namespace) -> None:
         out = {"ppl": res.ppl, "tokens": res.tokens}
     out.update(wall_s=time.perf_counter() - t0, peak_rss_gb=peak_rss_gb())
     print(json.dumps(out))
+
+
+def _rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1e6
+    return 0.0
+
+
+def _one_block(method: str, params: dict[str, Any], n: int, length: int) -> dict[str, Any]:
+    """A one-block model of the shape (seeded random weights, a 256-token vocabulary: the block is what is
+    measured), compressed in memory from ``n``×``length`` random rows: resident memory before, the peak during,
+    the compression's wall time and one dense forward's over the same rows."""
+    import gc
+
+    import transformers as T
+
+    from calibrant.calibration import CalibrationSet
+    from calibrant.engine import compress
+    from calibrant.methods import make_recipe
+
+    cfg = T.LlamaConfig(**{**SHAPE, "num_hidden_layers": 1, "vocab_size": 256}, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = T.LlamaForCausalLM(cfg).eval()
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    rows = torch.randint(3, 256, (n, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(rows)
+        forward_s = time.perf_counter() - t0
+    gc.collect()
+    before = _rss_gb()
+    t0 = time.perf_counter()
+    compress(model, CalibrationSet.from_tensor(rows, source="random-ids"), make_recipe(method, **params),
+             batch_size=n, progress=False)
+    return {"forward_s": forward_s, "compress_s": time.perf_counter() - t0, "rss_before_gb": before,
+            "block_gb": sum(p.numel() * 4 for p in model.model.layers[0].parameters()) / 1e9}
+
+
+def block(args: argparse.Namespace) -> None:
+    print(f"## One block of the 7 B shape in memory, fp32 — what each method adds to it; calibration {args.n}×"
+          f"{args.length}, {torch.get_num_threads()} thread(s); {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print("| method | block weights GB | resident before GB | peak GB | working memory GB | compress s | "
+          "× dense forward |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label in args.methods.split(","):
+        method, params = METHODS[label]
+        r = run_child({"kind": "block", "method": method, "params": params, "n": args.n, "length": args.length,
+                       "shape": SHAPE})
+        print(f"| {label} | {r['block_gb']:.2f} | {r['rss_before_gb']:.2f} | {r['peak_rss_gb']:.2f} | "
+              f"{r['peak_rss_gb'] - r['rss_before_gb']:.2f} | {r['compress_s']:.0f} | "
+              f"{r['compress_s'] / r['forward_s']:.1f} |", flush=True)
 
 
 def run_child(job: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
@@ -307,14 +369,18 @@ def main() -> None:
     r.add_argument("--dir", default="/var/tmp/calibrant-streaming-real")
     r.add_argument("--models", default="smollm2-135m,gemma3-270m")
     r.add_argument("--max-tokens", type=int, default=16384)
-    for part in (s, q):
+    b = sub.add_parser("block")
+    b.add_argument("--methods", default="wanda50,gptq-w4g128")
+    b.add_argument("--n", type=int, default=4)
+    b.add_argument("--length", type=int, default=128)
+    for part in (s, q, b):
         part.add_argument("--small", action="store_true", help="a 16x narrower shape: a smoke test of the bench")
     c = sub.add_parser("_child")
     c.add_argument("--job", required=True)
     args = p.parse_args()
     if getattr(args, "small", False):
         SHAPE.update(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4)
-    {"synthetic": synthetic, "quarter": quarter, "real": real, "_child": child}[args.part](args)
+    {"synthetic": synthetic, "quarter": quarter, "real": real, "block": block, "_child": child}[args.part](args)
 
 
 if __name__ == "__main__":
