@@ -155,6 +155,7 @@ def model_dirs(tmp_path_factory):
          "gemma3_text"),
         (["--samples", "2"], "at least 10 measured configurations"),
         (["--samples", "16", "--max-samples", "12"], "--max-samples 12 is below --samples 16"),
+        (["--patience", "0"], "--patience"),
     ],
 )
 def test_cli_bad_input_one_line_exit_2(model_dirs, tmp_path, capsys, args, message):
@@ -214,9 +215,11 @@ def test_rounds_add_exactly_the_measured_top_k_with_their_round(monkeypatch, tmp
 
 
 def test_the_stopping_rule_stops_and_max_samples_bounds_the_cost(monkeypatch):
-    res = _proxy_search(monkeypatch, rounds=5, top_k=2, min_improvement=100.0)  # nothing improves by 100 nats
-    assert res.extra["stopped"] == "no improvement" and len(res.extra["rounds"]) == 1
+    res = _proxy_search(monkeypatch, rounds=5, top_k=2, min_improvement=100.0, patience=1)  # nothing improves
+    assert res.extra["stopped"] == "no improvement" and len(res.extra["rounds"]) == 1   # by 100 nats
     assert not res.extra["rounds"][0]["improved"]
+    res = _proxy_search(monkeypatch, rounds=5, top_k=2, min_improvement=100.0)  # the default: two such rounds
+    assert res.extra["stopped"] == "no improvement" and len(res.extra["rounds"]) == 2
     capped = _proxy_search(monkeypatch, rounds=10, top_k=4, patience=99, max_samples=18)
     assert capped.extra["measured"] == 18 and capped.extra["stopped"] == "max_samples"
 
@@ -320,3 +323,26 @@ def test_rounds_below_one_are_refused(model_dirs, capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and "--rounds: must be a positive integer, got 0" in err
     with pytest.raises(CalibrantError, match="--rounds and --top-k must be at least 1"):
         search_structured(None, None, 0.8, 16, rounds=0)
+
+
+def test_candidates_alternate_the_neighbourhood_of_the_best_and_the_evolution():
+    from calibrant.search.search import neighbourhood, pick_candidates
+
+    space = SearchSpace(ModelShape.of(gqa_model("llama", layers=4)), quantum=16)
+    rng = np.random.default_rng(0)
+    best = [space.random(0.7, rng) for _ in range(3)]
+    seen = set(best)
+    near = neighbourhood(space, best, 0.7, rng, size=200, exclude=seen)
+    assert len(near) == len(set(near)) > 50 and not seen & set(near)
+    assert all(space.within(c, 0.7) and space.kept_fraction(c) >= 0.7 - space.tol for c in near)
+
+    def steps(a, b):  # blocks whose genes differ
+        return sum(x != y for x, y in zip(a.kv_groups + a.mlp_channels, b.kv_groups + b.mlp_channels, strict=True))
+
+    # a mutation changes at most three blocks' genes; repair may then step a few more
+    assert np.median([min(steps(c, b) for b in best) for c in near]) <= 4
+    far = [space.random(0.7, rng) for _ in range(10)]
+    ranked = [(float(i), c) for i, c in enumerate(far)]
+    score = {c: float(i) for i, c in enumerate(near)}
+    picked = pick_candidates(ranked, near, lambda cs: np.array([score[c] for c in cs]), 5, seen | {far[0]})
+    assert picked == [near[0], far[1], near[1], far[2], near[2]]  # measured ones skipped, the rest in turn

@@ -43,6 +43,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         quantum=args.quantum, allow_removal=args.allow_removal, predictor=args.predictor, rounds=args.rounds,
         top_k=args.top_k, heldout_samples=args.heldout, batch_size=args.batch_size, progress=not args.quiet,
         strategy=args.strategy, max_samples=args.max_samples, min_improvement=args.min_improvement,
+        patience=args.patience,
     )
     rows: list[list[Any]] = []
     for label, p in (("dense", res.dense), ("uniform (best)", res.uniform), ("searched", res.best)):
@@ -92,7 +93,10 @@ def add_search_parser(sub: Any) -> None:
                         "and measures its top-k (8)")
     s.add_argument("--top-k", type=positive_int, default=6, help="predicted-best configurations measured for real per round")
     s.add_argument("--min-improvement", type=float, default=0.001,
-                   help="stop when a round improves the best measured proxy loss by no more than this (nats; 0.001)")
+                   help="a round improves the search when it lowers the best measured proxy loss by more than this "
+                        "(nats; 0.001)")
+    s.add_argument("--patience", type=int, default=2,
+                   help="rounds in a row without such an improvement before the search stops (2)")
     s.add_argument("--max-samples", type=positive_int, default=None,
                    help="measured configurations in all, the initial sample included (default samples + rounds x top-k)")
     s.add_argument("--strategy", choices=["predictor", "random", "evolution"], default="predictor",

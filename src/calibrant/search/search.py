@@ -5,8 +5,10 @@ slice): the uniform ones, random ones in the budget band, perturbations of the b
 re-slice of the dense weights, stored in SQLite (round 0); 3. rounds (active learning): fit a bagged,
 monotone-constrained predictor (:mod:`calibrant.search.predictor`; K-fold Spearman ρ / MAE), narrow each
 block's ranges to the region it likes, evolve (tournament, uniform crossover, mutation, budget repair)
-on its optimistic score (mean − ``kappa`` × bag spread), measure the top-k new configurations for real
-(stored with their round), refit, and again — until a round's measurements stop improving the best
+on its optimistic score (mean − ``kappa`` × bag spread), rank by the same score a neighbourhood of the best
+measured (one- to three-block steps and crossovers, where the predictor is trusted most), measure the top-k
+new configurations for real, taken in turn from the neighbourhood and from the evolution (stored with their
+round), refit, and again — until a round's measurements stop improving the best
 measured proxy loss by more than ``min_improvement`` nats for ``patience`` rounds, ``rounds`` rounds are
 done, or ``max_samples`` configurations are measured; 4. return the best measured configuration — never
 one over budget.
@@ -197,6 +199,44 @@ def narrow(space: SearchSpace, predictor: Predictor | Ensemble, featurize: Featu
     return b, best
 
 
+def neighbourhood(space: SearchSpace, best: list[StructuredConfig], budget: float, rng: np.random.Generator,
+                  size: int = 2000, exclude: Any = ()) -> list[StructuredConfig]:
+    """Up to ``size`` distinct unmeasured configurations a step from the best measured: mutations of one to three
+    blocks and crossovers of two of them, repaired into the budget band (where the predictor, fitted on
+    measurements around them, is trusted most)."""
+    out: dict[StructuredConfig, None] = {}
+    for _ in range(3 * size):
+        if len(out) >= size:
+            break
+        a = best[int(rng.integers(len(best)))]
+        if len(best) > 1 and rng.random() < 0.3:
+            a = space.crossover(a, best[int(rng.integers(len(best)))], budget, rng)
+        c = space.mutate(a, budget, rng, blocks=int(rng.integers(1, 4)))
+        if c not in exclude:
+            out[c] = None
+    return list(out)
+
+
+def pick_candidates(ranked: list[tuple[float, StructuredConfig]], near: list[StructuredConfig],
+                    score: Callable[[list[StructuredConfig]], np.ndarray], k: int,
+                    seen: Any) -> list[StructuredConfig]:
+    """The ``k`` configurations to measure next: the best-scored (optimistic predicted loss) of the
+    neighbourhood of the best measured, alternating with the global evolution's best, each unmeasured and
+    distinct."""
+    local = [c for _, c in sorted(zip(score(near), near, strict=True), key=lambda t: t[0])] if near else []
+    far = [c for _, c in ranked]
+    out: list[StructuredConfig] = []
+    queues = [local, far]
+    turn = 0
+    while len(out) < k and any(queues):
+        q = queues[turn % 2] or queues[(turn + 1) % 2]
+        c = q.pop(0)
+        if c not in seen and c not in out:
+            out.append(c)
+            turn += 1
+    return out
+
+
 def evolve(space: SearchSpace, score: Callable[[list[StructuredConfig]], np.ndarray], budget: float,
            rng: np.random.Generator, start: list[StructuredConfig], bounds: Bounds | None = None,
            population: int = 48, generations: int = 30, elite: int = 8) -> list[tuple[float, StructuredConfig]]:
@@ -240,13 +280,15 @@ STRATEGIES = ("predictor", "random", "evolution")
 
 def check_search(budget: float, samples: int, *, score: str = "wanda", rounds: int = 1, top_k: int = 6,
                  proxy_tokens: int = 4096, out: str | Path | None = None, overwrite: bool = False,
-                 strategy: str = "predictor", max_samples: int | None = None) -> None:
+                 strategy: str = "predictor", max_samples: int | None = None, patience: int = 2) -> None:
     """Refuse bad :func:`search_structured` arguments (cheap: nothing is loaded)."""
     if not isinstance(samples, int) or samples < max(8, 2 * FOLDS):
         raise CalibrantError(f"--samples must be at least {max(8, 2 * FOLDS)} measured configurations (the "
                              f"predictor's {FOLDS}-fold cross-validation needs two per fold), got {samples}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1 or top_k < 1:
         raise CalibrantError(f"--rounds and --top-k must be at least 1, got rounds={rounds}, top-k={top_k}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise CalibrantError(f"--patience must be at least 1 round without improvement, got {patience}")
     if strategy not in STRATEGIES:
         raise CalibrantError(f"unknown search strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
     if max_samples is not None and max_samples < samples:
@@ -299,7 +341,7 @@ def search_structured(
     strategy: str = "predictor",
     max_samples: int | None = None,
     min_improvement: float = 0.001,
-    patience: int = 1,
+    patience: int = 2,
     kappa: float = 1.0,
     bags: int = 8,
     monotone_constraints: bool = True,
@@ -317,7 +359,7 @@ def search_structured(
     module docstring. ``monotone_constraints`` (LightGBM only) and ``bags`` / ``kappa`` shape the predictor.
     """
     check_search(budget, samples, score=score, rounds=rounds, top_k=top_k, proxy_tokens=proxy_tokens, out=out,
-                 overwrite=overwrite, strategy=strategy, max_samples=max_samples)
+                 overwrite=overwrite, strategy=strategy, max_samples=max_samples, patience=patience)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     torch_model = loaded.model
@@ -410,10 +452,12 @@ def search_structured(
 
                 ranked = evolve(space, optimistic, budget, rng, start, bounds, population=population,
                                 generations=generations)
+                near = neighbourhood(space, [p.config for p in sorted(train, key=lambda p: p.nll)[:8]], budget,
+                                     rng, exclude=measure.seen)
                 timings["search_s"] += time.perf_counter() - t0
 
                 t0 = time.perf_counter()
-                fresh = [c for _, c in ranked if c not in measure.seen][:min(top_k, limit - len(train))]
+                fresh = pick_candidates(ranked, near, optimistic, min(top_k, limit - len(train)), measure.seen)
                 new = [measure(cfg, "predicted", round_no)
                        for cfg in tqdm(fresh, desc=f"round {round_no}: measure top {len(fresh)}", disable=not progress)]
                 train += new
