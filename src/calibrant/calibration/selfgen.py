@@ -22,6 +22,7 @@ Spec options, each ``KEY=VALUE`` before ``NxL``: ``t=START..END`` (linear) or ``
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -174,15 +175,16 @@ def generate_self_calibration(model: torch.nn.Module, tokenizer: Any, n: int, se
     t0 = time.perf_counter()
     bar = tqdm(total=n * (seq_len - 1), desc="self-calibration", unit="tok", unit_scale=True, leave=False,
                disable=(None if progress is None else not progress))
-    with inference_mode(model, kv_cache=True):  # generation keeps its own KV cache (past_key_values)
+    cache_arg = cache_keyword(model)
+    with inference_mode(model, kv_cache=True):  # generation keeps its own KV cache
         with bar:
             for b0 in range(0, n, config.batch_size):
                 b = min(config.batch_size, n - b0)
                 current = torch.full((b, 1), start_id, dtype=torch.long, device=device)
                 past = None
                 for step in range(seq_len - 1):
-                    out = model(input_ids=current, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
+                    out = model(input_ids=current, **{cache_arg: past}, use_cache=True)
+                    past = _cache_of(out)
                     logits = out.logits[:, -1, :].float().cpu()
                     if logits.shape[-1] > vocab:  # embedding rows beyond the tokenizer's ids are never sampled
                         logits[:, vocab:] = float("-inf")
@@ -231,6 +233,7 @@ def generate_after_prefixes(model: torch.nn.Module, tokenizer: Any, prefixes: Se
     t0 = time.perf_counter()
     bar = tqdm(total=sum(seq_len - k for k in lengths), desc="self-calibration (chat)", unit="tok", unit_scale=True,
                leave=False, disable=(None if progress is None else not progress))
+    cache_arg = cache_keyword(model)
     with inference_mode(model, kv_cache=True), bar:
         for b0 in range(0, n, config.batch_size):
             rows = list(range(b0, min(b0 + config.batch_size, n)))
@@ -247,8 +250,8 @@ def generate_after_prefixes(model: torch.nn.Module, tokenizer: Any, prefixes: Se
             attention, positions = attention.to(device), positions.to(device)
             for step in range(steps):
                 out = model(input_ids=current, attention_mask=attention, position_ids=positions,
-                            past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                            **{cache_arg: past}, use_cache=True)
+                past = _cache_of(out)
                 logits = out.logits[:, -1, :].float().cpu()
                 if torch.isnan(logits).any():
                     raise CalibrationError("the model's logits are not finite while generating self-calibration "
@@ -273,3 +276,13 @@ def generate_after_prefixes(model: torch.nn.Module, tokenizer: Any, prefixes: Se
     timing = {"seconds": seconds, "generated_tokens": generated, "tokens_per_second": generated / max(seconds, 1e-9),
               "device": str(device), "threads": torch.get_num_threads()}
     return ids, {"generation": info, "timing": timing}
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's KV-cache argument: ``cache`` in transformers that renamed it (``past_key_values`` is
+    deprecated there and goes in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    return out.cache if hasattr(out, "cache") else out.past_key_values
