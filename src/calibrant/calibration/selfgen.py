@@ -184,7 +184,7 @@ def generate_self_calibration(model: torch.nn.Module, tokenizer: Any, n: int, se
                 past = None
                 for step in range(seq_len - 1):
                     out = model(input_ids=current, **{cache_arg: past}, use_cache=True)
-                    past = _cache_of(out)
+                    past = getattr(out, cache_arg)  # the output's field has the same name
                     logits = out.logits[:, -1, :].float().cpu()
                     if logits.shape[-1] > vocab:  # embedding rows beyond the tokenizer's ids are never sampled
                         logits[:, vocab:] = float("-inf")
@@ -251,7 +251,7 @@ def generate_after_prefixes(model: torch.nn.Module, tokenizer: Any, prefixes: Se
             for step in range(steps):
                 out = model(input_ids=current, attention_mask=attention, position_ids=positions,
                             **{cache_arg: past}, use_cache=True)
-                past = _cache_of(out)
+                past = getattr(out, cache_arg)  # the output's field has the same name
                 logits = out.logits[:, -1, :].float().cpu()
                 if torch.isnan(logits).any():
                     raise CalibrationError("the model's logits are not finite while generating self-calibration "
@@ -280,9 +280,6 @@ def generate_after_prefixes(model: torch.nn.Module, tokenizer: Any, prefixes: Se
 
 def cache_keyword(model: torch.nn.Module) -> str:
     """The forward's KV-cache argument: ``cache`` in transformers that renamed it (``past_key_values`` is
-    deprecated there and goes in 5.40), ``past_key_values`` before."""
+    deprecated there and goes in 5.40), ``past_key_values`` before; the output's field is named alike."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-
-def _cache_of(out: Any) -> Any:
-    return out.cache if hasattr(out, "cache") else out.past_key_values

@@ -444,7 +444,8 @@ def search_structured(
 
                 t0 = time.perf_counter()
                 bounds, top = narrow(space, model_p, featurize, budget, rng)
-                start = [p.config for p in sorted(train, key=lambda p: p.nll)[:8]] + top
+                leaders = [p.config for p in sorted(train, key=lambda p: p.nll)[:8]]
+                start = leaders + top
 
                 def optimistic(cfgs: list[StructuredConfig], m: Ensemble = model_p) -> np.ndarray:
                     all_ = m.all(featurize(cfgs))
@@ -452,8 +453,7 @@ def search_structured(
 
                 ranked = evolve(space, optimistic, budget, rng, start, bounds, population=population,
                                 generations=generations)
-                near = neighbourhood(space, [p.config for p in sorted(train, key=lambda p: p.nll)[:8]], budget,
-                                     rng, exclude=measure.seen)
+                near = neighbourhood(space, leaders, budget, rng, exclude=measure.seen)
                 timings["search_s"] += time.perf_counter() - t0
 
                 t0 = time.perf_counter()
