@@ -95,6 +95,24 @@ def test_coverage_is_within_twice_the_optimal_radius():
     assert info["layer"] == 1 and len(kept) == 3
 
 
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gpt_neox", "gemma3"])
+def test_pooled_states_equal_the_models_hidden_states_without_running_the_head(family):
+    from tests.conftest import tiny_model, token_batch
+
+    model = tiny_model(family)
+    pool = token_batch(5, 12, seed=6)
+    with torch.no_grad():
+        full = model(input_ids=pool, output_hidden_states=True).hidden_states
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
+    for layer in range(len(full)):
+        head_calls.clear()
+        states = _pooled_states(model, pool, layer, batch_size=2)
+        torch.testing.assert_close(states, full[layer].float().mean(dim=1), rtol=1e-5, atol=1e-6)
+        assert len(head_calls) == (3 if layer == len(full) - 1 else 0)  # batches of 2: 3 forwards at the last
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the stopping hooks are gone
+
+
 def test_ppl_filter_keeps_the_highest_perplexity_rows():
     from calibrant.calibration.diagnostics import set_perplexity
     from tests.conftest import tiny_model, token_batch

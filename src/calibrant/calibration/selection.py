@@ -114,16 +114,45 @@ def diverse_rows(ids: torch.Tensor, n: int) -> tuple[list[int], dict[str, Any]]:
     return sorted(kept), {"types_covered": int(covered.sum()), "pool_types": int(np.unique(flat).size)}
 
 
+class _Reached(Exception):
+    """Raised by the hook on block ``layer``: the forward has computed what coverage reads, so it stops."""
+
+    def __init__(self, pooled: torch.Tensor):
+        super().__init__("reached the covered block")
+        self.pooled = pooled
+
+
 @torch.no_grad()
 def _pooled_states(module: torch.nn.Module, ids: torch.Tensor, layer: int, batch_size: int) -> torch.Tensor:
-    from calibrant.models.adapter import inference_mode
+    """Mean-pooled hidden states after block ``layer`` (0: the embeddings), equal to the model's
+    ``hidden_states[layer]``. Below the last block the forward stops at block ``layer``'s input: neither the
+    later blocks nor the LM head (its logits are the largest tensor of the forward) run."""
+    from calibrant.models.adapter import Adapter, inference_mode
 
     device = next(module.parameters()).device
+    blocks = Adapter(module).blocks
     out = []
+
+    def reached(block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        raise _Reached(hidden.float().mean(dim=1).cpu())
+
     with inference_mode(module):
         for b in range(0, ids.shape[0], batch_size):
-            hidden = module(input_ids=ids[b:b + batch_size].to(device), output_hidden_states=True).hidden_states
-            out.append(hidden[layer].float().mean(dim=1).cpu())
+            batch = ids[b:b + batch_size].to(device)
+            if layer >= len(blocks):  # after the last block: the model's final norm applies, as in hidden_states
+                hidden = module(input_ids=batch, output_hidden_states=True).hidden_states
+                out.append(hidden[layer].float().mean(dim=1).cpu())
+                continue
+            handle = blocks[layer].register_forward_pre_hook(reached, with_kwargs=True)
+            try:
+                module(input_ids=batch)
+            except _Reached as stop:
+                out.append(stop.pooled)
+            else:
+                raise RuntimeError(f"block {layer} did not run in the model's forward")
+            finally:
+                handle.remove()
     return torch.cat(out)
 
 
