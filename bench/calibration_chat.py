@@ -95,7 +95,11 @@ def main() -> None:
                       f"{'better' if better else 'not better'}, seed std {'lower' if tighter else 'not lower'}")
 
     timings: dict[str, list[tuple[float, float]]] = {}
-    for details in ok["details"].dropna():
+    seen: set[str] = set()  # a set is made once and shared by the methods: count it once, by its content hash
+    for calib_hash, details in zip(ok["calib_hash"], ok["details"]):
+        if calib_hash in seen or not isinstance(details, str):
+            continue
+        seen.add(calib_hash)
         cal = json.loads(details).get("calibration") or {}
         sel, timing = cal.get("selection") or {}, cal.get("selection_timing")
         if sel and timing:
@@ -106,7 +110,6 @@ def main() -> None:
         print("| strategy | sets | pool draw s | selection s | selection / pool draw |")
         print("|---|---:|---:|---:|---:|")
         for strategy, pairs in sorted(timings.items()):
-            pairs = sorted(set(pairs))
             pool, sel = [a for a, _ in pairs], [b for _, b in pairs]
             ratio = statistics.mean(sel) / max(statistics.mean(pool), 1e-9)
             print(f"| {strategy} | {len(pairs)} | {mean_std(pool, 3)} | {mean_std(sel, 3)} | {ratio:.1f}× |")
