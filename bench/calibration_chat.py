@@ -96,7 +96,7 @@ def main() -> None:
 
     timings: dict[str, list[tuple[float, float]]] = {}
     seen: set[str] = set()  # a set is made once and shared by the methods: count it once, by its content hash
-    for calib_hash, details in zip(ok["calib_hash"], ok["details"]):
+    for calib_hash, details in zip(ok["calib_hash"], ok["details"], strict=True):
         if calib_hash in seen or not isinstance(details, str):
             continue
         seen.add(calib_hash)
