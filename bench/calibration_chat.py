@@ -95,6 +95,7 @@ def main() -> None:
                       f"{'better' if better else 'not better'}, seed std {'lower' if tighter else 'not lower'}")
 
     timings: dict[str, list[tuple[float, float]]] = {}
+    generations: list[dict] = []  # self-generated sets' timing
     seen: set[str] = set()  # a set is made once and shared by the methods: count it once, by its content hash
     for calib_hash, details in zip(ok["calib_hash"], ok["details"], strict=True):
         if calib_hash in seen or not isinstance(details, str):
@@ -104,6 +105,8 @@ def main() -> None:
         sel, timing = cal.get("selection") or {}, cal.get("selection_timing")
         if sel and timing:
             timings.setdefault(sel["strategy"], []).append((timing["pool_s"], timing["select_s"]))
+        if cal.get("generation_timing"):
+            generations.append(cal["generation_timing"])
     if timings:
         print("\nSelection time, from each set's provenance (a set is made once per seed and shared by the "
               "methods; drawing the pool reads the cached token ids):\n")
@@ -113,9 +116,17 @@ def main() -> None:
             pool, sel = [a for a, _ in pairs], [b for _, b in pairs]
             ratio = statistics.mean(sel) / max(statistics.mean(pool), 1e-9)
             print(f"| {strategy} | {len(pairs)} | {mean_std(pool, 3)} | {mean_std(sel, 3)} | {ratio:.1f}× |")
+    if generations:
+        secs = [g["seconds"] for g in generations]
+        rates = [g["tokens_per_second"] for g in generations]
+        toks = [g["generated_tokens"] for g in generations]
+        print(f"\nSelf-generated sets: {len(generations)}, {min(toks)}–{max(toks)} sampled tokens each, "
+              f"{min(secs):.0f}–{max(secs):.0f} s ({min(rates):.0f}–{max(rates):.0f} tokens/s, "
+              f"{', '.join(sorted({str(g['threads']) for g in generations}))} threads, "
+              f"{', '.join(sorted({g['device'] for g in generations}))}).")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"table": table, "selection_timing": timings}, f, indent=2)
+            json.dump({"table": table, "selection_timing": timings, "generation_timing": generations}, f, indent=2)
 
 
 if __name__ == "__main__":
