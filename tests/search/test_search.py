@@ -346,3 +346,74 @@ def test_candidates_alternate_the_neighbourhood_of_the_best_and_the_evolution():
     score = {c: float(i) for i, c in enumerate(near)}
     picked = pick_candidates(ranked, near, lambda cs: np.array([score[c] for c in cs]), 5, seen | {far[0]})
     assert picked == [near[0], far[1], near[1], far[2], near[2]]  # measured ones skipped, the rest in turn
+
+
+def _synthetic_importance(shape, seed=0):
+    from calibrant.search.importance import Importance
+
+    g = torch.Generator().manual_seed(seed)
+    return Importance("wanda", [torch.rand(shape.n_kv, generator=g, dtype=torch.float64) for _ in range(shape.n_blocks)],
+                      [torch.rand(shape.intermediate, generator=g, dtype=torch.float64) for _ in range(shape.n_blocks)],
+                      torch.rand(shape.n_blocks, generator=g, dtype=torch.float64))
+
+
+def test_summary_features_sum_the_removed_shares_and_whole_model_columns_are_a_subset():
+    space = SearchSpace(SYNTH, quantum=32)
+    imp = _synthetic_importance(SYNTH)
+    configs = [space.random(0.6, np.random.default_rng(s)) for s in range(20)] + [StructuredConfig.dense(SYNTH)]
+    feat = Featurizer(space, imp)
+    X = feat(configs)
+    assert X.shape[1] == len(feat.names) == len(feat.monotone)
+    n = SYNTH.n_blocks
+    rg = X[:, [feat.names.index(f"removed_score_heads_{i}") for i in range(n)]]
+    rc = X[:, [feat.names.index(f"removed_score_mlp_{i}") for i in range(n)]]
+    col = {name: X[:, i] for i, name in enumerate(feat.names)}
+    np.testing.assert_allclose(col["removed_sum_heads"], rg.sum(1))
+    np.testing.assert_allclose(col["removed_sumsq_mlp"], (rc ** 2).sum(1))
+    np.testing.assert_allclose(col["removed_max_block"], (rg + rc).max(1))
+    np.testing.assert_allclose(col["log_kept_score_mlp"], np.log(1.001 - rc).sum(1))
+    # one block's removed share, by hand: the lowest-scored channels beyond the kept count
+    c = configs[0]
+    scores = np.sort(imp.channels[3].numpy())[::-1]
+    np.testing.assert_allclose(rc[0, 3], scores[c.mlp_channels[3]:].sum() / scores.sum())
+    assert (X[-1, [feat.names.index(k) for k in ("removed_sum_heads", "removed_max_block")]] == 0).all()  # dense
+
+    whole = Featurizer(space, imp, blocks=False)
+    Xw = whole(configs)
+    assert not any(name[-1].isdigit() for name in whole.names) and Xw.shape[1] == len(whole.monotone) == 20
+    np.testing.assert_array_equal(Xw, X[:, [feat.names.index(name) for name in whole.names]])
+    assert Featurizer(space, imp, summaries=False)(configs).shape[1] == X.shape[1] - 10
+
+
+def test_clipped_targets_fit_the_outliers_as_the_quantile_and_nan_is_refused():
+    space = SearchSpace(SYNTH, quantum=32)
+    rng = np.random.default_rng(4)
+    configs, y, _ = _synthetic(space, rng, 60)
+    y[:5] += 6.0  # five catastrophic configurations
+    X = Featurizer(space)(configs)
+    clipped = Predictor("lightgbm", 0, clip=0.8).fit(X, y).predict(X)
+    by_hand = Predictor("lightgbm", 0, clip=None).fit(X, np.minimum(y, np.quantile(y, 0.8))).predict(X)
+    np.testing.assert_array_equal(clipped, by_hand)
+    assert clipped.max() < np.quantile(y, 0.8) + 0.05 < y.max() - 5  # boosting may overshoot a little, not 6 nats
+    bad = y.copy()
+    bad[7] = np.nan
+    with pytest.raises(CalibrantError, match="not finite"):
+        Predictor("lightgbm", 0).fit(X, bad)
+    with pytest.raises(CalibrantError, match="clip quantile"):
+        Predictor("lightgbm", 0, clip=1.5)
+
+
+def test_monotone_constraints_hold_with_the_importance_and_summary_features():
+    space = SearchSpace(SYNTH, quantum=32)
+    imp = _synthetic_importance(SYNTH, seed=1)
+    rng = np.random.default_rng(6)
+    configs, y, _ = _synthetic(space, rng, 150)
+    y = y + rng.normal(0, 0.3, len(y))
+    feat = Featurizer(space, imp)
+    model = Predictor("lightgbm", 0, feat.monotone).fit(feat(configs), y)
+    for cfg in configs[:30]:
+        for b in range(SYNTH.n_blocks):
+            if cfg.mlp_channels[b] < SYNTH.intermediate:
+                more = StructuredConfig(cfg.kv_groups, tuple(c + 32 * (i == b) for i, c in enumerate(cfg.mlp_channels)),
+                                        cfg.removed)
+                assert model.predict(feat([more]))[0] <= model.predict(feat([cfg]))[0] + 1e-9

@@ -3,18 +3,24 @@
 Features are the per-block keep ratios (KV groups, MLP channels, removal) plus simple aggregates:
 mean and min per component, the kept fraction of attention, MLP and all block parameters; with an
 importance table also, per block and component, the share of that block's importance score the
-configuration removes, the fraction of the whole score each component keeps, and the removed share
-weighted by each block's influence (1 − cos(input, output), the block's position in the residual stream).
+configuration removes, the fraction of the whole score each component keeps, the removed share
+weighted by each block's influence (1 − cos(input, output), the block's position in the residual stream),
+and whole-model summaries of the removed shares (sum, sum of squares and maximum over blocks, per component
+and for both, and the log of the product of the kept shares): with a few dozen measured configurations
+trees cannot learn to add 2n per-block columns up themselves (``bench/predictor_quality.py``).
+``Featurizer(blocks=False)`` leaves the per-block columns out.
 
-The model is a LightGBM regressor (``lightgbm``) or scikit-learn's random forest (``forest``). LightGBM is
-fitted with **monotone constraints** where they are true of the proxy: keeping more of any block never
-predicts a higher loss (keep features −1, removed-score features +1). :class:`Ensemble` bags several
-predictors (bootstrap resamples, their own seeds) for a mean and a spread, the uncertainty the search
-uses to choose what to measure.
+The model is a LightGBM regressor (``lightgbm``) or scikit-learn's random forest (``forest``), fitted on
+the measured losses clipped at their 90th percentile (see :class:`Predictor`). LightGBM is fitted with
+**monotone constraints** where they are true of the proxy: keeping more of any block never predicts a
+higher loss (keep features −1, removed-score features +1). :class:`Ensemble` bags several predictors
+(bootstrap resamples, their own seeds) for a mean and a spread, the uncertainty the search uses to choose
+what to measure.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,13 +31,17 @@ from calibrant.search.space import SearchSpace
 from calibrant.search.structured import StructuredConfig
 
 PREDICTORS = ("lightgbm", "forest")
+CLIP_QUANTILE = 0.9  # measured losses above this quantile are fitted as this quantile (see Predictor)
+KEPT_FLOOR = 1e-3  # log(kept share) of a block's component: a fully removed one counts as 0.1 %
 
 
 class Featurizer:
     """Maps configurations to a feature matrix; importance tables are precomputed once."""
 
-    def __init__(self, space: SearchSpace, importance: Importance | None = None):
+    def __init__(self, space: SearchSpace, importance: Importance | None = None, summaries: bool = True,
+                 blocks: bool = True):
         self.space = space
+        self.summaries = summaries and importance is not None
         s = space.shape
         n = s.n_blocks
         self.names = [f"heads_{i}" for i in range(n)] + [f"mlp_{i}" for i in range(n)]
@@ -54,6 +64,17 @@ class Featurizer:
             self.names += [f"removed_score_heads_{i}" for i in range(n)] + [f"removed_score_mlp_{i}" for i in range(n)]
             self.names += ["score_attn", "score_mlp", "removed_influence"]
             self.monotone += [1] * (2 * n) + [-1, -1, 1]
+        if self.summaries:
+            # whole-model summaries of the removed shares: few samples cannot teach trees to add 2n columns up
+            self.names += [f"removed_{k}_{c}" for c in ("heads", "mlp") for k in ("sum", "sumsq", "max")]
+            self.names += ["removed_max_block", "removed_sumsq_block", "log_kept_score_heads", "log_kept_score_mlp"]
+            self.monotone += [1] * 8 + [-1, -1]
+        self._all_names = list(self.names)
+        self._columns = None
+        if not blocks:  # the whole-model columns only: the per-block ones (names ending in _<block>) left out
+            self._columns = [i for i, name in enumerate(self.names) if not re.search(r"_\d+$", name)]
+            self.names = [self.names[i] for i in self._columns]
+            self.monotone = [self.monotone[i] for i in self._columns]
 
     def __call__(self, configs: list[StructuredConfig]) -> np.ndarray:
         s = self.space.shape
@@ -63,33 +84,53 @@ class Featurizer:
         rm = np.array([c.removed for c in configs], dtype=bool).reshape(-1, n)
         hr = np.where(rm, 0.0, g / s.n_kv)
         mr = np.where(rm, 0.0, ch / s.intermediate)
-        cols = [hr, mr] + ([rm.astype(float)] if self.space.allow_removal else [])
         attn = np.where(rm, 0, s.per_group * g).sum(1) / (s.per_group * s.n_kv * n)
         mlp = np.where(rm, 0, s.per_channel * ch).sum(1) / (s.per_channel * s.intermediate * n)
         total = np.array([self.space.kept_fraction(c) for c in configs])
-        aggs = [hr.mean(1), hr.min(1), mr.mean(1), mr.min(1), attn, mlp, total]
+        # in the order of self.names (and of self.monotone): [n_configs, k] blocks of columns
+        parts = [hr, mr] + ([rm.astype(float)] if self.space.allow_removal else [])
+        parts += [np.column_stack([hr.mean(1), hr.min(1), mr.mean(1), mr.min(1), attn, mlp, total])]
         if self._g_cum is not None:
             rows = np.arange(n)
             gi, ci = g.astype(int), ch.astype(int)
             removed_g = np.where(rm, 1.0, 1.0 - self._g_block[rows, gi])
             removed_c = np.where(rm, 1.0, 1.0 - self._c_block[rows, ci])
-            cols += [removed_g, removed_c]
-            aggs.append(np.where(rm, 0, self._g_cum[rows, gi]).sum(1))
-            aggs.append(np.where(rm, 0, self._c_cum[rows, ci]).sum(1))
-            aggs.append(((removed_g + removed_c) * self._influence).sum(1) / max(self._influence.sum(), 1e-12))
-        return np.column_stack([*cols, *[a[:, None] for a in aggs]])
+            both = removed_g + removed_c
+            aggs = [np.where(rm, 0, self._g_cum[rows, gi]).sum(1), np.where(rm, 0, self._c_cum[rows, ci]).sum(1),
+                    (both * self._influence).sum(1) / max(self._influence.sum(), 1e-12)]
+            if self.summaries:
+                for r in (removed_g, removed_c):
+                    aggs += [r.sum(1), (r * r).sum(1), r.max(1)]
+                aggs += [both.max(1), (both * both).sum(1)]
+                aggs += [np.log(KEPT_FLOOR + 1.0 - r).sum(1) for r in (removed_g, removed_c)]
+            parts += [removed_g, removed_c, np.column_stack(aggs)]
+        X = np.concatenate(parts, axis=1)
+        if X.shape[1] != len(self._all_names):  # pragma: no cover - names, constraints and columns are built together
+            raise AssertionError(f"{X.shape[1]} feature columns for {len(self._all_names)} names")
+        return X if self._columns is None else X[:, self._columns]
 
 
 class Predictor:
     """A regressor of log-perplexity; ``kind`` is ``lightgbm`` (default) or ``forest``; ``monotone``: one
-    of -1 / 0 / +1 per feature (LightGBM only; see the module docstring)."""
+    of -1 / 0 / +1 per feature (LightGBM only; see the module docstring).
 
-    def __init__(self, kind: str = "lightgbm", seed: int = 0, monotone: list[int] | None = None):
+    ``clip``: measured losses above this quantile of the training losses are fitted as that quantile (None:
+    as measured). A random sample holds a few catastrophic configurations (a block cut to a fifth: perplexity
+    in the hundreds), and a squared-error fit spends its few splits on telling those apart; the search only
+    needs them ranked as bad, and the ranking among the good ones is what picks the winner.
+    ``colsample``: LightGBM's fraction of features each tree may split on."""
+
+    def __init__(self, kind: str = "lightgbm", seed: int = 0, monotone: list[int] | None = None,
+                 clip: float | None = CLIP_QUANTILE, colsample: float = 1.0):
         if kind not in PREDICTORS:
             raise CalibrantError(f"unknown predictor '{kind}'; use one of {', '.join(PREDICTORS)}")
+        if clip is not None and not 0 < clip <= 1:
+            raise CalibrantError(f"the predictor's clip quantile must be in (0, 1], got {clip}")
         self.kind = kind
         self.seed = seed
         self.monotone = monotone
+        self.clip = clip
+        self.colsample = colsample
         self.model = None
 
     def _make(self, n: int):
@@ -103,7 +144,7 @@ class Predictor:
         # small data: shallow trees, many small steps, leaves allowed to hold few samples
         return lightgbm.LGBMRegressor(
             n_estimators=400, learning_rate=0.03, num_leaves=8, max_depth=4, min_child_samples=max(3, n // 20),
-            subsample=0.8, subsample_freq=1, colsample_bytree=0.6, reg_lambda=1.0, min_split_gain=0.0,
+            subsample=0.8, subsample_freq=1, colsample_bytree=self.colsample, reg_lambda=1.0, min_split_gain=0.0,
             random_state=self.seed, n_jobs=1, verbose=-1, deterministic=True, force_col_wise=True,
             **({"monotone_constraints": list(self.monotone), "monotone_constraints_method": "advanced"}
                if self.monotone is not None else {}),
@@ -115,6 +156,11 @@ class Predictor:
         if len(y) < 4:
             raise CalibrantError(f"the predictor needs at least 4 measured configurations, got {len(y)}; raise "
                                  "--samples")
+        y = np.asarray(y, dtype=float)
+        if not np.isfinite(y).all():
+            raise CalibrantError("a measured loss is not finite (NaN or inf); the proxy diverged on a configuration")
+        if self.clip is not None:
+            y = np.minimum(y, np.quantile(y, self.clip))
         self.model = self._make(len(y))
         self.model.fit(X, y)
         return self
@@ -132,8 +178,9 @@ class Ensemble:
     """``bags`` predictors, each fitted on a bootstrap resample with its own seed: :meth:`predict` is their
     mean, :meth:`spread` their standard deviation (high where the measured pairs say little)."""
 
-    def __init__(self, kind: str = "lightgbm", seed: int = 0, monotone: list[int] | None = None, bags: int = 8):
-        self.members = [Predictor(kind, seed + 1000 * b, monotone) for b in range(bags)]
+    def __init__(self, kind: str = "lightgbm", seed: int = 0, monotone: list[int] | None = None, bags: int = 8,
+                 clip: float | None = CLIP_QUANTILE, colsample: float = 1.0):
+        self.members = [Predictor(kind, seed + 1000 * b, monotone, clip, colsample) for b in range(bags)]
         self.seed = seed
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> Ensemble:
@@ -176,7 +223,8 @@ def quality(y: np.ndarray, pred: np.ndarray) -> Quality:
 
 
 def cross_validate(X: np.ndarray, y: np.ndarray, kind: str = "lightgbm", folds: int = 5,
-                   seed: int = 0, monotone: list[int] | None = None) -> tuple[Quality, np.ndarray]:
+                   seed: int = 0, monotone: list[int] | None = None, clip: float | None = CLIP_QUANTILE,
+                   colsample: float = 1.0) -> tuple[Quality, np.ndarray]:
     """Out-of-fold predictions of a K-fold split and their Spearman ρ / MAE against ``y``."""
     from sklearn.model_selection import KFold
 
@@ -185,5 +233,5 @@ def cross_validate(X: np.ndarray, y: np.ndarray, kind: str = "lightgbm", folds: 
         raise CalibrantError("cross-validation needs at least 2 measured configurations")
     pred = np.empty(len(y))
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(X):
-        pred[test] = Predictor(kind, seed, monotone).fit(X[train], y[train]).predict(X[test])
+        pred[test] = Predictor(kind, seed, monotone, clip, colsample).fit(X[train], y[train]).predict(X[test])
     return quality(y, pred), pred

@@ -46,7 +46,15 @@ from calibrant.export.hf import check_output
 from calibrant.models.loader import LoadedModel
 from calibrant.models.structured import save_structured
 from calibrant.search.importance import SCORES, Importance, compute_importance
-from calibrant.search.predictor import Ensemble, Featurizer, Predictor, Quality, cross_validate, quality
+from calibrant.search.predictor import (
+    CLIP_QUANTILE,
+    Ensemble,
+    Featurizer,
+    Predictor,
+    Quality,
+    cross_validate,
+    quality,
+)
 from calibrant.search.pruner import StructuredPruner, count_params
 from calibrant.search.space import Bounds, SearchSpace, check_ratio
 from calibrant.search.structured import ModelShape, StructuredConfig
@@ -385,7 +393,10 @@ def search_structured(
             tmp.mkdir(parents=True)
             store = PairStore(tmp / PAIRS_FILE)
             store.set_meta("protocol", {"proxy_corpus": proxy_corpus, "proxy_tokens": int(proxy.numel()),
-                                        "seq_len": seq_len, "budget": budget, "score": score, "seed": seed})
+                                        "seq_len": seq_len, "budget": budget, "score": score, "seed": seed,
+                                        "quantum": space.quantum, "allow_removal": allow_removal,
+                                        "calibration_hash": calib.hash if calib is not None else None,
+                                        "model_hash": loaded.model_hash})
         measure = _Measurer(pruner, space, proxy, seq_len, batch_size, store, featurize)
 
         # dense reference on the proxy (also the dense throughput)
@@ -502,7 +513,7 @@ def search_structured(
              "score": score, "seed": seed, "samples": samples, "quantum": space.quantum,
              "allow_removal": allow_removal, "predictor": predictor, "rounds": rounds, "top_k": top_k,
              "strategy": strategy, "max_samples": limit, "min_improvement": min_improvement, "patience": patience,
-             "kappa": kappa, "bags": bags, "monotone": monotone is not None,
+             "kappa": kappa, "bags": bags, "monotone": monotone is not None, "clip_quantile": CLIP_QUANTILE,
              "model": {"spec": loaded.spec, "hash": loaded.model_hash}},
             model=torch_model, pruner=pruner,
             extra={"rounds": history, "stopped": stopped, "measured": len(train),
