@@ -368,6 +368,8 @@ def test_summary_features_sum_the_removed_shares_and_whole_model_columns_are_a_s
     rg = X[:, [feat.names.index(f"removed_score_heads_{i}") for i in range(n)]]
     rc = X[:, [feat.names.index(f"removed_score_mlp_{i}") for i in range(n)]]
     col = {name: X[:, i] for i, name in enumerate(feat.names)}
+    np.testing.assert_allclose(col["kept_total"], [space.kept_fraction(c) for c in configs])  # names match columns
+    np.testing.assert_allclose(col["heads_min"], X[:, [feat.names.index(f"heads_{i}") for i in range(n)]].min(1))
     np.testing.assert_allclose(col["removed_sum_heads"], rg.sum(1))
     np.testing.assert_allclose(col["removed_sumsq_mlp"], (rc ** 2).sum(1))
     np.testing.assert_allclose(col["removed_max_block"], (rg + rc).max(1))
