@@ -94,6 +94,13 @@ def main() -> None:
                 print(f"- {label}, {m}: {strategy} {mean_std(a, 3)} vs random {mean_std(b, 3)} — mean "
                       f"{'better' if better else 'not better'}, seed std {'lower' if tighter else 'not lower'}")
 
+    compressed = ok[ok["method"] != "dense"]
+    hashes = compressed.groupby(["calibration", "seed"])["calib_hash"].nunique()
+    methods = compressed.groupby(["calibration", "seed"])["method"].nunique()
+    shared = int(((methods > 1) & (hashes == 1)).sum())
+    print(f"\nCalibration sets: of {int((methods > 1).sum())} (source, seed) pairs run by more than one method, "
+          f"{shared} gave every method the same content hash.")
+
     timings: dict[str, list[tuple[float, float]]] = {}
     generations: list[dict] = []  # self-generated sets' timing
     seen: set[str] = set()  # a set is made once and shared by the methods: count it once, by its content hash
