@@ -1,5 +1,6 @@
-"""Selection from a pool: rows are pool rows at the recorded indices; diverse is greedy type coverage (checked
-against a plain-Python reference); coverage is within k-center greedy's factor 2 of the brute-force optimum;
+"""Selection from a pool: rows are pool rows at the recorded indices; strategies are seeded, differ from random
+and hash their options; diverse is greedy type coverage (checked against a plain-Python reference); coverage
+takes one row per planted cluster before a second and is within k-center greedy's factor 2 of the optimum;
 ppl-filter keeps the highest-perplexity rows; bad selections are one-line errors."""
 
 from __future__ import annotations
@@ -56,6 +57,35 @@ def test_rows_are_the_pool_rows_at_the_recorded_indices(tok, news, strategy):
     assert rows["selection"].startswith(f"{strategy}: 5 of 4·n pool rows (news:20x16, hash {pool.hash}); pool drawn in ")
     timing = calib.provenance["selection_timing"]
     assert timing["pool_s"] >= 0 and timing["select_s"] >= 0
+
+
+def test_strategies_are_seeded_differ_from_random_and_options_change_the_hash(tok, news):
+    sets = {s: make_calibration(f"news:select={s}:pool=4:5x16", tok, seed=3) for s in ("random", "diverse")}
+    pools = {c.provenance["selection"]["pool_hash"] for c in sets.values()}
+    assert len(pools) == 1  # the same pool …
+    assert sets["random"].provenance["selection"]["indices"] != sets["diverse"].provenance["selection"]["indices"]
+    assert sets["random"].hash != sets["diverse"].hash  # … and another choice from it
+    assert make_calibration("news:select=random:pool=4:5x16", tok, seed=4).hash != sets["random"].hash
+    assert make_calibration("news:select=diverse:pool=3:5x16", tok, seed=3).hash != sets["diverse"].hash
+
+
+def test_coverage_takes_one_row_per_planted_cluster_before_a_second(monkeypatch):
+    from calibrant.calibration import selection
+    from tests.conftest import tiny_model, token_batch
+
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0], [50.0, 300.0]])
+    cluster = torch.arange(5).repeat_interleave(6)[torch.randperm(30, generator=gen)]  # 5 clusters of 6, shuffled
+    states = centres[cluster] + torch.randn(30, 2, generator=gen)  # spread 1 around centres 100 apart
+    monkeypatch.setattr(selection, "_pooled_states", lambda *a, **k: states.clone())
+    model, pool = tiny_model("llama"), token_batch(30, 4, seed=0)
+    for n in range(1, 6):  # the greedy order is one sequence: every prefix of it takes distinct clusters
+        kept, _ = coverage_rows(model, pool, n, layer=1)
+        assert sorted(cluster[kept].tolist()) == sorted(set(cluster[kept].tolist()))
+    kept, info = coverage_rows(model, pool, 5, layer=1)
+    assert sorted(cluster[kept].tolist()) == [0, 1, 2, 3, 4] and info["covering_radius"] < 10
+    kept, _ = coverage_rows(model, pool, 7, layer=1)  # past one per cluster: every cluster still held
+    assert len(kept) == 7 and bool((torch.bincount(cluster[kept], minlength=5) >= 1).all())
 
 
 def _greedy_reference(rows: list[list[int]], n: int) -> list[int]:
