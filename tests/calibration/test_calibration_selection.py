@@ -88,6 +88,44 @@ def test_coverage_takes_one_row_per_planted_cluster_before_a_second(monkeypatch)
     assert len(kept) == 7 and bool((torch.bincount(cluster[kept], minlength=5) >= 1).all())
 
 
+@pytest.mark.parametrize("strategy", ["coverage", "ppl-filter"])
+def test_model_selections_are_cached_by_pool_options_and_weights(tok, news, monkeypatch, strategy):
+    from calib_helpers import tiny_llama
+
+    from calibrant.calibration import inspect_calibration, selection
+
+    model, spec = tiny_llama(len(tok)), f"news:select={strategy}:pool=4:5x16"
+    first = make_calibration(spec, tok, seed=2, model=model)
+    assert "cached" not in first.provenance["selection_timing"]
+    entries = list(selection._selection_cache(first.provenance["selection"]["pool_hash"], 5,
+                                              {"strategy": strategy, "layer": None}, model, "x").parent.iterdir())
+    assert len(entries) == 1
+
+    def refuse(*a, **k):
+        raise AssertionError("selected again instead of reading the cache")
+
+    originals = {name: getattr(selection, name) for name in ("coverage_rows", "ppl_filter_rows")}
+    for name in originals:
+        monkeypatch.setattr(selection, name, refuse)
+    again = make_calibration(spec, tok, seed=2, model=model)
+    assert again.hash == first.hash and torch.equal(again.input_ids, first.input_ids)
+    assert again.provenance["selection"] == first.provenance["selection"]
+    assert again.provenance["selection_timing"]["cached"] is True
+    assert again.provenance["selection_timing"]["select_s"] == first.provenance["selection_timing"]["select_s"]
+    rows = dict(map(tuple, inspect_calibration(again, progress=False).rows()))
+    assert rows["selection"].endswith("(when first made; read from the cache now)")
+    with pytest.raises(AssertionError, match="selected again"):  # other weights: not the cached selection
+        make_calibration(spec, tok, seed=2, model=tiny_llama(len(tok), seed=1))
+    with pytest.raises(AssertionError, match="selected again"):  # another pool: another entry
+        make_calibration(spec, tok, seed=3, model=model)
+    entries[0].write_text('{"indices": [0, 0, 1, 2, 99], "measured": {}, "select_s": 1}')  # damaged: ignored
+    for name, fn in originals.items():
+        monkeypatch.setattr(selection, name, fn)
+    assert make_calibration(spec, tok, seed=2, model=model).hash == first.hash
+    assert "cached" not in make_calibration(spec.replace("pool=4", "pool=3"), tok, seed=2, model=model
+                                            ).provenance["selection_timing"]
+
+
 def _greedy_reference(rows: list[list[int]], n: int) -> list[int]:
     covered, kept = set(), []
     for _ in range(n):

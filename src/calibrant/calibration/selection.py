@@ -14,7 +14,10 @@ row indices (ascending) go in the provenance. Strategies:
 - ``ppl-filter``: for self-generated text: scores every pool row by the dense model's perplexity and drops
   the lowest (the repetitive loops of degenerate generation), keeping the ``n`` highest.
 
-``diverse`` and ``random`` need no model; ``coverage`` and ``ppl-filter`` need the model (CLI: ``--model``).
+``diverse`` and ``random`` need no model; ``coverage`` and ``ppl-filter`` need the model (CLI: ``--model``)
+and keep what they chose under ``$CALIBRANT_CACHE/selection`` by (pool content, n, strategy, layer, model
+weights, calibrant version), so a resumed study or a second method does not run the pool forward again; the
+provenance then carries the selection time of when it was made, marked ``cached``.
 """
 
 from __future__ import annotations
@@ -219,12 +222,59 @@ def make_selected(cs: Any, selection: dict[str, Any], tokenizer: Any, seed: int,
         raise CalibrationError(f"the pool of select={selection['strategy']} ({selection['pool']}·n = {pool_spec.n} "
                                f"rows) cannot be drawn: {e}; or use a smaller pool=") from None
     t1 = time.perf_counter()
-    kept, measured = select_rows(pool.input_ids, cs.n, selection["strategy"], seed, model, selection["layer"])
+    cache = _selection_cache(pool.hash, cs.n, selection, model, common["calibrant_version"])
+    found = _cached_selection(cache, cs.n, pool.input_ids.shape[0])
+    if found is None:
+        kept, measured = select_rows(pool.input_ids, cs.n, selection["strategy"], seed, model, selection["layer"])
+        timing = {"select_s": round(time.perf_counter() - t1, 3)}
+        if cache is not None:
+            from calibrant.cache import write_json_atomic
+
+            try:
+                write_json_atomic(cache, {"indices": kept, "measured": measured, **timing})
+            except OSError:
+                pass  # a cache that cannot be written only costs the next run this selection again
+    else:
+        kept, measured = found["indices"], found["measured"]
+        timing = {"select_s": found["select_s"], "cached": True}  # the time it took when it was made
     prov = {k: v for k, v in pool.provenance.items() if k not in cosmetic}
     prov.update(common)
     # where the pool came from a cache (token ids, or a generated self set), pool_s is that lookup's time
-    prov["selection_timing"] = {"pool_s": round(t1 - t0, 3), "select_s": round(time.perf_counter() - t1, 3)}
+    prov["selection_timing"] = {"pool_s": round(t1 - t0, 3), **timing}
     prov["selection"] = {**selection, "pool_spec": str(pool_spec), "pool_hash": pool.hash, "indices": kept,
                          **measured}
     mask = None if pool.token_mask is None else pool.token_mask[kept].clone()
     return type(pool)(pool.input_ids[kept].clone(), prov, mask)
+
+
+def _selection_cache(pool_hash: str, n: int, selection: dict[str, Any], model: Any, version: str) -> Any:
+    """Where a selection that reads the model (``coverage``, ``ppl-filter``: a forward over the whole pool) is
+    kept, by the pool's content, the strategy and its options and the model's weights; None for the others,
+    which cost less than reading a file."""
+    if selection["strategy"] not in ("coverage", "ppl-filter"):
+        return None
+    from calibrant.cache import cache_dir, stable_hash
+    from calibrant.calibration.calibset import _model_identity
+
+    _module(model, selection["strategy"])  # no model: the usual error, before a hash is attempted
+    _, model_hash, _ = _model_identity(model)
+    key = stable_hash({"format": 1, "pool": pool_hash, "n": n, "strategy": selection["strategy"],
+                       "layer": selection["layer"], "model": model_hash, "calibrant_version": version}, length=24)
+    return cache_dir("selection") / f"{key}.json"
+
+
+def _cached_selection(path: Any, n: int, rows: int) -> dict[str, Any] | None:
+    """The cached selection at ``path`` when it is whole and fits the pool (else None: select again)."""
+    import json
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text())
+        kept = found["indices"]
+        ok = (isinstance(kept, list) and len(kept) == n and all(isinstance(i, int) for i in kept)
+              and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < rows
+              and isinstance(found.get("measured"), dict) and isinstance(found.get("select_s"), (int, float)))
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return found if ok else None
