@@ -632,7 +632,7 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
         plain, selection = split_selection(str(cs), cs.options)
         if selection is not None:
             return make_selected(dataclasses.replace(cs, options=plain), selection, tokenizer, seed, max_length,
-                                 progress, model, common, make_calibration, COSMETIC_KEYS)
+                                 progress, model, common, make_calibration, COSMETIC_KEYS, _model_identity)
     if cs.source in ("random-vocab", "self") and cs.sampling != DEFAULT_SAMPLING:
         raise CalibrationError(f"sampling '{cs.sampling}' applies to text sources only; {cs.source} generates its "
                                f"own tokens: write {cs.source}:{cs.n}x{cs.seq_len}")

@@ -208,9 +208,10 @@ def ppl_filter_rows(module: torch.nn.Module, ids: torch.Tensor, n: int,
 
 def make_selected(cs: Any, selection: dict[str, Any], tokenizer: Any, seed: int, max_length: int | None,
                   progress: bool | None, model: Any, common: dict[str, Any], make: Callable[..., Any],
-                  cosmetic: frozenset[str]) -> Any:
+                  cosmetic: frozenset[str], identify: Callable[[Any], tuple[Any, str, str]]) -> Any:
     """The CalibrationSet of a spec with ``select=``: its pool at ``pool·n`` rows (drawn by ``make``:
-    ``make_calibration``), then ``n`` rows kept; ``cosmetic``: provenance keys a hash ignores."""
+    ``make_calibration``), then ``n`` rows kept; ``cosmetic``: provenance keys a hash ignores; ``identify``:
+    a model's (module, weights hash, name), for the cache of the selections that read the model."""
     import dataclasses
 
     pool_spec = dataclasses.replace(cs, n=cs.n * selection["pool"])
@@ -222,7 +223,7 @@ def make_selected(cs: Any, selection: dict[str, Any], tokenizer: Any, seed: int,
         raise CalibrationError(f"the pool of select={selection['strategy']} ({selection['pool']}·n = {pool_spec.n} "
                                f"rows) cannot be drawn: {e}; or use a smaller pool=") from None
     t1 = time.perf_counter()
-    cache = _selection_cache(pool.hash, cs.n, selection, model, common["calibrant_version"])
+    cache = _selection_cache(pool.hash, cs.n, selection, model, common["calibrant_version"], identify)
     found = _cached_selection(cache, cs.n, pool.input_ids.shape[0])
     if found is None:
         kept, measured = select_rows(pool.input_ids, cs.n, selection["strategy"], seed, model, selection["layer"])
@@ -247,17 +248,17 @@ def make_selected(cs: Any, selection: dict[str, Any], tokenizer: Any, seed: int,
     return type(pool)(pool.input_ids[kept].clone(), prov, mask)
 
 
-def _selection_cache(pool_hash: str, n: int, selection: dict[str, Any], model: Any, version: str) -> Any:
+def _selection_cache(pool_hash: str, n: int, selection: dict[str, Any], model: Any, version: str,
+                     identify: Callable[[Any], tuple[Any, str, str]]) -> Any:
     """Where a selection that reads the model (``coverage``, ``ppl-filter``: a forward over the whole pool) is
     kept, by the pool's content, the strategy and its options and the model's weights; None for the others,
     which cost less than reading a file."""
     if selection["strategy"] not in ("coverage", "ppl-filter"):
         return None
     from calibrant.cache import cache_dir, stable_hash
-    from calibrant.calibration.calibset import _model_identity
 
     _module(model, selection["strategy"])  # no model: the usual error, before a hash is attempted
-    _, model_hash, _ = _model_identity(model)
+    _, model_hash, _ = identify(model)
     key = stable_hash({"format": 1, "pool": pool_hash, "n": n, "strategy": selection["strategy"],
                        "layer": selection["layer"], "model": model_hash, "calibrant_version": version}, length=24)
     return cache_dir("selection") / f"{key}.json"
