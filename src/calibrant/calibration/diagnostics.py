@@ -61,8 +61,11 @@ class CalibrationDiagnostics:
         sel = self.provenance.get("selection")
         if sel:
             timing = self.provenance.get("selection_timing") or {}
-            took = (f"; pool drawn in {timing['pool_s']:.2f}s, selected in {timing['select_s']:.2f}s"
-                    + (" (when first made; read from the cache now)" if timing.get("cached") else "")) if timing else ""
+            took = ""
+            if timing:
+                took = f"; pool drawn in {timing['pool_s']:.2f}s, selected in {timing['select_s']:.2f}s"
+                if timing.get("cached"):
+                    took += " (when first made; read from the cache now)"
             out.append(["selection", f"{sel['strategy']}: {self.n} of {sel['pool']}·n pool rows ({sel['pool_spec']}, "
                                      f"hash {sel['pool_hash']}){took}"])
         for c in self.provenance.get("components") or []:  # a mixture: each part with its rows and own hash
