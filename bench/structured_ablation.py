@@ -11,7 +11,8 @@ Per budget (kept fraction of the decoder blocks' parameters), in one process on 
    configurations N is the cost every other arm gets;
 2. ``random``: the same initial sample, then random configurations up to N; 3. ``evolution``: the same initial
    sample, then configurations bred from the best measured and each measured, up to N; 4. ``uniform``: every
-   block at the same keep ratios (the best uniform configuration of the initial sample).
+   block at the same keep ratios, at the full budget in single MLP channels (the best uniform configuration of
+   the initial sample: one per KV-group count).
 
 The proxy is perplexity on the *last* ``--proxy-tokens`` tokens of wiki's held-out split; each arm's winner is
 then evaluated on the *first* ``--eval-tokens`` tokens of wiki and news (news stands in for PTB offline).

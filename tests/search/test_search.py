@@ -37,8 +37,13 @@ def test_kept_fraction_is_exact_for_sampled_configs():
         assert 0.55 <= space.kept_fraction(cfg) <= 0.6
         pruner.apply(cfg)
         assert count_block_params(model) == cfg.params(pruner.shape) == round(space.kept_fraction(cfg) * dense_blocks)
-    for cfg in space.uniform(0.7):
+    uniforms = space.uniform(0.7)
+    assert [c.kv_groups[0] for c in uniforms] == list(range(pruner.shape.n_kv, 0, -1))
+    for cfg in uniforms:
         assert space.within(cfg, 0.7) and len(set(cfg.kv_groups)) == 1 and len(set(cfg.mlp_channels)) == 1
+        # the full budget, in single channels: one more channel in every block would exceed it
+        more = StructuredConfig(cfg.kv_groups, tuple(c + 1 for c in cfg.mlp_channels), cfg.removed)
+        assert space.kept_fraction(more) > 0.7 >= space.kept_fraction(cfg)
 
 
 def test_budget_and_ratio_refusals():

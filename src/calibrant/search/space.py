@@ -100,19 +100,19 @@ class SearchSpace:
                       np.full(n, self.levels, np.int64))
 
     def uniform(self, budget: float) -> list[StructuredConfig]:
-        """For each KV-group count, the same shape in every block with the most channels within budget."""
+        """For each KV-group count, the same shape in every block with the most MLP channels within budget —
+        counted in single channels, not in quanta, so the uniform baseline uses the full budget (with
+        1,536 channels and a 64-channel quantum, uniform pruning to 0.9 would otherwise keep 0.875).
+        Its channel counts need not be a multiple of the quantum; the pruner, the featurizer and the
+        parameter counts take any count, and variation rounds them to the quantum's levels."""
+        s = self.shape
+        n = s.n_blocks
+        allowed = math.floor(budget * self.total)
         out = []
-        n = self.shape.n_blocks
-        rm = np.zeros(n, dtype=bool)
-        for g in range(self.shape.n_kv, 0, -1):
-            best = None
-            for lvl in range(self.levels, 0, -1):
-                ga, ca = np.full(n, g), np.full(n, lvl)
-                if self.params_arrays(ga, ca, rm) <= math.floor(budget * self.total):
-                    best = self.decode(ga, ca)
-                    break
-            if best is not None:
-                out.append(best)
+        for g in range(s.n_kv, 0, -1):
+            c = min(s.intermediate, (allowed // n - s.fixed - s.per_group * g) // s.per_channel)
+            if c >= 1:
+                out.append(StructuredConfig((g,) * n, (int(c),) * n, (False,) * n))
         return out
 
     def from_ratios(self, heads: float | Sequence[float], mlp: float | Sequence[float]) -> StructuredConfig:
