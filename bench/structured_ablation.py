@@ -155,20 +155,20 @@ def main() -> None:
           f"tokens of each held-out split; zero-shot: 7 tasks at {args.limit} documents; MMLU 5-shot, "
           f"{args.mmlu_limit} questions per subject. One dense forward over the calibration tokens, timed in each "
           f"run (a budget's ratio uses its own run's): {fwd_s:.1f} s in this one.\n")
-    print("| budget | arm | measured | proxy ppl | wiki ppl | news ppl | MMLU | 7-task avg | winner from |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| budget | arm | measured | kept | proxy ppl | wiki ppl | news ppl | MMLU | 7-task avg | winner from |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     assert dense_row is not None
 
     def cell(row: dict[str, Any], key: str, fmt: str = ".3f") -> str:
         return "–" if key not in row else format(row[key], fmt)
 
-    print(f"| 1.0 | dense | – | {dense_row['proxy']:.3f} | {dense_row['wiki']:.3f} | {dense_row['news']:.3f} | "
+    print(f"| 1.0 | dense | – | 1.0000 | {dense_row['proxy']:.3f} | {dense_row['wiki']:.3f} | {dense_row['news']:.3f} | "
           f"{cell(dense_row, 'mmlu')} | {cell(dense_row, 'zs_avg')} | – |")
     for budget, r in sorted(results.items(), key=lambda kv: -float(kv[0])):
         for name in ("predictor", "random", "evolution", "uniform"):
             row = r["rows"][name]
             cost = r["measured"] if name != "uniform" else "–"
-            print(f"| {budget} | {name} | {cost} | {row['proxy']:.3f} | {row['wiki']:.3f} | {row['news']:.3f} | "
+            print(f"| {budget} | {name} | {cost} | {row['kept']:.4f} | {row['proxy']:.3f} | {row['wiki']:.3f} | {row['news']:.3f} | "
                   f"{cell(row, 'mmlu')} | {cell(row, 'zs_avg')} | {row['origin']} (round {row['round']}) |")
     print("\n| budget | predictor vs uniform: wiki | news | MMLU (points) | beats random | beats evolution | "
           "held-out ρ | K-fold ρ | rounds run, stopped by | predictor search s | × dense forward | all arms and "
