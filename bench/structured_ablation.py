@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=12, help="random configurations to test the predictor on")
     ap.add_argument("--calibration", default="wiki:32x512")
     ap.add_argument("--proxy-tokens", type=int, default=2048)
+    ap.add_argument("--proxy-metric", choices=["ppl", "kl"], default="ppl",
+                    help="what every arm minimises on the proxy tokens: their perplexity, or the mean KL divergence "
+                         "from the dense model's next-token distribution")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--limit", type=int, default=100, help="documents per zero-shot task (0 to skip)")
     ap.add_argument("--mmlu-limit", type=int, default=4, help="questions per MMLU subject, 5-shot (0 to skip)")
@@ -63,6 +66,8 @@ def main() -> None:
                     "options skips the budgets it already holds (a long run spans sessions)")
     args = ap.parse_args()
     settings = {k: v for k, v in vars(args).items() if k not in ("budgets", "json")}
+    if args.proxy_metric == "ppl":  # runs saved before the option existed hold no such key
+        del settings["proxy_metric"]
     saved: dict[str, Any] = {}
     if args.json and Path(args.json).is_file():
         saved = json.loads(Path(args.json).read_text())
@@ -109,7 +114,8 @@ def main() -> None:
                                        "budgets": results, "forward_s": fwd_s}, indent=2, default=str))
             tmp.replace(args.json)
     common = {"score": "wanda", "seed": args.seed, "proxy_tokens": args.proxy_tokens, "quantum": args.quantum,
-              "top_k": args.top_k, "batch_size": args.batch_size, "progress": False, "save_model": False}
+              "top_k": args.top_k, "batch_size": args.batch_size, "progress": False, "save_model": False,
+              "proxy_metric": args.proxy_metric}
     for budget in [float(b) for b in args.budgets.split(",")]:
         if f"{budget:g}" in results:
             print(f"# budget {budget:g}: already in {args.json}", flush=True)
@@ -131,13 +137,14 @@ def main() -> None:
         pruner = res.pruner
         rows: dict[str, Any] = {}
         for name, arm in arms.items():
-            rows[name] = {"proxy": arm.best.ppl, "kept": arm.best.kept_fraction, "origin": arm.best.origin,
-                          "round": arm.best.round, **evaluate(pruner, arm.best.config, name == "predictor")}
-        rows["uniform"] = {"proxy": res.uniform.ppl, "kept": res.uniform.kept_fraction, "origin": "uniform",
-                           "round": 0, **evaluate(pruner, res.uniform.config, True)}
+            rows[name] = {"proxy": arm.best.ppl, "proxy_kl": arm.best.kl, "kept": arm.best.kept_fraction,
+                          "origin": arm.best.origin, "round": arm.best.round,
+                          **evaluate(pruner, arm.best.config, name == "predictor")}
+        rows["uniform"] = {"proxy": res.uniform.ppl, "proxy_kl": res.uniform.kl, "kept": res.uniform.kept_fraction,
+                           "origin": "uniform", "round": 0, **evaluate(pruner, res.uniform.config, True)}
         if dense_row is None:
-            dense_row = {"proxy": res.dense.ppl, "kept": 1.0, **evaluate(pruner, StructuredConfig.dense(pruner.shape),
-                                                                         True)}
+            dense_row = {"proxy": res.dense.ppl, "proxy_kl": res.dense.kl, "kept": 1.0,
+                         **evaluate(pruner, StructuredConfig.dense(pruner.shape), True)}
         pruner.apply(StructuredConfig.dense(pruner.shape))
         results[f"{budget:g}"] = {"rows": rows, "measured": n, "stopped": res.extra["stopped"],
                                   "rounds": res.extra["rounds"], "cv": res.cv.to_dict() if res.cv else None,
@@ -151,24 +158,30 @@ def main() -> None:
           f"(hash {calib.hash})\n")
     print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; started {started}. "
           f"Initial sample {args.samples} configurations (shared by the arms), top-k {args.top_k}, at most "
-          f"{args.rounds} rounds; proxy: last {args.proxy_tokens} wiki held-out tokens; ppl: first {args.eval_tokens} "
+          f"{args.rounds} rounds; proxy: {'perplexity' if args.proxy_metric == 'ppl' else 'mean KL from the dense model'} "
+          f"on the last {args.proxy_tokens} wiki held-out tokens; {args.heldout} held-out configurations; ppl: first {args.eval_tokens} "
           f"tokens of each held-out split; zero-shot: 7 tasks at {args.limit} documents; MMLU 5-shot, "
           f"{args.mmlu_limit} questions per subject. One dense forward over the calibration tokens, timed in each "
           f"run (a budget's ratio uses its own run's): {fwd_s:.1f} s in this one.\n")
-    print("| budget | arm | measured | kept | proxy ppl | wiki ppl | news ppl | MMLU | 7-task avg | winner from |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    kl = args.proxy_metric == "kl"
+    print(f"| budget | arm | measured | kept | proxy ppl |{' proxy KL |' if kl else ''} wiki ppl | news ppl | MMLU | "
+          "7-task avg | winner from |")
+    print(f"|---|---|---:|---:|---:|{'---:|' if kl else ''}---:|---:|---:|---:|---|")
     assert dense_row is not None
 
     def cell(row: dict[str, Any], key: str, fmt: str = ".3f") -> str:
         return "–" if key not in row else format(row[key], fmt)
 
-    print(f"| 1.0 | dense | – | 1.0000 | {dense_row['proxy']:.3f} | {dense_row['wiki']:.3f} | {dense_row['news']:.3f} | "
+    def kl_cell(row: dict[str, Any]) -> str:
+        return f" {cell(row, 'proxy_kl', '.4f')} |" if kl else ""
+
+    print(f"| 1.0 | dense | – | 1.0000 | {dense_row['proxy']:.3f} |{kl_cell(dense_row)} {dense_row['wiki']:.3f} | {dense_row['news']:.3f} | "
           f"{cell(dense_row, 'mmlu')} | {cell(dense_row, 'zs_avg')} | – |")
     for budget, r in sorted(results.items(), key=lambda kv: -float(kv[0])):
         for name in ("predictor", "random", "evolution", "uniform"):
             row = r["rows"][name]
             cost = r["measured"] if name != "uniform" else "–"
-            print(f"| {budget} | {name} | {cost} | {row['kept']:.4f} | {row['proxy']:.3f} | {row['wiki']:.3f} | {row['news']:.3f} | "
+            print(f"| {budget} | {name} | {cost} | {row['kept']:.4f} | {row['proxy']:.3f} |{kl_cell(row)} {row['wiki']:.3f} | {row['news']:.3f} | "
                   f"{cell(row, 'mmlu')} | {cell(row, 'zs_avg')} | {row['origin']} (round {row['round']}) |")
     print("\n| budget | predictor vs uniform: wiki | news | MMLU (points) | beats random | beats evolution | "
           "held-out ρ | K-fold ρ | rounds run, stopped by | predictor search s | × dense forward | all arms and "

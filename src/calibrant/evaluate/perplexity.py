@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,9 +31,12 @@ class PerplexityResult:
     tokens: int  # scored tokens
     protocol: dict[str, Any]
     seconds: float
+    kl: float | None = None  # mean KL(reference ‖ model) per scored token (nats), with a ``reference``
+    logprobs: list[torch.Tensor] | None = field(default=None, repr=False)  # with ``keep_logprobs``
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "protocol": self.protocol,
+                "seconds": self.seconds, **({} if self.kl is None else {"kl": self.kl})}
 
 
 def windows(total: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -90,8 +93,17 @@ def perplexity(
     device: torch.device | str | None = None,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    keep_logprobs: bool = False,
+    reference: list[torch.Tensor] | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on a 1-D stream of token ids (see the module docstring for the protocol)."""
+    """Perplexity of ``model`` on a 1-D stream of token ids (see the module docstring for the protocol).
+
+    ``keep_logprobs``: also return the log-probabilities of every scored position (float16, one ``[scored, vocab]``
+    tensor per window, on the CPU) — the reference another model's divergence is measured against.
+    ``reference``: such a list from the same stream and protocol; the result's ``kl`` is then the mean over scored
+    tokens of KL(reference ‖ model), accumulated in float64. The full next-token distribution at each position
+    makes it a steadier measure of how far a compressed model moved than the likelihood of the one observed token.
+    """
     stride = seq_len if stride is None else stride  # 0 is refused below, not read as "unset"
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if seq_len < 2:
@@ -111,6 +123,12 @@ def perplexity(
     spans = windows(ids.numel(), seq_len, stride)
     batch_size = bounded_batch(model, seq_len, batch_size)
     groups = group_windows(spans, batch_size)
+    if reference is not None and len(reference) != len(spans):
+        raise CalibrantError(f"the reference holds {len(reference)} windows, this evaluation has {len(spans)}: "
+                             "compute it on the same tokens with the same seq_len and stride")
+    kept: list[torch.Tensor] = []
+    total_kl = torch.zeros((), dtype=torch.float64)
+    window = 0
     total_nll = torch.zeros((), dtype=torch.float64)
     scored = 0
     to_score = sum(e - first for _b, e, first in spans)
@@ -127,6 +145,19 @@ def perplexity(
                 part = F.cross_entropy(logits[row, lo:-1].float(), batch[row, lo + 1 :], reduction="none")
                 total_nll += part.double().sum().cpu()
                 scored += part.numel()
+                if keep_logprobs or reference is not None:
+                    logp = F.log_softmax(logits[row, lo:-1].float(), dim=-1)
+                    if keep_logprobs:
+                        kept.append(logp.to(torch.float16).cpu())
+                    if reference is not None:
+                        if reference[window].shape != logp.shape:
+                            raise CalibrantError(f"reference window {window} has shape {tuple(reference[window].shape)}"
+                                                 f", the model's {tuple(logp.shape)}: compute it on the same tokens "
+                                                 "with a model of the same vocabulary")
+                        # renormalised after the float16 round trip: a proper distribution, so every term is ≥ 0
+                        ref = F.log_softmax(reference[window].to(device=logp.device, dtype=torch.float32), dim=-1)
+                        total_kl += (ref.exp() * (ref - logp)).sum(-1).double().sum().cpu()
+                window += 1
             del logits
             if progress and i == 0 and len(groups) > 1:  # the estimate, once the first batch has been timed
                 rate = scored / (time.perf_counter() - start)
@@ -138,6 +169,9 @@ def perplexity(
     mean = total_nll.item() / scored
     if not math.isfinite(mean):
         raise NumericalError("perplexity is NaN/Inf: the model produces non-finite logits on this text")
+    kl = None if reference is None else total_kl.item() / scored
+    if kl is not None and not math.isfinite(kl):
+        raise NumericalError("the divergence from the reference is NaN/Inf: the model produces non-finite logits")
     protocol = {
         "seq_len": seq_len,
         "stride": stride,
@@ -147,4 +181,5 @@ def perplexity(
         "stream_tokens": ids.numel(),
         **(meta or {}),
     }
-    return PerplexityResult(math.exp(mean), mean, scored, protocol, time.perf_counter() - start)
+    return PerplexityResult(math.exp(mean), mean, scored, protocol, time.perf_counter() - start, kl,
+                            kept if keep_logprobs else None)

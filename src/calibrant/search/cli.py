@@ -43,16 +43,21 @@ def cmd_search(args: argparse.Namespace) -> int:
         quantum=args.quantum, allow_removal=args.allow_removal, predictor=args.predictor, rounds=args.rounds,
         top_k=args.top_k, heldout_samples=args.heldout, batch_size=args.batch_size, progress=not args.quiet,
         strategy=args.strategy, max_samples=args.max_samples, min_improvement=args.min_improvement,
-        patience=args.patience,
+        patience=args.patience, proxy_metric=args.proxy_metric,
     )
     rows: list[list[Any]] = []
     for label, p in (("dense", res.dense), ("uniform (best)", res.uniform), ("searched", res.best)):
         if p is not None:
             rows.append([label, f"{p.kept_fraction:.4f}", f"{p.ppl:.3f}", f"{p.tokens_per_second:.0f}", p.origin])
-    print(table(rows, ["configuration", "kept block params", "proxy ppl", "tok/s", "found by"]))
+    if args.proxy_metric == "kl":
+        for row, p in zip(rows, [q for q in (res.dense, res.uniform, res.best) if q is not None], strict=True):
+            row.insert(3, f"{p.kl:.4f}")
+    print(table(rows, ["configuration", "kept block params", "proxy ppl"]
+                + (["proxy KL"] if args.proxy_metric == "kl" else []) + ["tok/s", "found by"]))
     cv = res.cv
     ho = f"; held-out configurations ρ {res.heldout.spearman:.3f}" if res.heldout else ""
-    print(f"predictor ({args.predictor}): {cv.n} pairs, K-fold Spearman ρ {cv.spearman:.3f}, MAE(log ppl) "
+    print(f"predictor ({args.predictor}): {cv.n} pairs, K-fold Spearman ρ {cv.spearman:.3f}, "
+          f"MAE({'KL' if args.proxy_metric == 'kl' else 'log ppl'}) "
           f"{cv.mae:.4f}{ho}")
     rounds = res.extra.get("rounds") or []
     print(f"{args.strategy}: {res.extra['measured']} configurations measured"
@@ -85,6 +90,10 @@ def add_search_parser(sub: Any) -> None:
                    help="no search: prune every block to these keep ratios of KV groups and MLP channels")
     s.add_argument("--proxy-corpus", default="wiki", help="held-out corpus of the proxy perplexity")
     s.add_argument("--proxy-tokens", type=positive_int, default=4096, help="proxy tokens (last ones of the held-out split)")
+    s.add_argument("--proxy-metric", choices=["ppl", "kl"], default="ppl",
+                   help="what the search minimises on the proxy tokens: ppl (their perplexity) or kl (the mean KL "
+                        "divergence from the dense model's next-token distribution; holds the dense log-probabilities "
+                        "of the proxy tokens in memory, tokens x vocab x 2 bytes)")
     s.add_argument("--quantum", type=positive_int, default=64, help="MLP channels are kept in multiples of this")
     s.add_argument("--allow-removal", action="store_true", help="let the search remove whole blocks")
     s.add_argument("--predictor", choices=["lightgbm", "forest"], default="lightgbm")

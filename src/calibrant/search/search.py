@@ -1,7 +1,7 @@
 """Predictor-guided search over structured-pruning configurations under a parameter budget.
 
-1. importance once (cached); 2. measure K configurations on a cheap proxy (perplexity on a held-out
-slice): the uniform ones, random ones in the budget band, perturbations of the best so far — each a
+1. importance once (cached); 2. measure K configurations on a cheap proxy (on a held-out slice: the mean NLL,
+or with ``proxy_metric="kl"`` the mean KL divergence from the dense model's next-token distribution): the uniform ones, random ones in the budget band, perturbations of the best so far — each a
 re-slice of the dense weights, stored in SQLite (round 0); 3. rounds (active learning): fit a bagged,
 monotone-constrained predictor (:mod:`calibrant.search.predictor`; K-fold Spearman ρ / MAE), narrow each
 block's ranges to the region it likes, evolve (tournament, uniform crossover, mutation, budget repair)
@@ -82,6 +82,17 @@ class Pair:
 
     meta_tokens: int = 0
     round: int | None = 0  # the search round that proposed it (0: the initial sample; None: held-out)
+    kl: float | None = None  # mean KL(dense ‖ pruned) per proxy token (nats), when the proxy metric is ``kl``
+    metric: str = "ppl"  # what the search minimises: ``ppl`` (the proxy NLL) or ``kl``
+
+    @property
+    def loss(self) -> float:
+        """The proxy loss the search minimises: the mean NLL (``ppl``) or the mean KL from the dense model (``kl``)."""
+        if self.metric == "kl":
+            if self.kl is None:
+                raise CalibrantError("a pair measured without a dense reference has no KL; measure it with --proxy-metric kl")
+            return self.kl
+        return self.nll
 
 
 class PairStore:
@@ -93,18 +104,18 @@ class PairStore:
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS pairs (id INTEGER PRIMARY KEY, config TEXT NOT NULL, features TEXT, "
             "kept_fraction REAL, ppl REAL, nll REAL, seconds REAL, tokens INTEGER, origin TEXT, created TEXT, "
-            "round INTEGER)"
+            "round INTEGER, kl REAL, metric TEXT)"
         )
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.db.commit()
 
     def add(self, pair: Pair, features: list[float] | None = None) -> None:
         self.db.execute(
-            "INSERT INTO pairs (config, features, kept_fraction, ppl, nll, seconds, tokens, origin, created, round) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO pairs (config, features, kept_fraction, ppl, nll, seconds, tokens, origin, created, round, kl, "
+            "metric) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (pair.config.to_json(), json.dumps(features) if features is not None else None, pair.kept_fraction,
              pair.ppl, pair.nll, pair.seconds, pair.meta_tokens, pair.origin, time.strftime("%Y-%m-%dT%H:%M:%S"),
-             pair.round),
+             pair.round, pair.kl, pair.metric),
         )
         self.db.commit()
 
@@ -114,9 +125,10 @@ class PairStore:
 
     def pairs(self) -> list[Pair]:
         rows = self.db.execute(
-            "SELECT config, kept_fraction, ppl, nll, seconds, origin, tokens, round FROM pairs ORDER BY id").fetchall()
-        return [Pair(StructuredConfig.from_dict(json.loads(c)), k, p, n, s, o, t, r)
-                for c, k, p, n, s, o, t, r in rows]
+            "SELECT config, kept_fraction, ppl, nll, seconds, origin, tokens, round, kl, metric FROM pairs ORDER BY id"
+        ).fetchall()
+        return [Pair(StructuredConfig.from_dict(json.loads(c)), k, p, n, s, o, t, r, kl, m or "ppl")
+                for c, k, p, n, s, o, t, r, kl, m in rows]
 
     def close(self) -> None:
         self.db.close()
@@ -149,8 +161,8 @@ class SearchResult:
             if p is None:
                 return None
             return {"config": p.config.to_dict(), "kept_fraction": p.kept_fraction, "proxy_ppl": p.ppl,
-                    "proxy_nll": p.nll, "seconds": p.seconds, "tokens_per_second": p.tokens_per_second,
-                    "origin": p.origin, "round": p.round}
+                    "proxy_nll": p.nll, "proxy_kl": p.kl, "proxy_loss": p.loss, "seconds": p.seconds,
+                    "tokens_per_second": p.tokens_per_second, "origin": p.origin, "round": p.round}
 
         return {
             "calibrant_version": __version__, "budget": self.budget, "best": pd(self.best),
@@ -166,19 +178,31 @@ class SearchResult:
 
 
 class _Measurer:
+    """Measures configurations on the proxy. With ``metric="kl"`` the first configuration measured (the dense
+    one) is kept as the reference: its float16 log-probabilities on the proxy tokens (``tokens × vocab × 2``
+    bytes: 0.4 GB for 4,096 tokens and a 49k vocabulary)."""
+
     def __init__(self, pruner: StructuredPruner, space: SearchSpace, proxy: torch.Tensor, seq_len: int,
-                 batch_size: int, store: PairStore | None, featurize: Callable | None):
+                 batch_size: int, store: PairStore | None, featurize: Callable | None, metric: str = "ppl"):
         self.pruner, self.space, self.proxy = pruner, space, proxy
         self.seq_len, self.batch_size, self.store, self.featurize = seq_len, batch_size, store, featurize
+        self.metric = metric
+        self.reference: list[torch.Tensor] | None = None
         self.seen: dict[StructuredConfig, Pair] = {}
 
     def __call__(self, cfg: StructuredConfig, origin: str, round_no: int | None = 0) -> Pair:
         if cfg in self.seen:
             return self.seen[cfg]
         self.pruner.apply(cfg)
+        first = self.metric == "kl" and self.reference is None
+        if first and not cfg.is_dense(self.space.shape):  # pragma: no cover - the search measures dense first
+            raise AssertionError("the KL proxy needs the dense model measured first")
         r = perplexity(self.pruner.model, self.proxy, seq_len=self.seq_len, batch_size=self.batch_size,
-                       progress=False)
-        pair = Pair(cfg, self.space.kept_fraction(cfg), r.ppl, r.nll, r.seconds, origin, r.tokens, round_no)
+                       progress=False, keep_logprobs=first, reference=self.reference)
+        if first:
+            self.reference, r.logprobs, r.kl = r.logprobs, None, 0.0
+        pair = Pair(cfg, self.space.kept_fraction(cfg), r.ppl, r.nll, r.seconds, origin, r.tokens, round_no, r.kl,
+                    self.metric)
         self.seen[cfg] = pair
         if self.store is not None:
             feats = self.featurize([cfg])[0].tolist() if self.featurize else None
@@ -284,12 +308,17 @@ def evolve(space: SearchSpace, score: Callable[[list[StructuredConfig]], np.ndar
 
 FOLDS = 5  # the predictor's K-fold cross-validation
 STRATEGIES = ("predictor", "random", "evolution")
+PROXY_METRICS = ("ppl", "kl")
 
 
 def check_search(budget: float, samples: int, *, score: str = "wanda", rounds: int = 1, top_k: int = 6,
                  proxy_tokens: int = 4096, out: str | Path | None = None, overwrite: bool = False,
-                 strategy: str = "predictor", max_samples: int | None = None, patience: int = 2) -> None:
+                 strategy: str = "predictor", max_samples: int | None = None, patience: int = 2,
+                 proxy_metric: str = "ppl") -> None:
     """Refuse bad :func:`search_structured` arguments (cheap: nothing is loaded)."""
+    if proxy_metric not in PROXY_METRICS:
+        raise CalibrantError(f"unknown proxy metric '{proxy_metric}'; use {' or '.join(PROXY_METRICS)} (kl: the "
+                             "divergence of the pruned model's next-token distribution from the dense model's)")
     if not isinstance(samples, int) or samples < max(8, 2 * FOLDS):
         raise CalibrantError(f"--samples must be at least {max(8, 2 * FOLDS)} measured configurations (the "
                              f"predictor's {FOLDS}-fold cross-validation needs two per fold), got {samples}")
@@ -353,6 +382,7 @@ def search_structured(
     kappa: float = 1.0,
     bags: int = 8,
     monotone_constraints: bool = True,
+    proxy_metric: str = "ppl",
 ) -> SearchResult:
     """Search per-block structured-pruning configurations of ``loaded`` keeping ``budget`` of block parameters.
 
@@ -365,9 +395,13 @@ def search_structured(
     Rounds and their stopping rule, ``strategy`` (``predictor``, or the ``random`` / ``evolution`` baselines)
     and ``max_samples`` (measured configurations in all; default ``samples + rounds · top_k``): see the
     module docstring. ``monotone_constraints`` (LightGBM only) and ``bags`` / ``kappa`` shape the predictor.
+    ``proxy_metric``: what the search minimises on the proxy tokens — ``ppl`` (their mean NLL) or ``kl`` (the
+    mean KL divergence of the pruned model's next-token distribution from the dense model's; the proxy
+    perplexity is recorded either way).
     """
     check_search(budget, samples, score=score, rounds=rounds, top_k=top_k, proxy_tokens=proxy_tokens, out=out,
-                 overwrite=overwrite, strategy=strategy, max_samples=max_samples, patience=patience)
+                 overwrite=overwrite, strategy=strategy, max_samples=max_samples, patience=patience,
+                 proxy_metric=proxy_metric)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     torch_model = loaded.model
@@ -393,11 +427,12 @@ def search_structured(
             tmp.mkdir(parents=True)
             store = PairStore(tmp / PAIRS_FILE)
             store.set_meta("protocol", {"proxy_corpus": proxy_corpus, "proxy_tokens": int(proxy.numel()),
+                                        "proxy_metric": proxy_metric,
                                         "seq_len": seq_len, "budget": budget, "score": score, "seed": seed,
                                         "quantum": space.quantum, "allow_removal": allow_removal,
                                         "calibration_hash": calib.hash if calib is not None else None,
                                         "model_hash": loaded.model_hash})
-        measure = _Measurer(pruner, space, proxy, seq_len, batch_size, store, featurize)
+        measure = _Measurer(pruner, space, proxy, seq_len, batch_size, store, featurize, proxy_metric)
 
         # dense reference on the proxy (also the dense throughput)
         dense = measure(StructuredConfig.dense(shape), "dense")
@@ -409,7 +444,7 @@ def search_structured(
         measured: list[Pair] = []
         for origin, cfg in plan:
             if cfg is None:  # a perturbation of one of the best measured so far
-                best = sorted(measured, key=lambda p: p.nll)[:5]
+                best = sorted(measured, key=lambda p: p.loss)[:5]
                 base = best[int(rng.integers(len(best)))].config
                 cfg = space.mutate(base, budget, rng, blocks=int(rng.integers(2, 6)))
                 tries = 0
@@ -418,7 +453,7 @@ def search_structured(
                     tries += 1
             measured.append(measure(cfg, origin))
             bar.update(1)
-            bar.set_postfix(best_ppl=f"{min(p.ppl for p in measured):.2f}")
+            bar.set_postfix(best=f"{min(p.loss for p in measured):.4f}")
         bar.close()
         timings["pairs_s"] = time.perf_counter() - t0
 
@@ -437,7 +472,7 @@ def search_structured(
         history: list[dict[str, Any]] = []
         stopped = "rounds"
         if strategy == "predictor":
-            best_nll = min(p.nll for p in train)
+            best_loss = min(p.loss for p in train)
             stale = 0
             for round_no in range(1, rounds + 1):
                 if len(train) >= limit:
@@ -445,17 +480,17 @@ def search_structured(
                     break
                 t0 = time.perf_counter()
                 X = featurize([p.config for p in train])
-                y = np.array([p.nll for p in train])
+                y = np.array([p.loss for p in train])
                 cv, _ = cross_validate(X, y, predictor, folds=FOLDS, seed=seed, monotone=monotone)
                 model_p = Ensemble(predictor, seed + round_no, monotone, bags=bags).fit(X, y)
                 if heldout_pairs:
-                    heldout_q = quality(np.array([p.nll for p in heldout_pairs]),
+                    heldout_q = quality(np.array([p.loss for p in heldout_pairs]),
                                         model_p.predict(featurize([p.config for p in heldout_pairs])))
                 timings["fit_s"] += time.perf_counter() - t0
 
                 t0 = time.perf_counter()
                 bounds, top = narrow(space, model_p, featurize, budget, rng)
-                leaders = [p.config for p in sorted(train, key=lambda p: p.nll)[:8]]
+                leaders = [p.config for p in sorted(train, key=lambda p: p.loss)[:8]]
                 start = leaders + top
 
                 def optimistic(cfgs: list[StructuredConfig], m: Ensemble = model_p) -> np.ndarray:
@@ -473,12 +508,12 @@ def search_structured(
                        for cfg in tqdm(fresh, desc=f"round {round_no}: measure top {len(fresh)}", disable=not progress)]
                 train += new
                 timings["reeval_s"] += time.perf_counter() - t0
-                round_best = min((p.nll for p in new), default=math.inf)
-                improved = round_best < best_nll - min_improvement
-                history.append({"round": round_no, "measured": len(new), "round_best_nll": round_best,
-                                "best_nll": min(best_nll, round_best), "improved": improved,
+                round_best = min((p.loss for p in new), default=math.inf)
+                improved = round_best < best_loss - min_improvement
+                history.append({"round": round_no, "measured": len(new), "round_best_loss": round_best,
+                                "best_loss": min(best_loss, round_best), "improved": improved,
                                 "cv_spearman": cv.spearman})
-                best_nll = min(best_nll, round_best)
+                best_loss = min(best_loss, round_best)
                 stale = 0 if improved else stale + 1
                 if stale >= patience:
                     stopped = "no improvement"
@@ -492,13 +527,13 @@ def search_structured(
             timings["reeval_s"] += time.perf_counter() - t0
             stopped = "max_samples"
             X = featurize([p.config for p in train])
-            cv, _ = cross_validate(X, np.array([p.nll for p in train]), predictor, folds=FOLDS, seed=seed,
+            cv, _ = cross_validate(X, np.array([p.loss for p in train]), predictor, folds=FOLDS, seed=seed,
                                    monotone=monotone)
 
         candidates = [p for p in train if space.within(p.config, budget)]
-        best = min(candidates, key=lambda p: p.nll)
+        best = min(candidates, key=lambda p: p.loss)
         uniforms = [p for p in measured if p.origin == "uniform"]
-        uniform = min(uniforms, key=lambda p: p.nll) if uniforms else None
+        uniform = min(uniforms, key=lambda p: p.loss) if uniforms else None
 
         pruner.apply(best.config)
         params = {"dense_total": 0, "pruned_total": count_params(torch_model),
@@ -508,7 +543,7 @@ def search_structured(
             best, uniform, dense, train + heldout_pairs, cv, heldout_q, budget, params, timings,
             {k: v for k, v in importance.meta.items()},
             {"proxy": {"corpus": proxy_corpus, "tokens": int(proxy.numel()), "slice": "last tokens of held-out",
-                       "seq_len": seq_len, "checksum": proxy_meta.get("checksum")},
+                       "seq_len": seq_len, "checksum": proxy_meta.get("checksum"), "metric": proxy_metric},
              "calibration": ({**calib.provenance, "hash": calib.hash} if calib is not None else None),
              "score": score, "seed": seed, "samples": samples, "quantum": space.quantum,
              "allow_removal": allow_removal, "predictor": predictor, "rounds": rounds, "top_k": top_k,
@@ -557,7 +592,7 @@ def _evolution_arm(space: SearchSpace, measure: _Measurer, budget: float, rng: n
     tries = 0
     while len(out) < n and tries < 50 * (n + 1):
         tries += 1
-        parents = [p.config for p in sorted(pool + out, key=lambda p: p.nll)[:population]]
+        parents = [p.config for p in sorted(pool + out, key=lambda p: p.loss)[:population]]
 
         def pick(parents: list[StructuredConfig] = parents) -> StructuredConfig:
             i, j = rng.integers(len(parents), size=2)
