@@ -97,3 +97,48 @@ def test_estimate_is_printed_after_the_first_batch(capsys):
     assert lines[0].endswith("tokens/s")
     perplexity(model, ids, seq_len=64, progress=False)
     assert "calibrant: perplexity" not in capsys.readouterr().err  # quiet runs print nothing
+
+
+def _naive_kl(dense, pruned, ids, seq_len):
+    """Mean KL(dense ‖ pruned) over the next-token distributions of non-overlapping windows, in float64."""
+    total, count = 0.0, 0
+    for b in range(0, ids.numel(), seq_len):
+        chunk = ids[b : b + seq_len]
+        if chunk.numel() < 2:
+            continue
+        with torch.no_grad():
+            p = torch.log_softmax(dense(chunk[None]).logits[0, :-1].double(), -1)
+            q = torch.log_softmax(pruned(chunk[None]).logits[0, :-1].double(), -1)
+        total += float((p.exp() * (p - q)).sum())
+        count += chunk.numel() - 1
+    return total / count
+
+
+def test_kl_from_a_reference_matches_a_brute_force_divergence_and_is_zero_against_itself():
+    import copy
+
+    dense = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (300,), generator=torch.Generator().manual_seed(2))
+    ref = perplexity(dense, ids, seq_len=64, batch_size=2, progress=False, keep_logprobs=True)
+    assert ref.kl is None and len(ref.logprobs) == 5 and ref.logprobs[0].dtype == torch.float16
+    assert ref.logprobs[0].shape == (63, VOCAB) and ref.logprobs[-1].shape == (300 - 4 * 64 - 1, VOCAB)
+    same = perplexity(dense, ids, seq_len=64, batch_size=3, progress=False, reference=ref.logprobs)
+    assert 0 <= abs(same.kl) < 1e-5 and same.ppl == pytest.approx(ref.ppl, rel=1e-6)
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        pruned.model.layers[0].mlp.down_proj.weight.mul_(0.3)
+        pruned.model.layers[1].self_attn.o_proj.weight.mul_(-1.0)
+    moved = perplexity(pruned, ids, seq_len=64, batch_size=2, progress=False, reference=ref.logprobs)
+    naive = _naive_kl(dense, pruned, ids, 64)
+    assert naive > 1e-3 and moved.kl == pytest.approx(naive, rel=1e-2)  # float16 reference: ~1e-3 relative
+    assert "kl" in moved.to_dict() and "logprobs" not in ref.to_dict()
+
+
+def test_a_reference_from_other_windows_is_refused():
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (300,), generator=torch.Generator().manual_seed(3))
+    ref = perplexity(model, ids, seq_len=64, progress=False, keep_logprobs=True)
+    with pytest.raises(CalibrantError, match="reference holds 5 windows, this evaluation has 3"):
+        perplexity(model, ids, seq_len=128, progress=False, reference=ref.logprobs)
+    with pytest.raises(CalibrantError, match="same tokens"):
+        perplexity(model, ids[:299], seq_len=64, progress=False, reference=ref.logprobs)

@@ -424,3 +424,28 @@ def test_monotone_constraints_hold_with_the_importance_and_summary_features():
                 more = StructuredConfig(cfg.kv_groups, tuple(c + 32 * (i == b) for i, c in enumerate(cfg.mlp_channels)),
                                         cfg.removed)
                 assert model.predict(feat([more]))[0] <= model.predict(feat([cfg]))[0] + 1e-9
+
+
+def test_a_kl_proxy_is_what_the_search_minimises_and_is_stored(monkeypatch, tmp_path):
+    res = _proxy_search(monkeypatch, rounds=2, top_k=3, patience=99, heldout_samples=3, proxy_metric="kl",
+                        out=tmp_path / "s")
+    assert res.dense is not None and res.dense.kl == 0.0
+    assert all(p.metric == "kl" and p.kl is not None and p.kl > 0 and p.loss == p.kl for p in res.pairs)
+    searched = [p for p in res.pairs if p.origin != "heldout"]
+    assert res.best.kl == min(p.kl for p in searched)
+    assert res.uniform is not None and res.best.kl <= res.uniform.kl
+    db = sqlite3.connect(tmp_path / "s" / "pairs.sqlite")
+    rows = db.execute("SELECT origin, kl, metric FROM pairs ORDER BY id").fetchall()
+    assert rows[0] == ("dense", 0.0, "kl") and len(rows) == len(res.pairs) + 1
+    assert all(m == "kl" and kl > 0 for _, kl, m in rows[1:])
+    summary = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert summary["protocol"]["proxy"]["metric"] == "kl" and summary["best"]["proxy_loss"] == res.best.kl
+    from calibrant.search.search import PairStore
+
+    stored = PairStore(tmp_path / "s" / "pairs.sqlite").pairs()[1:]  # in measurement order: held-out before rounds
+    assert sorted((p.kl, p.metric, p.origin) for p in stored) == sorted((p.kl, p.metric, p.origin) for p in res.pairs)
+
+
+def test_an_unknown_proxy_metric_is_refused_before_loading():
+    with pytest.raises(CalibrantError, match="unknown proxy metric 'nll'; use ppl or kl"):
+        search_structured(None, None, 0.8, 16, proxy_metric="nll")
