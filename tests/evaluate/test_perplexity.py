@@ -21,12 +21,14 @@ def test_uniform_model_has_perplexity_equal_to_vocab_size():
     assert res.ppl == pytest.approx(VOCAB, rel=1e-5)
 
 
+def _chunks(ids, seq_len):
+    """Non-overlapping windows of ``seq_len`` that hold at least one scored token."""
+    return [c for c in ids.split(seq_len) if c.numel() >= 2]
+
+
 def _naive_nonoverlapping(model, ids, seq_len):
     total, count = 0.0, 0
-    for b in range(0, ids.numel(), seq_len):
-        chunk = ids[b : b + seq_len]
-        if chunk.numel() < 2:
-            continue
+    for chunk in _chunks(ids, seq_len):
         with torch.no_grad():
             logp = torch.log_softmax(model(chunk[None]).logits[0].double(), -1)
         total -= float(logp[torch.arange(chunk.numel() - 1), chunk[1:]].sum())
@@ -102,10 +104,7 @@ def test_estimate_is_printed_after_the_first_batch(capsys):
 def _naive_kl(dense, pruned, ids, seq_len):
     """Mean KL(dense ‖ pruned) over the next-token distributions of non-overlapping windows, in float64."""
     total, count = 0.0, 0
-    for b in range(0, ids.numel(), seq_len):
-        chunk = ids[b : b + seq_len]
-        if chunk.numel() < 2:
-            continue
+    for chunk in _chunks(ids, seq_len):
         with torch.no_grad():
             p = torch.log_softmax(dense(chunk[None]).logits[0, :-1].double(), -1)
             q = torch.log_softmax(pruned(chunk[None]).logits[0, :-1].double(), -1)
