@@ -563,7 +563,8 @@ def search_structured(
         check_output(out, overwrite, inputs=(model,))
     structured_search.check_search(budget, samples, score=score, out=out, overwrite=overwrite,
                                    **{k: options[k] for k in ("rounds", "top_k", "proxy_tokens", "strategy",
-                                                              "max_samples", "patience", "proxy_metric")
+                                                              "max_samples", "patience", "proxy_metric",
+                                                              "proxy_corpus", "seq_len")
                                       if k in options})
     loaded, calib = _loaded_with_scores_data(model, calibration, score, seed, progress)
     return structured_search.search_structured(loaded, calib, budget, samples, score=score, seed=seed, out=out,

@@ -449,3 +449,31 @@ def test_a_kl_proxy_is_what_the_search_minimises_and_is_stored(monkeypatch, tmp_
 def test_an_unknown_proxy_metric_is_refused_before_loading():
     with pytest.raises(CalibrantError, match="unknown proxy metric 'nll'; use ppl or kl"):
         search_structured(None, None, 0.8, 16, proxy_metric="nll")
+
+
+def test_a_proxy_over_several_corpora_takes_whole_windows_from_the_end_of_each(monkeypatch, tmp_path):
+    import calibrant.search.search as S
+
+    streams = {"wiki": torch.arange(3000) % 90 + 3, "news": torch.arange(5000) % 50 + 40}
+    monkeypatch.setattr(S, "heldout_token_ids",
+                        lambda name, tok, progress=None: (streams[name], {"checksum": f"sum-{name}"}))
+    ids, metas = S.proxy_token_ids("wiki,news", None, 300, 64)  # 150 each → two whole windows of 64
+    assert torch.equal(ids, torch.cat([streams["wiki"][-128:], streams["news"][-128:]]))
+    assert metas == [{"corpus": "wiki", "tokens": 128, "checksum": "sum-wiki"},
+                     {"corpus": "news", "tokens": 128, "checksum": "sum-news"}]
+    one, _ = S.proxy_token_ids("wiki", None, 300, 64)  # one corpus: exactly the last tokens, as before
+    assert torch.equal(one, streams["wiki"][-300:])
+    res = _proxy_search(monkeypatch, rounds=1, top_k=2, proxy_corpus="wiki, news", out=tmp_path / "s")
+    proxy = json.loads((tmp_path / "s" / "search.json").read_text())["protocol"]["proxy"]
+    assert proxy["tokens"] == 256 and [p["corpus"] for p in proxy["parts"]] == ["wiki", "news"]
+    assert res.dense.meta_tokens == 256 - 4  # four windows of 64, each window's first token unscored
+
+
+@pytest.mark.parametrize("spec, tokens, message", [
+    ("wiki,,news", 4096, "once each, separated by commas"),
+    ("wiki,wiki", 4096, "once each"),
+    ("wiki,news", 600, "fewer than one window of 512 tokens; use at least 1024"),
+])
+def test_a_bad_proxy_corpus_list_is_refused_before_loading(spec, tokens, message):
+    with pytest.raises(CalibrantError, match=message):
+        search_structured(None, None, 0.8, 16, proxy_corpus=spec, proxy_tokens=tokens)

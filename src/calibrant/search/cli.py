@@ -88,7 +88,8 @@ def add_search_parser(sub: Any) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.add_argument("--keep", default=None, metavar="HEADS,MLP",
                    help="no search: prune every block to these keep ratios of KV groups and MLP channels")
-    s.add_argument("--proxy-corpus", default="wiki", help="held-out corpus of the proxy perplexity")
+    s.add_argument("--proxy-corpus", default="wiki", help="held-out corpus of the proxy (the last --proxy-tokens tokens of its held-out "
+                   "split), or several, comma-separated (wiki,news), each giving an equal share of whole windows")
     s.add_argument("--proxy-tokens", type=positive_int, default=4096, help="proxy tokens (last ones of the held-out split)")
     s.add_argument("--proxy-metric", choices=["ppl", "kl"], default="ppl",
                    help="what the search minimises on the proxy tokens: ppl (their perplexity) or kl (the mean KL "

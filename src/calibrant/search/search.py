@@ -314,8 +314,12 @@ PROXY_METRICS = ("ppl", "kl")
 def check_search(budget: float, samples: int, *, score: str = "wanda", rounds: int = 1, top_k: int = 6,
                  proxy_tokens: int = 4096, out: str | Path | None = None, overwrite: bool = False,
                  strategy: str = "predictor", max_samples: int | None = None, patience: int = 2,
-                 proxy_metric: str = "ppl") -> None:
+                 proxy_metric: str = "ppl", proxy_corpus: str = "wiki", seq_len: int = 512) -> None:
     """Refuse bad :func:`search_structured` arguments (cheap: nothing is loaded)."""
+    corpora = proxy_corpora(proxy_corpus)
+    if len(corpora) > 1 and proxy_tokens // len(corpora) < seq_len:
+        raise CalibrantError(f"--proxy-tokens {proxy_tokens} gives each of the {len(corpora)} proxy corpora fewer "
+                             f"than one window of {seq_len} tokens; use at least {len(corpora) * seq_len}")
     if proxy_metric not in PROXY_METRICS:
         raise CalibrantError(f"unknown proxy metric '{proxy_metric}'; use {' or '.join(PROXY_METRICS)} (kl: the "
                              "divergence of the pruned model's next-token distribution from the dense model's)")
@@ -340,6 +344,30 @@ def check_search(budget: float, samples: int, *, score: str = "wanda", rounds: i
         raise CalibrantError(f"unknown importance score '{score}'; use {' or '.join(SCORES)}")
     if out is not None:
         check_output(out, overwrite)
+
+
+def proxy_corpora(spec: str) -> list[str]:
+    """The held-out corpora a proxy spec names: ``wiki`` or a comma-separated list such as ``wiki,news``."""
+    names = [n.strip() for n in str(spec).split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise CalibrantError(f"proxy corpus '{spec}' must name held-out corpora once each, separated by commas "
+                             "(e.g. wiki or wiki,news)")
+    return names
+
+
+def proxy_token_ids(spec: str, tokenizer: Any, tokens: int, seq_len: int,
+                    progress: bool | None = None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The proxy tokens: the *last* ``tokens`` of one corpus's held-out split, or with several corpora an equal
+    share of each, cut to whole windows of ``seq_len`` so no window straddles two corpora (their evaluation
+    uses the first tokens, so the two never overlap). Returns the ids and each corpus's held-out metadata."""
+    names = proxy_corpora(spec)
+    share = tokens if len(names) == 1 else tokens // len(names) // seq_len * seq_len
+    parts, metas = [], []
+    for name in names:
+        ids, meta = heldout_token_ids(name, tokenizer, progress=progress)
+        parts.append(ids[-share:])
+        metas.append({"corpus": name, "tokens": int(parts[-1].numel()), "checksum": meta.get("checksum")})
+    return torch.cat(parts), metas
 
 
 def _importance(loaded: LoadedModel, calibration: CalibrationSet | None, score: str, batch_size: int,
@@ -389,7 +417,8 @@ def search_structured(
     ``calibration`` feeds the ``wanda`` importance score (``magnitude`` needs none; :func:`calibrant.api.
     search_structured` loads the model and builds the set from a spec). The proxy is perplexity on the
     *last* ``proxy_tokens`` tokens of ``proxy_corpus``'s held-out split (so the usual evaluation on its
-    first tokens stays separate). With ``out``, writes ``pairs.sqlite``, ``search.json`` and the pruned
+    first tokens stays separate); ``proxy_corpus="wiki,news"`` splits them between several corpora
+    (:func:`proxy_token_ids`). With ``out``, writes ``pairs.sqlite``, ``search.json`` and the pruned
     model (``model/``) atomically. The returned model is left pruned to the best configuration.
 
     Rounds and their stopping rule, ``strategy`` (``predictor``, or the ``random`` / ``evolution`` baselines)
@@ -401,7 +430,7 @@ def search_structured(
     """
     check_search(budget, samples, score=score, rounds=rounds, top_k=top_k, proxy_tokens=proxy_tokens, out=out,
                  overwrite=overwrite, strategy=strategy, max_samples=max_samples, patience=patience,
-                 proxy_metric=proxy_metric)
+                 proxy_metric=proxy_metric, proxy_corpus=proxy_corpus, seq_len=seq_len)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     torch_model = loaded.model
@@ -409,8 +438,8 @@ def search_structured(
     space = SearchSpace(shape, quantum=quantum, allow_removal=allow_removal)
     budget = space.check_budget(budget)
     calib = calibration if score == "wanda" else None
-    proxy_all, proxy_meta = heldout_token_ids(proxy_corpus, loaded.tokenizer, progress=None if progress else False)
-    proxy = proxy_all[-proxy_tokens:]
+    proxy, proxy_meta = proxy_token_ids(proxy_corpus, loaded.tokenizer, proxy_tokens, seq_len,
+                                        progress=None if progress else False)
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -543,7 +572,8 @@ def search_structured(
             best, uniform, dense, train + heldout_pairs, cv, heldout_q, budget, params, timings,
             {k: v for k, v in importance.meta.items()},
             {"proxy": {"corpus": proxy_corpus, "tokens": int(proxy.numel()), "slice": "last tokens of held-out",
-                       "seq_len": seq_len, "checksum": proxy_meta.get("checksum"), "metric": proxy_metric},
+                       "seq_len": seq_len, "checksum": proxy_meta[0]["checksum"] if len(proxy_meta) == 1 else None,
+                       "parts": proxy_meta, "metric": proxy_metric},
              "calibration": ({**calib.provenance, "hash": calib.hash} if calib is not None else None),
              "score": score, "seed": seed, "samples": samples, "quantum": space.quantum,
              "allow_removal": allow_removal, "predictor": predictor, "rounds": rounds, "top_k": top_k,
