@@ -14,7 +14,8 @@ Per budget (kept fraction of the decoder blocks' parameters), in one process on 
    block at the same keep ratios, at the full budget in single MLP channels (the best uniform configuration of
    the initial sample: one per KV-group count).
 
-The proxy is perplexity on the *last* ``--proxy-tokens`` tokens of wiki's held-out split; each arm's winner is
+The proxy is perplexity on the *last* ``--proxy-tokens`` tokens of wiki's held-out split (``--proxy-corpus``
+and ``--proxy-metric`` change the text and the loss); each arm's winner is
 then evaluated on the *first* ``--eval-tokens`` tokens of wiki and news (news stands in for PTB offline).
 For the predictor's winner, the uniform configuration and the dense model also MMLU (5-shot, all 57 subjects,
 ``--mmlu-limit`` questions per subject) and the 7-task zero-shot average (``--limit`` documents per task).
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--proxy-metric", choices=["ppl", "kl"], default="ppl",
                     help="what every arm minimises on the proxy tokens: their perplexity, or the mean KL divergence "
                          "from the dense model's next-token distribution")
+    ap.add_argument("--proxy-corpus", default="wiki",
+                    help="held-out corpus of the proxy, or several comma-separated (wiki,news: an equal share of each)")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--limit", type=int, default=100, help="documents per zero-shot task (0 to skip)")
     ap.add_argument("--mmlu-limit", type=int, default=4, help="questions per MMLU subject, 5-shot (0 to skip)")
@@ -66,8 +69,9 @@ def main() -> None:
                     "options skips the budgets it already holds (a long run spans sessions)")
     args = ap.parse_args()
     settings = {k: v for k, v in vars(args).items() if k not in ("budgets", "json")}
-    if args.proxy_metric == "ppl":  # runs saved before the option existed hold no such key
-        del settings["proxy_metric"]
+    for key, default in (("proxy_metric", "ppl"), ("proxy_corpus", "wiki")):
+        if settings[key] == default:  # runs saved before the option existed hold no such key
+            del settings[key]
     saved: dict[str, Any] = {}
     if args.json and Path(args.json).is_file():
         saved = json.loads(Path(args.json).read_text())
@@ -115,7 +119,7 @@ def main() -> None:
             tmp.replace(args.json)
     common = {"score": "wanda", "seed": args.seed, "proxy_tokens": args.proxy_tokens, "quantum": args.quantum,
               "top_k": args.top_k, "batch_size": args.batch_size, "progress": False, "save_model": False,
-              "proxy_metric": args.proxy_metric}
+              "proxy_metric": args.proxy_metric, "proxy_corpus": args.proxy_corpus}
     for budget in [float(b) for b in args.budgets.split(",")]:
         if f"{budget:g}" in results:
             print(f"# budget {budget:g}: already in {args.json}", flush=True)
@@ -159,7 +163,7 @@ def main() -> None:
     print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; started {started}. "
           f"Initial sample {args.samples} configurations (shared by the arms), top-k {args.top_k}, at most "
           f"{args.rounds} rounds; proxy: {'perplexity' if args.proxy_metric == 'ppl' else 'mean KL from the dense model'} "
-          f"on the last {args.proxy_tokens} wiki held-out tokens; {args.heldout} held-out configurations; ppl: first {args.eval_tokens} "
+          f"on the last {args.proxy_tokens} {args.proxy_corpus} held-out tokens; {args.heldout} held-out configurations; ppl: first {args.eval_tokens} "
           f"tokens of each held-out split; zero-shot: 7 tasks at {args.limit} documents; MMLU 5-shot, "
           f"{args.mmlu_limit} questions per subject. One dense forward over the calibration tokens, timed in each "
           f"run (a budget's ratio uses its own run's): {fwd_s:.1f} s in this one.\n")

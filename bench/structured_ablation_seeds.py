@@ -18,7 +18,7 @@ from typing import Any
 
 # options of structured_ablation.py that change what the arms measure or pick
 SEARCH_SETTINGS = ("model", "samples", "rounds", "top_k", "heldout", "calibration", "proxy_tokens", "proxy_metric",
-                   "eval_tokens", "quantum", "batch_size")
+                   "proxy_corpus", "eval_tokens", "quantum", "batch_size")
 ARMS = ("random", "evolution", "uniform")
 
 
