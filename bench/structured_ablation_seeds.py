@@ -36,27 +36,38 @@ def main() -> None:
     print(f"## Structured search ablation across seeds — {first['model']}, proxy {first.get('proxy_metric', 'ppl')}, "
           f"{first['samples']} initial configurations, at most {first['rounds']} rounds of {first['top_k']}\n")
     print("| budget | seed | measured | winner from | predictor wiki / news | random wiki / news | "
-          "evolution wiki / news | uniform wiki / news | beats random | beats evolution |")
-    print("|---|---:|---:|---|---|---|---|---|---|---|")
+          "evolution wiki / news | uniform wiki / news | vs uniform wiki / news | beats random | beats evolution |")
+    print("|---|---:|---:|---|---|---|---|---|---|---|---|")
     wins: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for _, run in runs:
         seed = run["settings"]["seed"]
         for budget, r in sorted(run["budgets"].items(), key=lambda kv: -float(kv[0])):
             rows: dict[str, Any] = r["rows"]
             p = rows["predictor"]
-            beats = {a: all(p[c] < rows[a][c] for c in ("wiki", "news")) for a in ARMS}
+            beats = {a: verdict(p, rows[a]) for a in ARMS}
             wins[budget]["runs"] += 1
             for a in ARMS:
-                wins[budget][a] += beats[a]
+                wins[budget][f"{a} {beats[a]}"] += 1
             pair = {a: f"{rows[a]['wiki']:.3f} / {rows[a]['news']:.3f}" for a in ("predictor", *ARMS)}
             print(f"| {budget} | {seed} | {r['measured']} | {p['origin']} (round {p['round']}) | {pair['predictor']} | "
-                  f"{pair['random']} | {pair['evolution']} | {pair['uniform']} | {'yes' if beats['random'] else 'no'} | "
-                  f"{'yes' if beats['evolution'] else 'no'} |")
-    print("\n| budget | runs | predictor beats random | beats evolution | beats uniform |")
-    print("|---|---:|---:|---:|---:|")
+                  f"{pair['random']} | {pair['evolution']} | {pair['uniform']} | {margin(p, rows['uniform'])} | {beats['random']} | {beats['evolution']} |")
+    print("\n| budget | runs | predictor vs random: yes / tie / no | vs evolution | vs uniform |")
+    print("|---|---:|---|---|---|")
     for budget, w in sorted(wins.items(), key=lambda kv: -float(kv[0])):
-        print(f"| {budget} | {w['runs']} | {w['random']} | {w['evolution']} | {w['uniform']} |")
-    print("\n(\"beats\" = lower wiki *and* news perplexity than that arm's winner.)")
+        cells = [" / ".join(str(w[f"{a} {v}"]) for v in ("yes", "tie", "no")) for a in ARMS]
+        print(f"| {budget} | {w['runs']} | {' | '.join(cells)} |")
+    print("\n(\"yes\": lower wiki *and* news perplexity than that arm's winner; \"tie\": the same perplexities — "
+          "both arms ended on one configuration.)")
+
+
+def margin(p: dict[str, Any], other: dict[str, Any]) -> str:
+    return " / ".join(f"{100 * (p[c] / other[c] - 1):+.2f} %" for c in ("wiki", "news"))
+
+
+def verdict(p: dict[str, Any], other: dict[str, Any]) -> str:
+    if all(p[c] == other[c] for c in ("wiki", "news")):
+        return "tie"
+    return "yes" if all(p[c] < other[c] for c in ("wiki", "news")) else "no"
 
 
 if __name__ == "__main__":
