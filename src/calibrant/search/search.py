@@ -1,7 +1,8 @@
 """Predictor-guided search over structured-pruning configurations under a parameter budget.
 
-1. importance once (cached); 2. measure K configurations on a cheap proxy (on a held-out slice: the mean NLL,
-or with ``proxy_metric="kl"`` the mean KL divergence from the dense model's next-token distribution): the uniform ones, random ones in the budget band, perturbations of the best so far — each a
+1. importance once (cached); 2. measure K configurations on a cheap proxy (the last tokens of one or more
+held-out splits: their mean NLL, or with ``proxy_metric="kl"`` the mean KL divergence from the dense model's
+next-token distribution): the uniform ones, random ones in the budget band, perturbations of the best so far — each a
 re-slice of the dense weights, stored in SQLite (round 0); 3. rounds (active learning): fit a bagged,
 monotone-constrained predictor (:mod:`calibrant.search.predictor`; K-fold Spearman ρ / MAE), narrow each
 block's ranges to the region it likes, evolve (tournament, uniform crossover, mutation, budget repair)
