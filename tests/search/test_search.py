@@ -461,11 +461,12 @@ def test_a_proxy_over_several_corpora_takes_whole_windows_from_the_end_of_each(m
     assert torch.equal(ids, torch.cat([streams["wiki"][-128:], streams["news"][-128:]]))
     assert metas == [{"corpus": "wiki", "tokens": 128, "checksum": "sum-wiki"},
                      {"corpus": "news", "tokens": 128, "checksum": "sum-news"}]
-    one, _ = S.proxy_token_ids("wiki", None, 300, 64)  # one corpus: exactly the last tokens, as before
+    one, _ = S.proxy_token_ids("wiki", None, 300, 64)  # one corpus: exactly its last tokens, no window rounding
     assert torch.equal(one, streams["wiki"][-300:])
     res = _proxy_search(monkeypatch, rounds=1, top_k=2, proxy_corpus="wiki, news", out=tmp_path / "s")
     proxy = json.loads((tmp_path / "s" / "search.json").read_text())["protocol"]["proxy"]
     assert proxy["tokens"] == 256 and [p["corpus"] for p in proxy["parts"]] == ["wiki", "news"]
+    assert proxy["corpus"] == "wiki,news"  # the spec as parsed, not as typed
     assert res.dense.meta_tokens == 256 - 4  # four windows of 64, each window's first token unscored
 
 

@@ -441,6 +441,7 @@ def search_structured(
     calib = calibration if score == "wanda" else None
     proxy, proxy_meta = proxy_token_ids(proxy_corpus, loaded.tokenizer, proxy_tokens, seq_len,
                                         progress=None if progress else False)
+    proxy_corpus = ",".join(m["corpus"] for m in proxy_meta)  # recorded as parsed: "wiki, news" → "wiki,news"
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
