@@ -308,6 +308,22 @@ def test_eval_stride_longer_than_window_refused_first(tiny_dir, capsys, no_load)
     _one_line(code, err, "--stride 64", "--seq-len 32")
 
 
+@pytest.mark.parametrize("command", [
+    ["eval", "--ppl", "wiki,wikii"],
+    ["compress", "--method", "magnitude", "--eval", "wiki,wikii"],
+    ["demo", "--eval", "wiki,wikii"],
+])
+def test_unknown_evaluation_corpus_refused_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, no_load, command):
+    monkeypatch.setattr("calibrant.models.loader.load_model", no_load_model)
+    model_dir, _ = tiny_dir
+    code, _, err = _run(capsys, command[0], "--model", model_dir, *command[1:], "--quiet")
+    _one_line(code, err, "unknown corpus 'wikii'", "Did you mean 'wiki'")
+
+
+def no_load_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the bad corpus name was refused")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["compress", "--model", "x", "--method", "wanda", "--bogus"], "unrecognized arguments: --bogus"),
     (["compress"], "--method"),

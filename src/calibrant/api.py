@@ -18,7 +18,13 @@ import torch
 
 from calibrant import __version__
 from calibrant.cache import atomic_path, check_space, human_bytes, release_output
-from calibrant.calibration import CalibrationSet, heldout_token_ids, make_calibration, read_chat_template
+from calibrant.calibration import (
+    CalibrationSet,
+    check_heldout_name,
+    heldout_token_ids,
+    make_calibration,
+    read_chat_template,
+)
 from calibrant.engine import CompressionReport, compress
 from calibrant.errors import CalibrantError, CalibrationError, RecipeError, disk_errors
 from calibrant.evaluate.perplexity import PerplexityResult, perplexity
@@ -424,6 +430,8 @@ def evaluate_perplexity(
     directory block by block from its safetensors (:mod:`calibrant.evaluate.streamed`), for a model larger
     than memory; None (default) streams when an in-memory load would not fit."""
     names = [c.strip() for c in (corpora.split(",") if isinstance(corpora, str) else corpora) if c.strip()]
+    for name in names:
+        check_heldout_name(name)  # a typo is refused before the model loads
     if decide_streaming(model, stream, None, "hf", progress, needs_out=False):
         return _streamed_perplexity(model, names, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
                                     batch_size=batch_size, progress=progress, chat_template=chat_template)

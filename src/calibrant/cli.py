@@ -31,6 +31,16 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _heldout_names(value: str | None) -> list[str] | None:
+    """Comma-separated held-out corpora, each name checked before any model is loaded."""
+    from calibrant.calibration import check_heldout_name
+
+    names = _csv(value)
+    for name in names or []:
+        check_heldout_name(name)
+    return names
+
+
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
     """One option per parameter of any registered method, derived from the methods' signatures (so a new
     method with a new parameter needs no CLI code), plus ``--param key=value`` for anything else."""
@@ -83,6 +93,7 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_compress(args: argparse.Namespace) -> int:
     from calibrant.api import compress_model, evaluate_perplexity
 
+    eval_corpora = _heldout_names(args.eval)
     params = _method_params(args)
     result = compress_model(
         args.model, args.method, sparsity=params.pop("sparsity", None), pattern=params.pop("pattern", None),
@@ -115,7 +126,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"streamed: {streamed['dtype']} weights, at most {streamed['peak_resident_blocks']} block(s) in memory "
               f"at once; read {t.get('read_s', 0):.1f}s, written {t.get('write_s', 0):.1f}s")
     if args.eval:
-        ppl = evaluate_perplexity(result.out if streamed else result.loaded, _csv(args.eval),
+        ppl = evaluate_perplexity(result.out if streamed else result.loaded, eval_corpora,
                                   max_tokens=args.max_eval_tokens, progress=not args.quiet,
                                   stream=True if streamed else None)
         for name, r in ppl.items():
@@ -132,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from calibrant.api import as_loaded, decide_streaming, evaluate_perplexity, evaluate_zeroshot
     from calibrant.evaluate.zeroshot import check_tasks
 
-    corpora, tasks = _csv(args.ppl), _csv(args.tasks)
+    corpora, tasks = _heldout_names(args.ppl), _csv(args.tasks)
     if not corpora and not tasks:
         raise CalibrantError("nothing to evaluate: pass --ppl CORPORA (e.g. wiki,news) and/or --tasks TASKS "
                              "(e.g. arc_easy,piqa)")
@@ -286,6 +297,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from calibrant.api import compress_model, evaluate_perplexity
     from calibrant.models.loader import load_model
 
+    _heldout_names(args.eval)
     t0 = time.perf_counter()
     loaded = load_model(args.model, quiet=args.quiet)
     dense = evaluate_perplexity(loaded, args.eval, max_tokens=args.max_eval_tokens, progress=not args.quiet)

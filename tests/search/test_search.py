@@ -474,6 +474,8 @@ def test_a_proxy_over_several_corpora_takes_whole_windows_from_the_end_of_each(m
     ("wiki,,news", 4096, "once each, separated by commas"),
     ("wiki,wiki", 4096, "once each"),
     ("wiki,news", 600, "fewer than one window of 512 tokens; use at least 1024"),
+    ("wiki,nwes", 4096, "unknown corpus 'nwes'; Did you mean 'news'"),
+    ("wiki:html", 4096, "has option 'html'"),
 ])
 def test_a_bad_proxy_corpus_list_is_refused_before_loading(spec, tokens, message):
     with pytest.raises(CalibrantError, match=message):

@@ -10,6 +10,7 @@ measures a set (diversity, repetition, perplexity, distance to a corpus).
 
 from calibrant.calibration.calibset import (
     CalibrationSet,
+    check_heldout_name,
     heldout_token_ids,
     make_calibration,
     tokenizer_hash,
@@ -37,6 +38,7 @@ __all__ = [
     "CalibrationSet",
     "Corpus",
     "SelfGenConfig",
+    "check_heldout_name",
     "generate_self_calibration",
     "get_corpus",
     "get_hf_corpus",

@@ -43,7 +43,13 @@ from calibrant.calibration.chat import (
     render_chat,
     template_hash,
 )
-from calibrant.calibration.corpora import HUB_CORPORA, OFFLINE_CORPORA, get_corpus, get_hf_corpus
+from calibrant.calibration.corpora import (
+    HUB_CORPORA,
+    OFFLINE_CORPORA,
+    check_corpus_name,
+    get_corpus,
+    get_hf_corpus,
+)
 from calibrant.calibration.sampling import document_windows, packed_documents, random_windows
 from calibrant.calibration.selfchat import PROMPT_CORPUS, chat_prompts, generated_mask
 from calibrant.calibration.selfgen import (
@@ -709,14 +715,21 @@ def make_calibration(spec: str, tokenizer: Any, seed: int = 0, max_length: int |
     return CalibrationSet(ids, prov, token_mask)
 
 
+def check_heldout_name(name: str) -> tuple[str, str]:
+    """Refuse a held-out text name that cannot be right — an unknown corpus or option — before anything is
+    loaded (cheap: nothing is acquired). Returns the corpus key and the option ('' or 'chat')."""
+    corpus_name, _, option = str(name).partition(":")
+    if option and option.strip().lower() != CHAT_OPTION:
+        raise CalibrationError(f"held-out text '{name}' has option '{option}'; write CORPUS or CORPUS:chat "
+                               "(conversations rendered through the chat template), e.g. wiki or dialogue:chat")
+    return check_corpus_name(corpus_name), option.strip().lower()
+
+
 def heldout_token_ids(name: str, tokenizer: Any, progress: bool | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """1-D LongTensor of the corpus's held-out documents joined like calibration (joiner between documents),
     and a description of it for the perplexity protocol. ``CORPUS:chat`` (e.g. ``dialogue:chat``) renders each
     held-out conversation through the tokenizer's chat template first, as the model sees it when served."""
-    corpus_name, _, option = name.partition(":")
-    if option and option.strip().lower() != CHAT_OPTION:
-        raise CalibrationError(f"held-out text '{name}' has option '{option}'; write CORPUS or CORPUS:chat "
-                               "(conversations rendered through the chat template), e.g. wiki or dialogue:chat")
+    corpus_name, option = check_heldout_name(name)
     corpus = get_corpus(corpus_name)
     docs = corpus.split("heldout")
     if not docs:

@@ -475,15 +475,22 @@ def get_hf_corpus(dataset: str, config: str | None = None, split: str = "train",
 # Public entry point
 
 
-def get_corpus(name: str) -> Corpus:
-    """The named corpus, acquired and cached on first use, checksum-verified on every use."""
-    key = name.strip().lower()
-    if key in HUB_CORPORA:
-        return _load_cached(key) or _load_hub_corpus(key)
-    if key not in OFFLINE_CORPORA:
+def check_corpus_name(name: str) -> str:
+    """The corpus key of ``name`` (trimmed, lower case); an unknown name is refused here, before anything is
+    acquired or loaded."""
+    key = str(name).strip().lower()
+    if key not in OFFLINE_CORPORA and key not in HUB_CORPORA:
         known = OFFLINE_CORPORA + HUB_CORPORA
         raise CalibrationError(f"unknown corpus '{name}';{suggest(key, known)} known corpora: "
                                f"{', '.join(OFFLINE_CORPORA)} (offline), {', '.join(HUB_CORPORA)} (hub, online)")
+    return key
+
+
+def get_corpus(name: str) -> Corpus:
+    """The named corpus, acquired and cached on first use, checksum-verified on every use."""
+    key = check_corpus_name(name)
+    if key in HUB_CORPORA:
+        return _load_cached(key) or _load_hub_corpus(key)
     acquire = functools.partial(acquire_debian_corpus, key) if key in DEBIAN_SOURCES else acquire_bigbench_corpora
     corpus = acquire_once("corpora", lambda: _load_cached(key), acquire)
     if corpus is None:

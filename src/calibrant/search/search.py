@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from calibrant import __version__
 from calibrant.cache import atomic_path
-from calibrant.calibration import CalibrationSet, heldout_token_ids
+from calibrant.calibration import CalibrationSet, check_heldout_name, heldout_token_ids
 from calibrant.errors import CalibrantError
 from calibrant.evaluate.perplexity import perplexity
 from calibrant.export.hf import check_output
@@ -353,6 +353,8 @@ def proxy_corpora(spec: str) -> list[str]:
     if not all(names) or len(set(names)) != len(names):
         raise CalibrantError(f"proxy corpus '{spec}' must name held-out corpora once each, separated by commas "
                              "(e.g. wiki or wiki,news)")
+    for name in names:
+        check_heldout_name(name)
     return names
 
 
