@@ -83,6 +83,8 @@ def test_run_key_identity(monkeypatch, tmp_path):
      "line 3, column 28: unknown evaluation scorer 'fast'; choose from prefix, hf"),
     ("models: [a]\nmethods: [{name: dense}]\nevaluation: {tasks: [rte], token_budget: -4}\n",
      "token_budget must be a positive number of tokens, got -4"),
+    ("models: [a]\nmethods: [{name: dense}]\nevaluation: {perplexity: [wiki, nwes]}\n",
+     "line 3, column 14: unknown corpus 'nwes'; Did you mean 'news'?"),
 ])
 def test_bad_specs(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"

@@ -302,6 +302,13 @@ def parse_study(data: Any, source: str = "") -> StudySpec:
         evaluation.update(data["evaluation"])
     for key in ("perplexity", "tasks"):
         evaluation[key] = [str(x) for x in _as_list(evaluation[key] or [])]
+    for name in evaluation["perplexity"]:
+        from calibrant.calibration import check_heldout_name
+
+        try:
+            check_heldout_name(name)
+        except CalibrantError as exc:
+            raise StudySpecError(f"{_at(data.get('evaluation') or {}, 'perplexity')}{exc}") from None
     if evaluation["tasks"]:
         from calibrant.evaluate.zeroshot.tasks import SCORERS
 
