@@ -33,7 +33,8 @@ def main() -> None:
         if differ:
             raise SystemExit(f"{path} searched with other settings ({', '.join(differ)}) than {runs[0][0]}")
 
-    print(f"## Structured search ablation across seeds — {first['model']}, proxy {first.get('proxy_metric', 'ppl')}, "
+    print(f"## Structured search ablation across seeds — {first['model']}, proxy {first.get('proxy_metric', 'ppl')} on "
+          f"{first.get('proxy_corpus', 'wiki')} held-out, "
           f"{first['samples']} initial configurations, at most {first['rounds']} rounds of {first['top_k']}\n")
     print("| budget | seed | measured | winner from | predictor wiki / news | random wiki / news | "
           "evolution wiki / news | uniform wiki / news | vs uniform wiki / news | beats random | beats evolution |")
