@@ -37,9 +37,12 @@ def main() -> None:
           f"{first.get('proxy_corpus', 'wiki')} held-out, "
           f"{first['samples']} initial configurations, at most {first['rounds']} rounds of {first['top_k']}\n")
     print("| budget | seed | measured | winner from | predictor wiki / news | random wiki / news | "
-          "evolution wiki / news | uniform wiki / news | vs uniform wiki / news | beats random | beats evolution |")
-    print("|---|---:|---:|---|---|---|---|---|---|---|---|")
+          "evolution wiki / news | uniform wiki / news | vs uniform wiki / news | beats random | beats evolution | "
+          "held-out ρ | predictor search s |")
+    print("|---|---:|---:|---|---|---|---|---|---|---|---|---:|---:|")
     wins: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    rhos: dict[str, list[float]] = defaultdict(list)
+    secs: dict[str, list[float]] = defaultdict(list)
     for _, run in runs:
         seed = run["settings"]["seed"]
         for budget, r in sorted(run["budgets"].items(), key=lambda kv: -float(kv[0])):
@@ -47,16 +50,21 @@ def main() -> None:
             p = rows["predictor"]
             beats = {a: verdict(p, rows[a]) for a in ARMS}
             wins[budget]["runs"] += 1
+            rhos[budget].append(r["heldout"]["spearman"])
+            secs[budget].append(r["predictor_s"])
             for a in ARMS:
                 wins[budget][f"{a} {beats[a]}"] += 1
             pair = {a: f"{rows[a]['wiki']:.3f} / {rows[a]['news']:.3f}" for a in ("predictor", *ARMS)}
             print(f"| {budget} | {seed} | {r['measured']} | {p['origin']} (round {p['round']}) | {pair['predictor']} | "
-                  f"{pair['random']} | {pair['evolution']} | {pair['uniform']} | {margin(p, rows['uniform'])} | {beats['random']} | {beats['evolution']} |")
-    print("\n| budget | runs | predictor vs random: yes / tie / no | vs evolution | vs uniform |")
-    print("|---|---:|---|---|---|")
+                  f"{pair['random']} | {pair['evolution']} | {pair['uniform']} | {margin(p, rows['uniform'])} | {beats['random']} | {beats['evolution']} "
+                  f"| {rhos[budget][-1]:.3f} | {secs[budget][-1]:.0f} |")
+    print("\n| budget | runs | predictor vs random: yes / tie / no | vs evolution | vs uniform | held-out ρ min – max "
+          "| predictor search s, max |")
+    print("|---|---:|---|---|---|---|---:|")
     for budget, w in sorted(wins.items(), key=lambda kv: -float(kv[0])):
         cells = [" / ".join(str(w[f"{a} {v}"]) for v in ("yes", "tie", "no")) for a in ARMS]
-        print(f"| {budget} | {w['runs']} | {' | '.join(cells)} |")
+        print(f"| {budget} | {w['runs']} | {' | '.join(cells)} | {min(rhos[budget]):.3f} – {max(rhos[budget]):.3f} "
+              f"| {max(secs[budget]):.0f} |")
     print("\n(\"yes\": lower wiki *and* news perplexity than that arm's winner; \"tie\": the same perplexities — "
           "both arms ended on one configuration.)")
 
