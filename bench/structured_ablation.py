@@ -14,8 +14,10 @@ Per budget (kept fraction of the decoder blocks' parameters), in one process on 
    block at the same keep ratios, at the full budget in single MLP channels (the best uniform configuration of
    the initial sample: one per KV-group count).
 
-The proxy is perplexity on the *last* ``--proxy-tokens`` tokens of wiki's held-out split (``--proxy-corpus``
-and ``--proxy-metric`` change the text and the loss); each arm's winner is
+The proxy is perplexity on the *last* ``--proxy-tokens`` tokens of the held-out splits of wiki and news, an
+equal share of whole windows from each, as the search does by default (``--proxy-corpus`` and
+``--proxy-metric`` change the text and the loss; ``--proxy-corpus wiki`` reproduces the runs made before
+that default); each arm's winner is
 then evaluated on the *first* ``--eval-tokens`` tokens of wiki and news (news stands in for PTB offline).
 For the predictor's winner, the uniform configuration and the dense model also MMLU (5-shot, all 57 subjects,
 ``--mmlu-limit`` questions per subject) and the 7-task zero-shot average (``--limit`` documents per task).
@@ -57,8 +59,9 @@ def main() -> None:
     ap.add_argument("--proxy-metric", choices=["ppl", "kl"], default="ppl",
                     help="what every arm minimises on the proxy tokens: their perplexity, or the mean KL divergence "
                          "from the dense model's next-token distribution")
-    ap.add_argument("--proxy-corpus", default="wiki",
-                    help="held-out corpus of the proxy, or several comma-separated (wiki,news: an equal share of each)")
+    ap.add_argument("--proxy-corpus", default="wiki,news",
+                    help="held-out corpora of the proxy, comma-separated (an equal share of each), or one; the "
+                         "default is the search's (wiki,news); the tables before it became so used wiki")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--limit", type=int, default=100, help="documents per zero-shot task (0 to skip)")
     ap.add_argument("--mmlu-limit", type=int, default=4, help="questions per MMLU subject, 5-shot (0 to skip)")
@@ -70,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     settings = {k: v for k, v in vars(args).items() if k not in ("budgets", "json")}
     for key, default in (("proxy_metric", "ppl"), ("proxy_corpus", "wiki")):
-        if settings[key] == default:  # runs saved before the option existed hold no such key
+        if settings[key] == default:  # runs saved before the option existed hold no such key: ppl on wiki
             del settings[key]
     saved: dict[str, Any] = {}
     if args.json and Path(args.json).is_file():

@@ -174,6 +174,36 @@ def test_cli_bad_input_one_line_exit_2(model_dirs, tmp_path, capsys, args, messa
     assert not out.exists()
 
 
+def test_proxy_corpus_default_is_one_value_in_the_api_and_the_cli_help(model_dirs, monkeypatch, capsys):
+    import inspect
+
+    import calibrant.api
+    from calibrant.cli import build_parser
+    from calibrant.search.search import DEFAULT_PROXY_CORPUS, check_search
+
+    assert DEFAULT_PROXY_CORPUS == "wiki,news"
+    for fn in (search_structured, check_search):
+        assert inspect.signature(fn).parameters["proxy_corpus"].default == DEFAULT_PROXY_CORPUS
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["search"]
+    action = next(a for a in sub._actions if a.dest == "proxy_corpus")
+    assert f"(default: {DEFAULT_PROXY_CORPUS})" in action.help
+    seen = {}  # and the CLI passes that default when the option is not given
+
+    class Stop(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(calibrant.api, "search_structured", record)
+    with pytest.raises(Stop):
+        from calibrant.cli import main
+
+        main(["search", "--model", str(model_dirs / "llama"), "--quiet"])
+    assert seen["proxy_corpus"] == DEFAULT_PROXY_CORPUS
+
+
 def test_cli_keep_prunes_and_saves(model_dirs, tmp_path, capsys):
     out = tmp_path / "pruned"
     code, stdout, err = run_cli(capsys, "search", "--model", model_dirs / "llama", "--keep", "0.67,0.5",
@@ -198,8 +228,9 @@ def _proxy_search(monkeypatch, **kwargs):
                         lambda name, tok, progress=None: (stream, {"checksum": "synthetic"}))
     loaded = LoadedModel(gqa_model("llama", layers=kwargs.pop("layers", 4)), word_tokenizer(), "tiny", None,
                          "0123456789abcdef")
+    # one synthetic stream stands in for every corpus: one corpus unless a test names several
     args = {"proxy_tokens": 256, "seq_len": 64, "quantum": 16, "population": 12, "generations": 4,
-            "progress": False, **kwargs}
+            "proxy_corpus": "wiki", "progress": False, **kwargs}
     return search_structured(loaded, CalibrationSet.from_tensor(tokens(8, 32)), args.pop("budget", 0.7),
                              args.pop("samples", 12), **args)
 

@@ -37,9 +37,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         if out is not None:
             print(f"saved: {out}")
         return 0
+    from calibrant.search.search import DEFAULT_PROXY_CORPUS
+
     res = search_structured(
         args.model, args.budget, args.samples, calibration=args.calibration, score=args.score, seed=args.seed,
-        out=args.out, overwrite=args.overwrite, proxy_corpus=args.proxy_corpus, proxy_tokens=args.proxy_tokens,
+        out=args.out, overwrite=args.overwrite, proxy_corpus=args.proxy_corpus or DEFAULT_PROXY_CORPUS,
+        proxy_tokens=args.proxy_tokens,
         quantum=args.quantum, allow_removal=args.allow_removal, predictor=args.predictor, rounds=args.rounds,
         top_k=args.top_k, heldout_samples=args.heldout, batch_size=args.batch_size, progress=not args.quiet,
         strategy=args.strategy, max_samples=args.max_samples, min_improvement=args.min_improvement,
@@ -88,8 +91,9 @@ def add_search_parser(sub: Any) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.add_argument("--keep", default=None, metavar="HEADS,MLP",
                    help="no search: prune every block to these keep ratios of KV groups and MLP channels")
-    s.add_argument("--proxy-corpus", default="wiki", help="held-out corpus of the proxy (the last --proxy-tokens tokens of its held-out "
-                   "split), or several, comma-separated (wiki,news), each giving an equal share of whole windows")
+    s.add_argument("--proxy-corpus", default=None,
+                   help="held-out corpora of the proxy, comma-separated, each giving an equal share of whole windows "
+                        "of the last --proxy-tokens tokens of its held-out split, or one (default: wiki,news)")
     s.add_argument("--proxy-tokens", type=positive_int, default=4096, help="proxy tokens (last ones of the held-out split)")
     s.add_argument("--proxy-metric", choices=["ppl", "kl"], default="ppl",
                    help="what the search minimises on the proxy tokens: ppl (their perplexity) or kl (the mean KL "
