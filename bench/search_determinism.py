@@ -3,8 +3,7 @@
     .venv/bin/python bench/search_determinism.py --budget 0.9
 
 Runs :func:`calibrant.search.search_structured` twice in one process with the ablation's settings
-(``bench/structured_ablation.py`` defaults, the proxy on wiki as that bench had it when the determinism figures
-were made) and reports, for each run, the number of measured configurations,
+(``bench/structured_ablation.py`` defaults, but the proxy on wiki: ``--proxy-corpus``) and reports, for each run, the number of measured configurations,
 the rounds, the winner's proxy perplexity and origin, and whether the two runs measured the same
 configurations in the same order with bit-identical proxy losses (the first pair where they differ, if any).
 """
@@ -29,7 +28,9 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=6)
     ap.add_argument("--calibration", default="wiki:32x512")
     ap.add_argument("--proxy-tokens", type=int, default=2048)
-    ap.add_argument("--proxy-corpus", default="wiki", help="held-out corpora of the proxy (wiki, as the figures in BENCHMARKS.md were made; the search's own default is wiki,news)")
+    ap.add_argument("--proxy-corpus", default="wiki",
+                    help="held-out corpora of the proxy (default wiki: this bench's figures in BENCHMARKS.md; the "
+                         "search's own default is wiki,news)")
     ap.add_argument("--quantum", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -47,7 +48,8 @@ def main() -> None:
     for _ in range(2):
         t0 = time.perf_counter()
         res = search_structured(lm, calib, args.budget, args.samples, score="wanda", seed=args.seed,
-                                proxy_corpus=args.proxy_corpus, proxy_tokens=args.proxy_tokens, quantum=args.quantum, rounds=args.rounds,
+                                proxy_corpus=args.proxy_corpus, proxy_tokens=args.proxy_tokens, quantum=args.quantum,
+                                rounds=args.rounds,
                                 top_k=args.top_k, progress=False, save_model=False)
         res.pruner.apply(StructuredConfig.dense(res.pruner.shape))
         pairs = [(json.dumps(p.config.to_dict(), sort_keys=True), p.nll.hex(), p.origin, p.round) for p in res.pairs]

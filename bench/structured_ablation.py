@@ -16,8 +16,8 @@ Per budget (kept fraction of the decoder blocks' parameters), in one process on 
 
 The proxy is perplexity on the *last* ``--proxy-tokens`` tokens of the held-out splits of wiki and news, an
 equal share of whole windows from each, as the search does by default (``--proxy-corpus`` and
-``--proxy-metric`` change the text and the loss; ``--proxy-corpus wiki`` reproduces the runs made before
-that default); each arm's winner is
+``--proxy-metric`` change the text and the loss; the wiki-proxy tables in BENCHMARKS.md pass
+``--proxy-corpus wiki``); each arm's winner is
 then evaluated on the *first* ``--eval-tokens`` tokens of wiki and news (news stands in for PTB offline).
 For the predictor's winner, the uniform configuration and the dense model also MMLU (5-shot, all 57 subjects,
 ``--mmlu-limit`` questions per subject) and the 7-task zero-shot average (``--limit`` documents per task).
@@ -61,7 +61,7 @@ def main() -> None:
                          "from the dense model's next-token distribution")
     ap.add_argument("--proxy-corpus", default="wiki,news",
                     help="held-out corpora of the proxy, comma-separated (an equal share of each), or one; the "
-                         "default is the search's (wiki,news); the tables before it became so used wiki")
+                         "default is the search's (wiki,news)")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--limit", type=int, default=100, help="documents per zero-shot task (0 to skip)")
     ap.add_argument("--mmlu-limit", type=int, default=4, help="questions per MMLU subject, 5-shot (0 to skip)")

@@ -36,7 +36,9 @@ def main() -> None:
     ap.add_argument("--calibration", default="wiki:32x512")
     ap.add_argument("--score", default="wanda", choices=["wanda", "magnitude"])
     ap.add_argument("--proxy-tokens", type=int, default=2048)
-    ap.add_argument("--proxy-corpus", default="wiki", help="held-out corpora of the proxy (wiki, as the figures in BENCHMARKS.md were made; the search's own default is wiki,news)")
+    ap.add_argument("--proxy-corpus", default="wiki",
+                    help="held-out corpora of the proxy (default wiki: this bench's figures in BENCHMARKS.md; the "
+                         "search's own default is wiki,news)")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--corpora", default="wiki,news")
     ap.add_argument("--tasks", default="arc_easy,piqa", help="zero-shot tasks ('' to skip)")
@@ -80,7 +82,8 @@ def main() -> None:
     out_dir = args.out or tempfile.mkdtemp(prefix="structured-search-") + "/run"
     res = search_structured(
         lm, calib, args.budget, args.samples, score=args.score, seed=args.seed, out=out_dir,
-        overwrite=True, proxy_corpus=args.proxy_corpus, proxy_tokens=args.proxy_tokens, quantum=args.quantum, top_k=args.top_k, rounds=args.rounds,
+        overwrite=True, proxy_corpus=args.proxy_corpus, proxy_tokens=args.proxy_tokens, quantum=args.quantum,
+        top_k=args.top_k, rounds=args.rounds,
         heldout_samples=args.heldout, batch_size=args.batch_size, progress=True,
     )
     pruner = res.pruner
@@ -113,7 +116,8 @@ def main() -> None:
     print(f"\nModel {args.model} (hash {lm.model_hash}); budget {args.budget:g} of block parameters; score "
           f"{args.score}; calibration {args.calibration} seed {args.seed} (hash {calib.hash}); {args.samples} "
           f"measured configurations + {args.heldout} held-out; proxy: last {args.proxy_tokens} tokens of "
-          f"{args.proxy_corpus} held-out; evaluation: first {args.eval_tokens} tokens of each held-out split, seq_len 512; zero-shot "
+          f"{args.proxy_corpus} held-out; evaluation: first {args.eval_tokens} tokens of each held-out split, "
+          f"seq_len 512; zero-shot "
           f"limit {args.limit} per task (acc_norm where defined); forward tok/s: best of 3 full-model passes over "
           f"4x512 calibration tokens\n")
     uni = res.uniform.config

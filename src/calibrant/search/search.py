@@ -424,8 +424,8 @@ def search_structured(
     search_structured` loads the model and builds the set from a spec). The proxy is perplexity on the
     *last* ``proxy_tokens`` tokens of held-out text (so the usual evaluation on the first tokens stays
     separate): by default (``"wiki,news"``) an equal share of whole windows from each corpus listed; one name
-    takes them all from that corpus (:func:`proxy_token_ids`). With ``out``, writes ``pairs.sqlite``, ``search.json`` and the pruned
-    model (``model/``) atomically. The returned model is left pruned to the best configuration.
+    takes them all from that corpus (:func:`proxy_token_ids`). With ``out``, writes ``pairs.sqlite``,
+    ``search.json`` and the pruned model (``model/``) atomically. The returned model is left pruned to the best configuration.
 
     Rounds and their stopping rule, ``strategy`` (``predictor``, or the ``random`` / ``evolution`` baselines)
     and ``max_samples`` (measured configurations in all; default ``samples + rounds · top_k``): see the

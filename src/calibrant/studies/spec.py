@@ -302,9 +302,9 @@ def parse_study(data: Any, source: str = "") -> StudySpec:
         evaluation.update(data["evaluation"])
     for key in ("perplexity", "tasks"):
         evaluation[key] = [str(x) for x in _as_list(evaluation[key] or [])]
-    for name in evaluation["perplexity"]:
-        from calibrant.calibration import check_heldout_name
+    from calibrant.calibration import check_heldout_name
 
+    for name in evaluation["perplexity"]:
         try:
             check_heldout_name(name)
         except CalibrantError as exc:
