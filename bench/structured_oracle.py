@@ -6,8 +6,9 @@ The predictor-guided search (the ablation's settings: 48 initial configurations,
 importance from wiki:32x512) with one change: its proxy is the *first* ``--oracle-tokens`` tokens of the wiki
 and news evaluation text (an equal share of whole windows from each) — the text every arm of
 ``bench/structured_ablation.py`` is then scored on — instead of the last tokens of the held-out splits. The
-search then optimises (part of) what is measured, so its margin over uniform pruning at the full budget is an
-optimistic estimate of what a proxy could give in this search space. The winner and the uniform configuration
+search then optimises (part of) what is measured, so its margin over uniform pruning at the full budget shows
+what a proxy matching the scored text gives in this search space (one search: a reference, not a bound — another
+search with another proxy can still do better). The winner and the uniform configuration
 are scored on the first ``--eval-tokens`` tokens of wiki and news, split into the windows the search saw
 (``in-sample``) and the rest (``unseen``), and on the tail windows the default proxy uses.
 """
