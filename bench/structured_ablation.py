@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _llmc import dense_forward_passes  # noqa: E402
+from _structured import load_search_bench  # noqa: E402
 
 SUITE = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 
@@ -82,21 +82,12 @@ def main() -> None:
             raise SystemExit(f"{args.json} holds a run with other options ({saved.get('settings')}); "
                              "pass another --json or the same options")
 
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    from calibrant.api import resolve_calibration
-    from calibrant.calibration import heldout_token_ids
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    bench = load_search_bench(args.model, args.calibration, args.seed, args.batch_size)
+    lm, calib, fwd_s, streams = bench.lm, bench.calib, bench.forward_s, bench.streams
     from calibrant.evaluate.perplexity import perplexity
     from calibrant.evaluate.zeroshot import evaluate_tasks
-    from calibrant.models import load_model
     from calibrant.search import StructuredConfig, search_structured
-
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lm = load_model(args.model, quiet=True)
-    calib = resolve_calibration(args.calibration, lm.tokenizer, args.seed, lm.context_length, progress=False)
-    fwd_s = min(dense_forward_passes(lm.model, calib.input_ids, batch_size=args.batch_size, passes=1))
-    streams = {c: heldout_token_ids(c, lm.tokenizer, progress=False)[0] for c in ("wiki", "news")}
 
     def evaluate(pruner: Any, cfg: StructuredConfig, full: bool) -> dict[str, Any]:
         pruner.apply(cfg)

@@ -18,9 +18,15 @@ import argparse
 import math
 import platform
 import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _structured import load_search_bench  # noqa: E402
 
 
 def main() -> None:
@@ -32,23 +38,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     args = ap.parse_args()
 
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    from calibrant.api import resolve_calibration
-    from calibrant.calibration import heldout_token_ids
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    bench = load_search_bench(args.model, args.calibration, 0, args.batch_size, time_forward=False)
+    lm, calib, streams = bench.lm, bench.calib, bench.streams
     from calibrant.evaluate.perplexity import perplexity
     from calibrant.methods.stats import LayerStats
-    from calibrant.models import load_model
     from calibrant.models.adapter import Adapter, inference_mode
     from calibrant.search import StructuredConfig
     from calibrant.search.importance import compute_importance
     from calibrant.search.pruner import StructuredPruner
     from calibrant.search.search import proxy_token_ids
 
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lm = load_model(args.model, quiet=True)
-    calib = resolve_calibration(args.calibration, lm.tokenizer, 0, lm.context_length, progress=False)
     imp = compute_importance(lm.model, calib.input_ids, "wanda", model_hash=lm.model_hash,
                              calibration_hash=calib.hash, progress=False)
     adapter = Adapter(lm.model)
@@ -69,9 +69,10 @@ def main() -> None:
     head_scores = [(b.self_attn.o_proj.weight.float().abs().sum(0) * s.sq_norms.sqrt()).double()
                    .reshape(shape.n_heads, hd).sum(1) for b, s in zip(adapter.blocks, stats, strict=True)]
     proxy, _ = proxy_token_ids("wiki,news", lm.tokenizer, 2048, 512, progress=False)
-    streams = {c: heldout_token_ids(c, lm.tokenizer, progress=False)[0] for c in ("wiki", "news")}
-    # one query head costs its q rows and o columns; one KV head its k and v rows (no biases in these families)
-    q_cost, kv_cost = 2 * shape.hidden * hd, 2 * shape.hidden * hd
+    # one query head costs its q rows (and bias) and o_proj columns; one KV head its k and v rows (and biases)
+    attn0 = adapter.blocks[0].self_attn
+    q_cost = hd * (shape.hidden + (attn0.q_proj.bias is not None)) + hd * shape.hidden
+    kv_cost = 2 * hd * (shape.hidden + (attn0.k_proj.bias is not None))
     total = shape.dense_block_params * shape.n_blocks
 
     @torch.no_grad()
@@ -87,8 +88,10 @@ def main() -> None:
                 sc = head_scores[i][grp * r:(grp + 1) * r]
                 heads.append(torch.sort(torch.sort(-sc, stable=True).indices[:h]).values + grp * r)
             cols = (torch.cat(heads)[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
-            q_w, o_w = pruner.dense[i]["q_proj"][0], pruner.dense[i]["o_proj"][0]
+            (q_w, q_b), o_w = pruner.dense[i]["q_proj"], pruner.dense[i]["o_proj"][0]
             attn.q_proj.weight = torch.nn.Parameter(q_w.index_select(0, cols), requires_grad=False)
+            if q_b is not None:
+                attn.q_proj.bias = torch.nn.Parameter(q_b.index_select(0, cols), requires_grad=False)
             attn.o_proj.weight = torch.nn.Parameter(o_w.index_select(1, cols), requires_grad=False)
             attn.q_proj.out_features = attn.o_proj.in_features = cols.numel()
         return sum(p.numel() for block in pruner.blocks for p in block.parameters())

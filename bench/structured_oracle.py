@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _llmc import dense_forward_passes  # noqa: E402
+from _structured import load_search_bench  # noqa: E402
 
 
 def main() -> None:
@@ -52,21 +52,12 @@ def main() -> None:
         raise SystemExit(f"--oracle-tokens must give each corpus 1..{args.eval_tokens // seq_len} windows of "
                          f"{seq_len} tokens")
 
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    import calibrant.search.search as search_mod
-    from calibrant.api import resolve_calibration
-    from calibrant.calibration import heldout_token_ids
-    from calibrant.evaluate.perplexity import perplexity
-    from calibrant.models import load_model
-    from calibrant.search import StructuredConfig, search_structured
-
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lm = load_model(args.model, quiet=True)
-    calib = resolve_calibration(args.calibration, lm.tokenizer, args.seed, lm.context_length, progress=False)
-    fwd_s = min(dense_forward_passes(lm.model, calib.input_ids, batch_size=args.batch_size, passes=1))
-    streams = {c: heldout_token_ids(c, lm.tokenizer, progress=False)[0] for c in ("wiki", "news")}
+    bench = load_search_bench(args.model, args.calibration, args.seed, args.batch_size)
+    lm, calib, fwd_s, streams = bench.lm, bench.calib, bench.forward_s, bench.streams
+    import calibrant.search.search as search_mod
+    from calibrant.evaluate.perplexity import perplexity
+    from calibrant.search import StructuredConfig, search_structured
 
     def head_proxy(spec: str, tokenizer: Any, tokens: int, seq: int, progress: bool | None = None
                    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
@@ -87,11 +78,11 @@ def main() -> None:
     def score(cfg: StructuredConfig) -> dict[str, float]:
         pruner.apply(cfg)
         out: dict[str, float] = {}
+        n_all = args.eval_tokens
         for c, s in streams.items():
-            n_seen, n_all = share, args.eval_tokens
-            seen, unseen = nll(s[:n_seen]), nll(s[n_seen:n_all])
+            seen, unseen = nll(s[:share]), nll(s[share:n_all])
             out[f"{c}_seen"], out[f"{c}_unseen"] = math.exp(seen), math.exp(unseen)
-            out[c] = math.exp((seen * n_seen + unseen * (n_all - n_seen)) / n_all)
+            out[c] = math.exp((seen * share + unseen * (n_all - share)) / n_all)  # whole windows: exact
             out[f"{c}_tail"] = math.exp(nll(s[-share:]))
         return out
 
